@@ -1,0 +1,104 @@
+"""The `superopt` command. Bad input exits 2 with one line on stderr; a traceback is never shown."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from superopt.errors import SuperoptError
+from superopt.interpret import random_inputs, run
+from superopt.serialize import graph_hash, write_atomic
+from superopt.spec import load
+from superopt.text import to_dot
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERNAL = 70
+
+
+def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Turns SuperoptError into one line on stderr and exit 2; any other exception into one line and exit 70
+    (SUPEROPT_DEBUG=1 shows its traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SuperoptError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(EXIT_BAD_INPUT)
+        except Exception as e:
+            if os.environ.get("SUPEROPT_DEBUG"):
+                raise
+            click.echo(f"internal error: {type(e).__name__}: {e} (set SUPEROPT_DEBUG=1 for the traceback)", err=True)
+            sys.exit(EXIT_INTERNAL)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="superopt")
+def main() -> None:
+    """superopt: search, verify and compile fused kernels for tensor programs."""
+
+
+FILE = click.Path(dir_okay=False, path_type=Path)
+
+
+@main.command("run")
+@click.argument("spec", type=FILE)
+@click.option("--seed", default=0, show_default=True, help="Seed of the random inputs.")
+@click.option("--scale", default=0.1, show_default=True, help="Inputs are drawn from N(0, scale^2).")
+@click.option("--float64", "exact", is_flag=True, help="Compute in float64 instead of the graph's dtypes.")
+@reports_errors
+def run_command(spec: Path, seed: int, scale: float, exact: bool) -> None:
+    """Run SPEC (YAML or JSON) on seeded random inputs; print each output's shape, dtype and checksums."""
+    graph = load(spec)
+    outputs = run(graph, random_inputs(graph, seed, scale), "float64" if exact else "native")
+    for name, out in zip(graph.outputs, outputs):
+        x = out.double()
+        bad = int((~torch.isfinite(x)).sum())
+        note = f" non-finite={bad}" if bad else ""
+        click.echo(
+            f"{name}: shape={list(out.shape)} dtype={graph.tensors[name].dtype} "
+            f"sum={x.sum().item():.6e} abs_sum={x.abs().sum().item():.6e}{note}"
+        )
+
+
+@main.command("show")
+@click.argument("file", type=FILE)
+@click.option("--dot", "dot_out", type=FILE, help="Also write a graphviz DOT file here.")
+@reports_errors
+def show_command(file: Path, dot_out: Path | None) -> None:
+    """Print the text form of FILE (YAML spec or JSON graph)."""
+    graph = load(file)
+    click.echo(str(graph))
+    if dot_out is not None:
+        try:
+            write_atomic(dot_out, to_dot(graph))
+        except OSError as e:
+            raise SuperoptError(f"{dot_out}: cannot write: {e.strerror or e}") from None
+        click.echo(f"wrote {dot_out}", err=True)
+
+
+@main.command("validate")
+@click.argument("file", type=FILE)
+@reports_errors
+def validate_command(file: Path) -> None:
+    """Check FILE (YAML spec or JSON graph) and print a one-line summary."""
+    graph = load(file)
+    kernels = len(graph.ops)
+    click.echo(
+        f"{file}: ok: {graph.name}, {len(graph.inputs)} inputs, {kernels} kernel ops, "
+        f"{len(graph.outputs)} outputs, hash {graph_hash(graph)[:16]}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Kernels: device specs, code generation, cost model, on-device timing."""

@@ -1,0 +1,1 @@
+"""Search: the multi-level µGraph enumerator with abstract-expression pruning."""

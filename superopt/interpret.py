@@ -1,0 +1,184 @@
+"""The reference interpreter: the meaning of every graph, on torch CPU tensors.
+
+A graph-defined op is executed literally: for each block index, for each forloop iteration, slice the inputs
+by imap/fmap, run the loop ops, feed the accumulators; then run the epilogue once and write by omap.
+`precision="float64"` computes everything in float64; `"native"` rounds every op's result to its tensor's
+dtype (computing each op in float32, as GPU kernels accumulate).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from superopt.errors import SuperoptError
+from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op
+from superopt.ops import ACCUMULATORS, TensorType
+
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
+
+
+# Predefined ops: rule(*operands, **attrs) -> tensor.
+REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
+    "matmul": torch.matmul,
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": torch.mul,
+    "div": torch.div,
+    "exp": torch.exp,
+    "silu": F.silu,
+    "gelu": F.gelu,
+    "relu": torch.relu,
+    "sigmoid": torch.sigmoid,
+    "sqrt": torch.sqrt,
+    "rsqrt": torch.rsqrt,
+    "square": torch.square,
+    "neg": torch.neg,
+    "mul_scalar": lambda x, c: x * c,
+    "add_scalar": lambda x, c: x + c,
+    "sum": lambda x, dim, keepdim: x.sum(dim, keepdim=keepdim),
+    "max": lambda x, dim, keepdim: x.amax(dim, keepdim=keepdim),
+    "mean": lambda x, dim, keepdim: x.mean(dim, keepdim=keepdim),
+    "rms_norm": _rms_norm,
+    "concat": lambda a, b, dim: torch.cat([a, b], dim),
+}
+
+
+def _sum_last(xs: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack([x.sum(-1, keepdim=True) for x in xs]).sum(0)
+
+
+def _rescaled_sum(xs: list[torch.Tensor], ms: list[torch.Tensor]) -> torch.Tensor:
+    top = torch.stack(ms).amax(0)
+    return sum(x * torch.exp(m - top) for x, m in zip(xs, ms))
+
+
+# Accumulators: rule(per-iteration values of each operand, **attrs) -> tensor.
+ACCUMULATE: dict[str, Callable[..., torch.Tensor]] = {
+    "accum_sum": lambda xs: torch.stack(xs).sum(0),
+    "accum_sum_last": _sum_last,
+    "accum_mean_last": lambda xs: _sum_last(xs) / (len(xs) * xs[0].shape[-1]),
+    "accum_rms_last": lambda xs, eps: torch.sqrt(
+        _sum_last([x.square() for x in xs]) / (len(xs) * xs[0].shape[-1]) + eps
+    ),
+    "accum_max": lambda xs: torch.stack(xs).amax(0),
+    "accum_rescaled_sum": _rescaled_sum,
+}
+
+
+class TorchEval:
+    """Evaluates ops in one precision: float64 everywhere, or each result rounded to its own dtype.
+
+    Other interpretations over tensors (the finite field in verify/) supply an object with the same three
+    methods, `cast`, `op` and `accumulate`, and reuse `evaluate` and `run_block` unchanged.
+    """
+
+    def __init__(self, precision: str) -> None:
+        if precision not in ("native", "float64"):
+            raise SuperoptError(f"precision must be 'native' or 'float64', got {precision!r}")
+        self.float64 = precision == "float64"
+
+    def cast(self, x: torch.Tensor, ty: TensorType) -> torch.Tensor:
+        return x.to(torch.float64 if self.float64 else TORCH_DTYPES[ty.dtype])
+
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.float64 else x.float()
+
+    def op(self, op: Op, args: list[torch.Tensor], ty: TensorType) -> torch.Tensor:
+        return self.cast(REFERENCE[op.op](*map(self.compute, args), **op.attrs), ty)
+
+    def accumulate(self, op: Op, per_iter: list[list[torch.Tensor]], ty: TensorType) -> torch.Tensor:
+        operands = [[self.compute(x) for x in xs] for xs in zip(*per_iter)]
+        return self.cast(ACCUMULATE[op.op](*operands, **op.attrs), ty)
+
+
+def _slice_input(x: torch.Tensor, bi: BlockInput, block: BlockGraph, bidx: tuple[int, ...], it: int) -> torch.Tensor:
+    for axis, dim in enumerate(bi.imap):
+        if dim is not None:
+            size = x.shape[dim] // block.grid[axis]
+            x = x.narrow(dim, bidx[axis] * size, size)
+    if bi.fmap is not None:
+        size = x.shape[bi.fmap] // block.forloop_range
+        x = x.narrow(bi.fmap, it * size, size)
+    return x
+
+
+def run_block(block: BlockGraph, args: list[torch.Tensor], ev: TorchEval) -> list[torch.Tensor]:
+    """One graph-defined op, literally: every block, every loop iteration."""
+    loop_ops = [op for op in block.ops if op.op not in ACCUMULATORS and not any(block.after_loop[i] for i in op.inputs)]
+    accums = [op for op in block.ops if op.op in ACCUMULATORS]
+    epilogue = [op for op in block.ops if op.op not in ACCUMULATORS and any(block.after_loop[i] for i in op.inputs)]
+    outs = [ev.cast(torch.empty(block.output_type(o).shape), block.output_type(o)) for o in block.outputs]
+    for bidx in itertools.product(*(range(g) for g in block.grid)):
+        seen: list[list[list[torch.Tensor]]] = [[] for _ in accums]
+        for it in range(block.forloop_range):
+            env = {bi.name: _slice_input(x, bi, block, bidx, it) for bi, x in zip(block.inputs, args)}
+            for op in loop_ops:
+                env[op.outputs[0]] = ev.op(op, [env[i] for i in op.inputs], block.tensors[op.outputs[0]])
+            for k, op in enumerate(accums):
+                seen[k].append([env[i] for i in op.inputs])
+        env = {op.outputs[0]: ev.accumulate(op, seen[k], block.tensors[op.outputs[0]]) for k, op in enumerate(accums)}
+        for op in epilogue:
+            env[op.outputs[0]] = ev.op(op, [env[i] for i in op.inputs], block.tensors[op.outputs[0]])
+        for out, bo in zip(outs, block.outputs):
+            tile = env[bo.name]
+            dst = out
+            for axis, dim in enumerate(bo.omap):
+                if dim is not None:
+                    dst = dst.narrow(dim, bidx[axis] * tile.shape[dim], tile.shape[dim])
+            dst.copy_(tile)
+    return outs
+
+
+def run(graph: KernelGraph, inputs: dict[str, torch.Tensor], precision: str = "native") -> list[torch.Tensor]:
+    """Runs `graph` on CPU tensors, one per graph input by name; returns the outputs in order.
+
+    Inputs are converted to the computing dtype (float64, or each input's own dtype); their shapes must match.
+    """
+    ev = TorchEval(precision)
+    missing = [n for n in graph.inputs if n not in inputs]
+    extra = [n for n in inputs if n not in graph.tensors or n not in graph.inputs]
+    if missing or extra:
+        raise SuperoptError(
+            f"{graph.name}: inputs missing: {missing or 'none'}; not inputs of the graph: {extra or 'none'}"
+        )
+    args = []
+    for name in graph.inputs:
+        ty = graph.tensors[name]
+        x = torch.as_tensor(inputs[name])
+        if tuple(x.shape) != ty.shape:
+            raise SuperoptError(
+                f"{graph.name}: input '{name}' has shape {list(x.shape)}, the graph expects {list(ty.shape)}"
+            )
+        args.append(ev.cast(x.detach().cpu(), ty))
+    return evaluate(graph, args, ev)
+
+
+def evaluate(graph: KernelGraph, args: list[torch.Tensor], ev: TorchEval) -> list[torch.Tensor]:
+    """Runs `graph` on `args` (one per input, in order, already in ev's representation)."""
+    env = dict(zip(graph.inputs, args))
+    for op in graph.ops:
+        args = [env[i] for i in op.inputs]
+        if op.block is not None:
+            env.update(zip(op.outputs, run_block(op.block, args, ev)))
+        else:
+            env[op.outputs[0]] = ev.op(op, args, graph.tensors[op.outputs[0]])
+    return [env[o] for o in graph.outputs]
+
+
+def random_inputs(graph: KernelGraph, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Seeded normal inputs in each input's dtype, scaled by `scale`; the same seed gives the same tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        n: (torch.randn(graph.tensors[n].shape, generator=gen, dtype=torch.float64) * scale).to(
+            TORCH_DTYPES[graph.tensors[n].dtype]
+        )
+        for n in graph.inputs
+    }

@@ -1,0 +1,233 @@
+"""The op table: every operator's name, arity, attributes and shape/dtype rule, defined once.
+
+Each interpretation (reference evaluation, finite field, abstract expression, codegen, cost) keeps its own
+rule table keyed by these names; `missing_rules` lists what a table does not cover.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from superopt.errors import IRError
+
+DTYPES = ("float16", "bfloat16", "float32")
+
+REQUIRED = object()  # marks an attribute without a default
+
+
+@dataclass(frozen=True)
+class TensorType:
+    shape: tuple[int, ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.dtype}[{', '.join(map(str, self.shape))}]"
+
+
+@dataclass(frozen=True)
+class OpDef:
+    """One operator. `kind` groups ops that share rules; `levels` says where the op may appear."""
+
+    name: str
+    arity: int
+    kind: str  # unary | binary | scalar | reduce | matmul | norm | concat | accum | graph_def
+    attrs: tuple[tuple[str, Any], ...] = ()  # (name, default or REQUIRED), in positional order
+    levels: frozenset[str] = frozenset({"kernel", "block"})
+    doc: str = ""
+
+    @property
+    def elementwise(self) -> bool:
+        return self.kind in ("unary", "binary", "scalar")
+
+    def bind_attrs(self, given: dict[str, Any]) -> dict[str, Any]:
+        """Checks names and types of attributes, fills defaults; raises IRError naming what is wrong."""
+        known = dict(self.attrs)
+        for key in given:
+            if key not in known:
+                expected = ", ".join(known) or "none"
+                raise IRError(f"unknown keyword '{key}' for {self.name} (expected: {expected})")
+        out = {}
+        for key, default in self.attrs:
+            if key in given:
+                out[key] = _check_attr(self.name, key, given[key], default)
+            elif default is REQUIRED:
+                raise IRError(f"{self.name} needs the argument '{key}'")
+            else:
+                out[key] = default
+        return out
+
+
+ATTR_TYPES = {"dim": int, "keepdim": bool, "eps": float, "c": float}
+
+
+def _check_attr(op: str, key: str, value: Any, default: Any) -> Any:
+    want = ATTR_TYPES[key]
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if want is int and isinstance(value, bool) or not isinstance(value, want):
+        raise IRError(f"{op}: argument '{key}' must be {want.__name__}, got {value!r}")
+    if want is float and value != value:
+        raise IRError(f"{op}: argument '{key}' is NaN")
+    return value
+
+
+# --- shape/dtype rules --------------------------------------------------------------------------------------
+
+
+def _same_dtype(op: str, types: list[TensorType]) -> str:
+    dtypes = {t.dtype for t in types}
+    if len(dtypes) > 1:
+        raise IRError(f"{op}: operand dtypes differ: {', '.join(str(t) for t in types)}")
+    return types[0].dtype
+
+
+def broadcast_shapes(op: str, a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    for i in range(1, max(len(a), len(b)) + 1):
+        x = a[-i] if i <= len(a) else 1
+        y = b[-i] if i <= len(b) else 1
+        if x != y and 1 not in (x, y):
+            raise IRError(f"{op}: shapes {list(a)} and {list(b)} do not broadcast (dim -{i}: {x} vs {y})")
+        out.append(max(x, y) if 1 in (x, y) else x)
+    return tuple(reversed(out))
+
+
+def normalize_dim(op: str, dim: int, rank: int) -> int:
+    if not -rank <= dim < rank:
+        raise IRError(f"{op}: dim {dim} is out of range for a tensor of rank {rank}")
+    return dim % rank
+
+
+def _infer_unary(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    return ins[0]
+
+
+def _infer_binary(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    return TensorType(broadcast_shapes(op.name, ins[0].shape, ins[1].shape), _same_dtype(op.name, ins))
+
+
+def _infer_reduce(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    shape = list(ins[0].shape)
+    dim = attrs["dim"]
+    if attrs["keepdim"]:
+        shape[dim] = 1
+    else:
+        del shape[dim]
+    return TensorType(tuple(shape), ins[0].dtype)
+
+
+def _infer_matmul(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    a, b = ins
+    if len(a.shape) < 2 or len(b.shape) < 2:
+        raise IRError(f"matmul: operands need rank >= 2, got {list(a.shape)} and {list(b.shape)}")
+    if a.shape[-1] != b.shape[-2]:
+        raise IRError(f"matmul: inner dims differ: {list(a.shape)} @ {list(b.shape)} ({a.shape[-1]} vs {b.shape[-2]})")
+    batch = broadcast_shapes("matmul", a.shape[:-2], b.shape[:-2])
+    return TensorType(batch + (a.shape[-2], b.shape[-1]), _same_dtype(op.name, ins))
+
+
+def _infer_concat(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    a, b = ins
+    dim = attrs["dim"]
+    if len(a.shape) != len(b.shape) or any(x != y for i, (x, y) in enumerate(zip(a.shape, b.shape)) if i != dim):
+        raise IRError(f"concat: shapes {list(a.shape)} and {list(b.shape)} differ outside dim {dim}")
+    shape = list(a.shape)
+    shape[dim] += b.shape[dim]
+    return TensorType(tuple(shape), _same_dtype(op.name, ins))
+
+
+def _infer_accum(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    if op.name == "accum_rescaled_sum":
+        x, m = ins
+        if broadcast_shapes(op.name, x.shape, m.shape) != x.shape:
+            raise IRError(f"accum_rescaled_sum: scale {list(m.shape)} does not broadcast to {list(x.shape)}")
+        _same_dtype(op.name, ins)
+        return x
+    x = ins[0]
+    if op.name in ("accum_sum", "accum_max"):
+        return x
+    return TensorType(x.shape[:-1] + (1,), x.dtype)  # the *_last accumulators reduce the last dim
+
+
+INFER: dict[str, Callable[[OpDef, list[TensorType], dict], TensorType]] = {
+    "unary": _infer_unary,
+    "scalar": _infer_unary,
+    "norm": _infer_unary,
+    "binary": _infer_binary,
+    "reduce": _infer_reduce,
+    "matmul": _infer_matmul,
+    "concat": _infer_concat,
+    "accum": _infer_accum,
+}
+
+
+def infer(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    """The output type of a predefined op; raises IRError naming the problem."""
+    if len(ins) != op.arity:
+        raise IRError(f"{op.name} takes {op.arity} tensor operand(s), got {len(ins)}")
+    if op.kind in ("reduce", "concat"):
+        rank = len(ins[0].shape)
+        attrs["dim"] = normalize_dim(op.name, attrs["dim"], rank)
+    return INFER[op.kind](op, ins, attrs)
+
+
+# --- the table ----------------------------------------------------------------------------------------------
+
+_DIM = (("dim", REQUIRED), ("keepdim", False))
+
+
+def _table(*defs: OpDef) -> dict[str, OpDef]:
+    return {d.name: d for d in defs}
+
+
+OPS: dict[str, OpDef] = _table(
+    OpDef("matmul", 2, "matmul", doc="a @ b, batched over leading dims"),
+    *(OpDef(n, 2, "binary", doc=f"torch.{n}, broadcasting") for n in ("add", "sub", "mul", "div")),
+    *(
+        OpDef(n, 1, "unary", doc=f"elementwise {n}")
+        for n in ("exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg")
+    ),
+    OpDef("mul_scalar", 1, "scalar", (("c", REQUIRED),), doc="x * c"),
+    OpDef("add_scalar", 1, "scalar", (("c", REQUIRED),), doc="x + c"),
+    OpDef("sum", 1, "reduce", _DIM, doc="sum over dim"),
+    OpDef("max", 1, "reduce", _DIM, doc="max over dim (values only)"),
+    OpDef("mean", 1, "reduce", _DIM, doc="mean over dim"),
+    OpDef("rms_norm", 1, "norm", (("eps", 1e-6),), doc="x / sqrt(mean(x^2, -1) + eps), no weight"),
+    OpDef("concat", 2, "concat", (("dim", REQUIRED),), doc="torch.cat([a, b], dim)"),
+    OpDef("graph_def", -1, "graph_def", levels=frozenset({"kernel"}), doc="a kernel whose body is a block graph"),
+    *(
+        OpDef(n, 1, "accum", attrs, levels=frozenset({"block"}), doc=doc)
+        for n, attrs, doc in (
+            ("accum_sum", (), "sum over loop iterations"),
+            ("accum_sum_last", (), "sum over loop iterations and the tile's last dim (kept, size 1)"),
+            ("accum_mean_last", (), "accum_sum_last / (iterations * tile's last dim)"),
+            ("accum_rms_last", (("eps", 1e-6),), "sqrt(accum_mean_last(x^2) + eps)"),
+            ("accum_max", (), "elementwise max over loop iterations"),
+        )
+    ),
+    OpDef(
+        "accum_rescaled_sum",
+        2,
+        "accum",
+        levels=frozenset({"block"}),
+        doc="sum_i x_i * exp(m_i - max_j m_j): online softmax's rescaled sum; m broadcasts to x",
+    ),
+)
+
+ACCUMULATORS = frozenset(n for n, d in OPS.items() if d.kind == "accum")
+
+
+def opdef(name: str, level: str = "kernel") -> OpDef:
+    d = OPS.get(name)
+    if d is None:
+        raise IRError(f"unknown op '{name}'")
+    if level not in d.levels:
+        raise IRError(f"op '{name}' is not allowed in a {level} graph")
+    return d
+
+
+def missing_rules(table: dict[str, Any], level: str | None = None) -> list[str]:
+    """The ops (of `level`, or all) that an interpretation's rule table does not cover."""
+    return sorted(n for n, d in OPS.items() if (level is None or level in d.levels) and n not in table)
