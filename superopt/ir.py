@@ -198,7 +198,8 @@ def tile_shape(
     if fmap is not None:
         if shape[fmap] % forloop_range:
             raise IRError(
-                f"{what}: dim {fmap} of size {shape[fmap]} (per block) does not divide by forloop range {forloop_range}"
+                f"{what}: dim {fmap} of size {shape[fmap]} per block is not divisible by the forloop range "
+                f"{forloop_range}"
             )
         shape[fmap] //= forloop_range
     return tuple(shape)
@@ -298,32 +299,27 @@ _install_builder_methods(BlockGraph, "block")
 
 
 def thread_graphs(block: BlockGraph) -> list[tuple[int, ...]]:
-    """The thread graphs of a block graph: maximal chains of elementwise ops (indices into `block.ops`, at
-    least two) where each op's result feeds only the next op of the chain and is not a block output.
-    Formed by rule, not searched: codegen keeps such a chain in registers."""
+    """The thread graphs of a block graph, as sorted op indices (groups of two or more ops).
+
+    An elementwise op joins its consumer's thread graph when that consumer is elementwise too, is its only
+    consumer, and its result is not a block output: each group is a tree of elementwise ops whose inner results
+    never leave registers. Formed by rule, not searched.
+    """
     users = block.consumers()
     outputs = {o.name for o in block.outputs}
     index = {id(op): i for i, op in enumerate(block.ops)}
-
-    def fused_successor(i: int) -> int | None:
+    root = list(range(len(block.ops)))
+    for i in reversed(range(len(block.ops))):  # consumers come later, so their root is known first
         op = block.ops[i]
         out = op.outputs[0]
-        if not OPS[op.op].elementwise or out in outputs or len(users[out]) != 1:
-            return None
-        nxt = index[id(users[out][0])]
-        return nxt if OPS[block.ops[nxt].op].elementwise else None
-
-    successor = {i: fused_successor(i) for i in range(len(block.ops))}
-    has_pred = {s for s in successor.values() if s is not None}
-    chains = []
-    for i in range(len(block.ops)):
-        if i in has_pred or successor[i] is None:
-            continue
-        chain = [i]
-        while successor[chain[-1]] is not None:
-            chain.append(successor[chain[-1]])
-        chains.append(tuple(chain))
-    return chains
+        if OPS[op.op].elementwise and out not in outputs and len(users[out]) == 1:
+            nxt = index[id(users[out][0])]
+            if OPS[block.ops[nxt].op].elementwise:
+                root[i] = root[nxt]
+    groups: dict[int, list[int]] = {}
+    for i, r in enumerate(root):
+        groups.setdefault(r, []).append(i)
+    return sorted(tuple(g) for g in groups.values() if len(g) > 1)
 
 
 # --- kernel graphs ------------------------------------------------------------------------------------------

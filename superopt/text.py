@@ -36,7 +36,7 @@ def format_block(block: BlockGraph, sources: tuple[str, ...], indent: str) -> li
         lines.append(f"{indent}# after the loop")
         lines += [indent + _fmt_op(block, op) for op in epilogue]
     for chain in thread_graphs(block):
-        lines.append(f"{indent}# thread graph: {' -> '.join(block.ops[i].outputs[0] for i in chain)}")
+        lines.append(f"{indent}# thread graph: {', '.join(block.ops[i].outputs[0] for i in chain)}")
     lines.append(f"{indent}return " + ", ".join(f"{o.name} (omap={_fmt_value(o.omap)})" for o in block.outputs))
     return lines
 

@@ -1,0 +1,229 @@
+"""The IR: builders, the checks that keep a graph well-formed, thread graphs, and the text form."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import superopt
+from superopt.interpret import ACCUMULATE, REFERENCE
+from superopt.ops import OPS, missing_rules
+
+
+def test_every_op_has_a_reference_rule():
+    assert missing_rules({**REFERENCE, **ACCUMULATE, "graph_def": None}) == []
+
+
+def test_op_table_levels():
+    g = superopt.Graph()
+    assert all(hasattr(g, n) for n, d in OPS.items() if "kernel" in d.levels and n != "graph_def")
+    assert not hasattr(g, "accum_sum")
+    x = g.input("x", (4, 8), "float16")
+    with pytest.raises(superopt.IRError, match="not allowed in a kernel graph"):
+        g.op("accum_sum", x)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (lambda g, x, w: g.matmul(x, x), r"matmul: inner dims differ: \[4, 8\] @ \[4, 8\]"),
+        (lambda g, x, w: g.add(x, w), r"add: shapes \[4, 8\] and \[8, 16\] do not broadcast"),
+        (lambda g, x, w: g.add(x, g.input("h", (4, 8), "float32")), "add: operand dtypes differ"),
+        (lambda g, x, w: g.sum(x, dim=2), "sum: dim 2 is out of range for a tensor of rank 2"),
+        (lambda g, x, w: g.concat(x, w, dim=0), r"concat: shapes \[4, 8\] and \[8, 16\] differ outside dim 0"),
+        (lambda g, x, w: g.rms_norm(x, eps="small"), "rms_norm: argument 'eps' must be float"),
+        (lambda g, x, w: g.rms_norm(x, ep=1e-6), r"unknown keyword 'ep' for rms_norm \(expected: eps\)"),
+        (lambda g, x, w: g.matmul(x), r"matmul takes 2 tensor operand\(s\), got 1"),
+        (lambda g, x, w: g.exp(x, w), r"exp takes 1 tensor operand\(s\), got 2"),
+        (lambda g, x, w: g.mul_scalar(x), "mul_scalar needs the argument 'c'"),
+        (lambda g, x, w: g.op("softmax", x), "unknown op 'softmax'"),
+        (lambda g, x, w: g.exp("nope"), "unknown tensor 'nope'"),
+        (lambda g, x, w: g.input("q", (4, 8), "float64"), "bad dtype 'float64'"),
+        (lambda g, x, w: g.exp(x, out="w"), "tensor name 'w' is already defined"),
+    ],
+)
+def test_kernel_graph_errors(build, message):
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    with pytest.raises(superopt.IRError, match=message):
+        build(g, x, w)
+
+
+def test_negative_dims_are_normalized():
+    g = superopt.Graph()
+    s = g.sum(g.input("x", (4, 8)), dim=-1, keepdim=True)
+    assert g.ops[-1].attrs == {"dim": 1, "keepdim": True}
+    assert s.shape == (4, 1)
+
+
+def _matmul_block(g, x, w, grid=(2,), forloop_range=4):
+    b = g.block_graph(grid=grid, forloop_range=forloop_range)
+    return b, b.input(x, imap=(None,) * len(grid), fmap=1), b.input(w, imap=(1,) + (None,) * (len(grid) - 1), fmap=0)
+
+
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda g, x, w: g.block_graph(grid=(3,), forloop_range=1).input(w, imap=(1,)),
+            "dim 1 of size 16 is not divisible by grid axis 0",
+        ),
+        (
+            lambda g, x, w: g.block_graph(grid=(2,), forloop_range=3).input(x, imap=(None,), fmap=1),
+            "not divisible by the forloop range 3",
+        ),
+        (
+            lambda g, x, w: g.block_graph(grid=(2, 2), forloop_range=1).input(x, imap=(0,)),
+            "imap has 1 entries for a grid of 2 axes",
+        ),
+        (lambda g, x, w: g.block_graph(grid=(2, 2)).input(x, imap=(0, 0)), "two grid axes map to dim 0"),
+        (lambda g, x, w: g.block_graph(grid=(2,)).input(x, imap=(5,)), "grid axis 0 maps to dim 5"),
+        (lambda g, x, w: g.block_graph(grid=(1, 1, 1, 1)), "grid must have 1 to 3 positive axes"),
+        (lambda g, x, w: g.block_graph(grid=(2,), forloop_range=0), "forloop_range must be a positive integer"),
+        (lambda g, x, w: g.block_graph(grid=(2,), block_size=100), "block_size must be a multiple of 32"),
+    ],
+)
+def test_block_map_errors(build, message):
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    with pytest.raises(superopt.IRError, match=message):
+        build(g, x, w)
+
+
+def test_every_path_passes_exactly_one_accumulator():
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    b, xt, wt = _matmul_block(g, x, w)
+    mm = b.matmul(xt, wt)
+    with pytest.raises(superopt.IRError, match="passes no accumulator"):
+        b.output(mm, omap=(1,))
+    acc = b.accum_sum(mm)
+    with pytest.raises(superopt.IRError, match="already passed an accumulator"):
+        b.accum_sum(acc)
+    with pytest.raises(superopt.IRError, match="mixes tiles from inside the loop"):
+        b.add(acc, mm)
+    with pytest.raises(superopt.IRError, match="omap misses grid axis 0 of size 2"):
+        b.output(acc, omap=(None,))
+    b.output(b.silu(acc), omap=(1,))
+    (out,) = g.graph_def(b)
+    assert out.shape == (4, 16) and out.dtype == "float16"
+
+
+def test_graph_def_checks_its_inputs():
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    b, xt, wt = _matmul_block(g, x, w)
+    b.output(b.accum_sum(b.matmul(xt, wt)), omap=(1,))
+    with pytest.raises(
+        superopt.IRError, match="input 0 'w' is float16\\[8, 16\\], the block graph expects float16\\[4, 8\\]"
+    ):
+        g.graph_def(b, inputs=[w, x])
+    with pytest.raises(superopt.IRError, match="the block graph has 2 inputs, got 1"):
+        g.graph_def(b, inputs=[x])
+
+
+def test_tiled_matmul_is_literal_and_exact():
+    """Grid over N (2 blocks) and rows (2 blocks), loop over K: equals x @ w in float64 exactly enough."""
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float32"), g.input("w", (8, 16), "float32")
+    b = g.block_graph(grid=(2, 2), forloop_range=4)
+    xt = b.input(x, imap=(None, 0), fmap=1)
+    wt = b.input(w, imap=(1, None), fmap=0)
+    assert xt.shape == (2, 2) and wt.shape == (2, 8)
+    b.output(b.accum_sum(b.matmul(xt, wt)), omap=(1, 0))
+    (o,) = g.graph_def(b)
+    g.output(o)
+    xs = {"x": torch.randn(4, 8, dtype=torch.float64), "w": torch.randn(8, 16, dtype=torch.float64)}
+    (got,) = superopt.run(g, xs, precision="float64")
+    torch.testing.assert_close(got, xs["x"] @ xs["w"], rtol=1e-12, atol=1e-12)
+
+
+def test_accumulators_against_hand_computed_values():
+    """x = [[1, 2, 3, 4]] split over 2 iterations of [a, b]: each accumulator against its definition."""
+    g = superopt.Graph()
+    x = g.input("x", (1, 4), "float32")
+    m = g.input("m", (1, 2), "float32")
+    b = g.block_graph(grid=(1,), forloop_range=2)
+    xt, mt = b.input(x, imap=(None,), fmap=1), b.input(m, imap=(None,), fmap=1)
+    outs = {
+        "sum": b.accum_sum(xt),
+        "sum_last": b.accum_sum_last(xt),
+        "mean_last": b.accum_mean_last(xt),
+        "rms_last": b.accum_rms_last(xt, eps=0.5),
+        "max": b.accum_max(xt),
+        "rescaled": b.accum_rescaled_sum(xt, mt),
+    }
+    for t in outs.values():
+        b.output(t, omap=(None,))
+    for t in g.graph_def(b, outs=list(outs)):
+        g.output(t)
+    got = dict(
+        zip(outs, superopt.run(g, {"x": torch.tensor([[1.0, 2, 3, 4]]), "m": torch.tensor([[0.0, 1.0]])}, "float64"))
+    )
+    e = torch.exp(torch.tensor(-1.0, dtype=torch.float64))
+    expected = {
+        "sum": [[4.0, 6.0]],
+        "sum_last": [[10.0]],
+        "mean_last": [[2.5]],
+        "rms_last": [[((1 + 4 + 9 + 16) / 4 + 0.5) ** 0.5]],
+        "max": [[3.0, 4.0]],
+        "rescaled": [[1 * e + 3, 2 * e + 4]],
+    }
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k], torch.tensor(v, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+def test_native_precision_rounds_each_op_to_its_dtype():
+    """In float16, 1 + 3e-4 rounds back to 1 (the spacing at 1 is 2^-10), so x1000 gives 1000, not 1000.3."""
+    g = superopt.Graph()
+    x = g.input("x", (1, 1), "float16")
+    g.output(g.mul_scalar(g.add_scalar(x, c=3e-4), c=1000.0))
+    (native,) = superopt.run(g, {"x": torch.ones(1, 1)})
+    (exact,) = superopt.run(g, {"x": torch.ones(1, 1)}, precision="float64")
+    assert native.dtype == torch.float16 and native.item() == 1000.0
+    assert exact.dtype == torch.float64 and exact.item() == pytest.approx(1000.3, rel=1e-12)
+
+
+def test_run_checks_its_inputs():
+    g = superopt.Graph("p")
+    g.output(g.exp(g.input("x", (2, 3))))
+    with pytest.raises(superopt.SuperoptError, match=r"inputs missing: \['x'\]; not inputs of the graph: \['y'\]"):
+        superopt.run(g, {"y": torch.ones(2, 3)})
+    with pytest.raises(superopt.SuperoptError, match=r"input 'x' has shape \[3, 2\], the graph expects \[2, 3\]"):
+        superopt.run(g, {"x": torch.ones(3, 2)})
+
+
+def test_thread_graphs_are_trees_of_single_consumer_elementwise_ops():
+    g = superopt.Graph()
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    b, xt, wt = _matmul_block(g, x, w)
+    acc = b.accum_sum(b.matmul(xt, wt))  # ops 0, 1
+    s = b.silu(acc)  # 2: feeds only 3
+    t = b.mul_scalar(s, c=2.0)  # 3: feeds 4 and 5, so the chain ends here
+    u, v = b.exp(t), b.neg(t)  # 4, 5
+    b.output(b.add(u, v), omap=(1,))  # 6: both its operands have it as their one consumer: one tree
+    b.output(t, omap=(1,))
+    assert superopt.thread_graphs(b) == [(2, 3), (4, 5, 6)]
+
+
+def test_text_form_reads_like_the_program():
+    g = superopt.Graph("rmsnorm_linear")
+    x, w = g.input("x", (4, 8), "float16"), g.input("w", (8, 16), "float16")
+    b, xt, wt = _matmul_block(g, x, w)
+    acc, r = b.accum_sum(b.matmul(xt, wt)), b.accum_rms_last(xt)
+    b.output(b.div(acc, r), omap=(1,))
+    (o,) = g.graph_def(b, outs=["o"])
+    g.output(o)
+    assert str(g).splitlines() == [
+        "def rmsnorm_linear(x: float16[4, 8], w: float16[8, 16]):",
+        "    o: float16[4, 16] = graph_def(x, w, grid=[2], forloop_range=4, block_size=128):",
+        "        x_tile: float16[4, 2] = input(x, imap=[None], fmap=1)",
+        "        w_tile: float16[2, 8] = input(w, imap=[1], fmap=0)",
+        "        matmul: float16[4, 8] = matmul(x_tile, w_tile)",
+        "        accum_sum: float16[4, 8] = accum_sum(matmul)",
+        "        accum_rms_last: float16[4, 1] = accum_rms_last(x_tile, eps=1e-06)",
+        "        # after the loop",
+        "        div: float16[4, 8] = div(accum_sum, accum_rms_last)",
+        "        return div (omap=[1])",
+        "    return o",
+    ]
