@@ -28,7 +28,8 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, wheel], check=True
     )
-    code = "import superopt, superopt.cli.main, superopt.search_space, superopt.verify, superopt.kernels; print(superopt.__file__)"
+    modules = "superopt, superopt.cli.main, superopt.search_space, superopt.verify, superopt.kernels"
+    code = f"import {modules}; print(superopt.__file__)"
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True
