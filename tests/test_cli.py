@@ -162,3 +162,17 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "superopt.cli.main", "run", str(spec)], capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().endswith("unknown op 'softmax'") and "Traceback" not in proc.stderr
+
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yaml"))
+
+
+def test_there_are_eleven_examples():
+    assert len(EXAMPLES) == 11
+
+
+@pytest.mark.parametrize("spec", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_run_every_example(spec):
+    result = invoke("run", str(spec))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("o: shape=") and "non-finite" not in result.stdout

@@ -1,0 +1,187 @@
+"""Hand-written fused µGraphs for the example workloads, in the style of Mirage's best-found kernels.
+
+Each builder takes the dims of its spec (examples/<name>.yaml; same names) and returns a KernelGraph with the
+spec's inputs (names, shapes, dtypes) and outputs, in order. They serve as known-good targets for the search,
+the verifier and the code generators. `python examples/fused.py` writes examples/fused/<name>.json for the
+full-size dims of every spec that has a fused form.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import yaml
+
+import superopt
+from superopt.ir import BlockGraph, Tensor
+from superopt.serialize import dump
+
+EXAMPLES = Path(__file__).resolve().parent
+EPS = 1e-6  # the rms_norm eps of the specs
+SMS = 132  # streaming multiprocessors of an H100
+
+# Tiling rule: every tile extent is the largest power of two <= a cap that divides its dim (codegen tiles are
+# powers of two, and such a tile divides any dim, full-size or shrunk for tests); the grid is dim / tile.
+# The GEMV-like kernels take COLS output columns per block (6144 -> 384 blocks, 4096 -> 256: two or three
+# resident per SM to hide DRAM latency) and CHUNK of the reduction dim per iteration. Attention takes ROWS query
+# rows and ATTENTION_CHUNK KV positions per iteration, and the most KV splits (a power of two) that keep the grid
+# within one wave of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
+# takes COMBINE_ROWS rows per block.
+COLS, CHUNK = 16, 128
+ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 64, 4, 16
+
+
+def pow2_tile(size: int, cap: int) -> int:
+    """The largest power of two <= cap that divides size."""
+    tile = 1
+    while tile * 2 <= cap and size % (tile * 2) == 0:
+        tile *= 2
+    return tile
+
+
+def kv_splits(row_blocks: int, chunks: int) -> int:
+    """How many blocks share one sequence's KV positions (each gets chunks / splits loop iterations)."""
+    splits = 1
+    while chunks % (splits * 2) == 0 and chunks // (splits * 2) >= MIN_ITERS and row_blocks * splits * 2 <= SMS:
+        splits *= 2
+    return splits
+
+
+def _column_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
+    """A block graph over the N output columns that loops over the D reduction dim."""
+    return g.block_graph(
+        grid=(dims["N"] // pow2_tile(dims["N"], COLS),), forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK)
+    )
+
+
+def rmsnorm_linear(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    """rms_norm(x) @ w = (x @ w) / rms(x): the sum of squares and the matmul share one loop over D."""
+    g = superopt.Graph("rmsnorm_linear")
+    x = g.input("x", (dims["B"], dims["D"]))
+    w = g.input("w", (dims["D"], dims["N"]))
+    b = _column_blocks(g, dims)
+    xt = b.input(x, imap=(None,), fmap=1)
+    wt = b.input(w, imap=(1,), fmap=0)
+    b.output(b.div(b.accum_sum(b.matmul(xt, wt)), b.accum_rms_last(xt, eps=EPS)), omap=(1,))
+    (o,) = g.graph_def(b, outs=["o"])
+    g.output(o)
+    return g
+
+
+def gated_mlp(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    """Both matmuls accumulate in one loop over D; silu(a) * b runs in the epilogue."""
+    g = superopt.Graph("gated_mlp")
+    x = g.input("x", (dims["B"], dims["D"]))
+    w1 = g.input("w1", (dims["D"], dims["N"]))
+    w2 = g.input("w2", (dims["D"], dims["N"]))
+    b = _column_blocks(g, dims)
+    xt = b.input(x, imap=(None,), fmap=1)
+    a = b.accum_sum(b.matmul(xt, b.input(w1, imap=(1,), fmap=0)))
+    c = b.accum_sum(b.matmul(xt, b.input(w2, imap=(1,), fmap=0)))
+    b.output(b.mul(b.silu(a), c), omap=(1,))
+    (o,) = g.graph_def(b, outs=["o"])
+    g.output(o)
+    return g
+
+
+def lora(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    """Mirage's LoRA: x @ w + (x @ a) @ b = sum_i (x_i || x_i @ a_i) @ (w_i || b) over the chunks i of D."""
+    g = superopt.Graph("lora")
+    x = g.input("x", (dims["B"], dims["D"]))
+    w = g.input("w", (dims["D"], dims["N"]))
+    a = g.input("a", (dims["D"], dims["R"]))
+    b_in = g.input("b", (dims["R"], dims["N"]))
+    b = _column_blocks(g, dims)
+    xt = b.input(x, imap=(None,), fmap=1)
+    wt = b.input(w, imap=(1,), fmap=0)
+    at = b.input(a, imap=(None,), fmap=0)
+    bt = b.input(b_in, imap=(1,), fmap=None)  # loop-invariant: the same rows of b every iteration
+    lhs = b.concat(xt, b.matmul(xt, at), dim=1)
+    rhs = b.concat(wt, bt, dim=0)
+    b.output(b.accum_sum(b.matmul(lhs, rhs)), omap=(1,))
+    (o,) = g.graph_def(b, outs=["o"])
+    g.output(o)
+    return g
+
+
+def attention(g: superopt.KernelGraph, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Split-KV attention in two kernels: partial exp(q @ k) @ v and row sums per (batch, KV split, row tile),
+    concatenated along the last dim; then a combine kernel sums the splits and divides."""
+    batch, seq, _ = q.shape
+    length = k.shape[2]
+    rows, chunk = pow2_tile(seq, ROWS), pow2_tile(length, ATTENTION_CHUNK)
+    splits = kv_splits(batch * (seq // rows), length // chunk)
+    b = g.block_graph(grid=(batch, splits, seq // rows), forloop_range=length // chunk // splits)
+    qt = b.input(q, imap=(0, None, 1))
+    kt = b.input(k, imap=(0, 2, None), fmap=2)
+    vt = b.input(v, imap=(0, 1, None), fmap=1)
+    e = b.exp(b.matmul(qt, kt))
+    b.output(b.accum_sum(b.matmul(e, vt)), omap=(0, 2, 1))  # (batch, seq, splits * head dim)
+    b.output(b.accum_sum_last(e), omap=(0, 2, 1))  # (batch, seq, splits)
+    numerators, denominators = g.graph_def(b, outs=["numerators", "denominators"])
+
+    rows = pow2_tile(seq, COMBINE_ROWS)
+    c = g.block_graph(grid=(batch, seq // rows), forloop_range=splits)
+    num = c.accum_sum(c.input(numerators, imap=(0, 1), fmap=2))
+    den = c.accum_sum(c.input(denominators, imap=(0, 1), fmap=2))
+    c.output(c.div(num, den), omap=(0, 1))
+    (o,) = g.graph_def(c, outs=["o"])
+    return o
+
+
+def _attention_inputs(g: superopt.KernelGraph, dims: Mapping[str, int]) -> tuple[Tensor, Tensor, Tensor]:
+    batch, seq, head, length = dims["B"], dims["S"], dims["D"], dims["L"]
+    return g.input("q", (batch, seq, head)), g.input("k", (batch, head, length)), g.input("v", (batch, length, head))
+
+
+def gqa(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    g = superopt.Graph("gqa")
+    g.output(attention(g, *_attention_inputs(g, dims)))
+    return g
+
+
+def qknorm_gqa(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    """rms_norm on q and v as predefined kernels, feeding the same attention kernels."""
+    g = superopt.Graph("qknorm_gqa")
+    q, k, v = _attention_inputs(g, dims)
+    g.output(attention(g, g.rms_norm(q, eps=EPS), k, g.rms_norm(v, eps=EPS)))
+    return g
+
+
+FUSED: dict[str, Callable[[Mapping[str, int]], superopt.KernelGraph]] = {
+    "rmsnorm_linear_bs1": rmsnorm_linear,
+    "rmsnorm_linear_bs8": rmsnorm_linear,
+    "gated_mlp": gated_mlp,
+    "lora": lora,
+    "gqa_bs1": gqa,
+    "gqa_bs8": gqa,
+    "qknorm_gqa_bs1": qknorm_gqa,
+    "qknorm_gqa_bs8": qknorm_gqa,
+    "mqa_bs1": gqa,
+}
+
+
+def spec_dims(name: str) -> dict[str, int]:
+    """The full-size dims of examples/<name>.yaml."""
+    with open(EXAMPLES / f"{name}.yaml") as f:
+        return yaml.safe_load(f)["dims"]
+
+
+def build(name: str, dims: Mapping[str, int] | None = None) -> superopt.KernelGraph:
+    """The fused µGraph of example `name`, named after it, at `dims` (default: the spec's full size)."""
+    graph = FUSED[name](spec_dims(name) if dims is None else dims)
+    graph.name = name
+    return graph
+
+
+def main() -> None:
+    out = EXAMPLES / "fused"
+    out.mkdir(exist_ok=True)
+    for name in FUSED:
+        dump(build(name), out / f"{name}.json")
+        print(f"wrote {out / name}.json")
+
+
+if __name__ == "__main__":
+    main()
