@@ -2,44 +2,18 @@
 
 from __future__ import annotations
 
-import functools
-import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import click
 import torch
 
+from superopt.cli.errors import reports_errors
+from superopt.cli.verify_cmd import verify_command
 from superopt.errors import SuperoptError
 from superopt.interpret import random_inputs, run
 from superopt.serialize import graph_hash, write_atomic
 from superopt.spec import load
 from superopt.text import to_dot
-
-EXIT_BAD_INPUT = 2
-EXIT_INTERNAL = 70
-
-
-def reports_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turns SuperoptError into one line on stderr and exit 2; any other exception into one line and exit 70
-    (SUPEROPT_DEBUG=1 shows its traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except SuperoptError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(EXIT_BAD_INPUT)
-        except Exception as e:
-            if os.environ.get("SUPEROPT_DEBUG"):
-                raise
-            click.echo(f"internal error: {type(e).__name__}: {e} (set SUPEROPT_DEBUG=1 for the traceback)", err=True)
-            sys.exit(EXIT_INTERNAL)
-
-    return wrapper
 
 
 @click.group()
@@ -49,6 +23,7 @@ def main() -> None:
 
 
 FILE = click.Path(dir_okay=False, path_type=Path)
+main.add_command(verify_command)
 
 
 @main.command("run")

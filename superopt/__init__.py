@@ -9,6 +9,19 @@ from superopt.spec import load
 
 __version__ = "0.1.0"
 
+# The heavier parts (triton, z3) load on first use, so `import superopt` stays fast.
+_LAZY = {"compile": "superopt.kernels", "verify": "superopt.verify", "VerifyResult": "superopt.verify"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'superopt' has no attribute '{name}'")
+    import importlib
+
+    module = importlib.import_module(_LAZY[name])
+    return module if name == "verify" else getattr(module, name)
+
+
 __all__ = [
     "OPS",
     "BlockGraph",
@@ -21,7 +34,10 @@ __all__ = [
     "graph_hash",
     "load",
     "TensorType",
+    "VerifyResult",
+    "compile",
     "random_inputs",
     "run",
     "thread_graphs",
+    "verify",
 ]

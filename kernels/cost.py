@@ -1,0 +1,261 @@
+"""The analytic cost model: predicted microseconds of a µGraph on a DeviceSpec, to rank verified candidates.
+
+Per kernel (every kernel op, predefined ones through their lowered block graphs):
+- DRAM bytes: each block input is read once per block and iteration; an input not split along a grid axis is
+  read again by every block along it (replication), unless it fits in its share of L2, which then serves the
+  repeats. Outputs are written once.
+- FLOPs: matmuls on tensor cores where codegen uses tl.dot (no dim of size 1), elsewhere on CUDA cores; other
+  ops cost fp32 instructions per element (`OP_INSTRUCTIONS`). Work is counted on padded tiles, as executed.
+- Occupancy: shared memory (dot operands, pipelined NUM_STAGES deep), registers (accumulator state and live
+  tiles) and threads give the resident blocks per SM; a block that cannot fit makes the kernel infeasible.
+- Time: the busiest SM's work (ceil(blocks / SMs) blocks: wave quantization) at its share of each rate;
+  an SM reaches its bandwidth only with bandwidth x latency bytes in flight (its resident blocks' loads,
+  NUM_STAGES iterations ahead). A kernel takes its largest term; the graph sums kernels
+  and adds one launch overhead per kernel.
+The floor of a program is max(bytes of its inputs and outputs / bandwidth, its FLOPs / peak rate).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from superopt.ir import BlockGraph, KernelGraph
+from superopt.kernels.device import DeviceSpec
+from superopt.kernels.lower import lower, padded
+from superopt.ops import ACCUMULATORS, OPS, TensorType
+
+DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+
+# Achievable fractions of the datasheet peaks: on the lent H100, copies reach 3.0 of 3.35 TB/s and a bf16
+# matmul about 800 of 989 TFLOP/s (shared/ANCHORS.md).
+DRAM_EFFICIENCY = 0.9
+TENSOR_EFFICIENCY = 0.8
+SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM bandwidth
+MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
+L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
+NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
+BASE_REGISTERS = 32  # per thread: indices, pointers, loop state
+FLOPS_PER_INSTRUCTION = 2  # CUDA-core FLOP/s count an FMA as 2
+
+# fp32 instructions per output element (per input element for reductions); the special-function unit runs
+# at a quarter of the FMA rate, so exp, division and square roots cost about 4.
+OP_INSTRUCTIONS: dict[str, float] = {
+    "add": 1,
+    "sub": 1,
+    "mul": 1,
+    "div": 4,
+    "exp": 4,
+    "silu": 7,
+    "gelu": 10,
+    "relu": 1,
+    "sigmoid": 6,
+    "sqrt": 4,
+    "rsqrt": 4,
+    "square": 1,
+    "neg": 1,
+    "mul_scalar": 1,
+    "add_scalar": 1,
+    "sum": 1,
+    "max": 1,
+    "mean": 1,
+    "rms_norm": 3,
+    "concat": 0,
+    "accum_sum": 1,
+    "accum_sum_last": 1,
+    "accum_mean_last": 1,
+    "accum_rms_last": 2,
+    "accum_max": 1,
+    "accum_rescaled_sum": 10,  # two exps and an FMA per element
+}
+
+
+def _numel(shape: tuple[int, ...], pad: bool) -> int:
+    return math.prod(padded(s) if pad else s for s in shape)
+
+
+def _flops_matmul(ins: list[TensorType], out: TensorType, pad: bool) -> tuple[float, float]:
+    a, b = ins
+    k = padded(a.shape[-1]) if pad else a.shape[-1]
+    flops = 2.0 * _numel(out.shape, pad) * k
+    on_tensor_cores = 1 not in (a.shape[-2], a.shape[-1], b.shape[-1])
+    return (flops, 0.0) if on_tensor_cores else (0.0, flops)
+
+
+def _flops_elementwise(name: str) -> Callable[[list[TensorType], TensorType, bool], tuple[float, float]]:
+    def rule(ins: list[TensorType], out: TensorType, pad: bool) -> tuple[float, float]:
+        # reductions and accumulators work per input element; the rest per output element
+        shape = ins[0].shape if OPS[name].kind in ("reduce", "accum", "norm") else out.shape
+        return 0.0, OP_INSTRUCTIONS[name] * FLOPS_PER_INSTRUCTION * _numel(shape, pad)
+
+    return rule
+
+
+# Per-op FLOP rules: rule(operand types, result type, padded) -> (tensor-core FLOPs, CUDA-core FLOPs).
+FLOPS: dict[str, Callable[[list[TensorType], TensorType, bool], tuple[float, float]]] = {"matmul": _flops_matmul} | {
+    name: _flops_elementwise(name) for name in OP_INSTRUCTIONS
+}
+
+
+@dataclass(frozen=True)
+class KernelCost:
+    blocks: int
+    dram_bytes: float
+    tensor_flops: float
+    cuda_flops: float
+    smem_bytes: int
+    registers: int  # per thread
+    resident_blocks: int  # per SM; 0 when a block does not fit
+    memory_us: float
+    tensor_us: float
+    cuda_us: float
+
+    @property
+    def feasible(self) -> bool:
+        return self.resident_blocks > 0
+
+    @property
+    def us(self) -> float:
+        return max(self.memory_us, self.tensor_us, self.cuda_us) if self.feasible else math.inf
+
+
+@dataclass(frozen=True)
+class GraphCost:
+    kernels: list[KernelCost]
+    launch_us: float
+
+    @property
+    def us(self) -> float:
+        """Predicted microseconds of the whole graph."""
+        return sum(k.us for k in self.kernels) + self.launch_us
+
+    @property
+    def dram_bytes(self) -> float:
+        return sum(k.dram_bytes for k in self.kernels)
+
+
+def _work(block: BlockGraph) -> tuple[float, float, int, int]:
+    """Per block: tensor-core and CUDA-core FLOPs, shared-memory bytes, fp32 values live per block."""
+    tensor = cuda = 0.0
+    smem = 0
+    varying = {bi.name for bi in block.inputs if bi.fmap is not None}
+    loaded = {bi.name for bi in block.inputs}
+    state = live = 0
+    for op in block.ops:
+        ins = [block.tensors[i] for i in op.inputs]
+        out = block.tensors[op.outputs[0]]
+        in_loop = any(i in varying for i in op.inputs) or op.op in ACCUMULATORS
+        if in_loop and op.op not in ACCUMULATORS:
+            varying.add(op.outputs[0])
+        runs = block.forloop_range if in_loop else 1
+        t, c = FLOPS[op.op](ins, out, True)
+        tensor, cuda = tensor + t * runs, cuda + c * runs
+        if op.op == "matmul" and t:
+            for name, ty in zip(op.inputs, ins):
+                stages = NUM_STAGES if name in loaded and name in varying else 1
+                smem += stages * _numel(ty.shape, True) * DTYPE_BYTES[ty.dtype]
+        if op.op in ACCUMULATORS:
+            state += _numel(out.shape, True) * (2 if op.op == "accum_rescaled_sum" else 1)
+        live = max(live, _numel(out.shape, True) + sum(_numel(t.shape, True) for t in ins))
+    return tensor, cuda, smem, state + live
+
+
+def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
+    """The predicted cost of one kernel running `block`."""
+    blocks = math.prod(block.grid)
+    dram = 0.0
+    for bi in block.inputs:
+        size = math.prod(bi.source.shape) * DTYPE_BYTES[bi.source.dtype]
+        replication = math.prod(g for g, dim in zip(block.grid, bi.imap) if dim is None)
+        dram += size if replication == 1 or size <= L2_SHARE * device.l2_bytes else size * replication
+    dram += sum(math.prod(block.output_type(o).shape) * DTYPE_BYTES[block.tensors[o.name].dtype] for o in block.outputs)
+    tensor, cuda, smem, live = _work(block)
+    tensor, cuda = tensor * blocks, cuda * blocks
+
+    threads = block.block_size
+    registers = BASE_REGISTERS + math.ceil(live / threads)
+    limits = [device.max_blocks_per_sm, device.max_threads_per_sm // threads]
+    limits.append(device.regs_per_sm // (min(registers, device.max_regs_per_thread) * threads))
+    if smem:
+        limits.append(device.smem_per_sm // smem if smem <= device.smem_per_block else 0)
+    resident = min(limits)
+
+    per_sm = math.ceil(blocks / device.sm_count)  # blocks on the busiest SM
+    share = per_sm / blocks  # of the kernel's work
+    active = min(blocks, device.sm_count)
+    bandwidth = device.dram_bytes_per_s * DRAM_EFFICIENCY
+    sm_bandwidth = min(bandwidth / active, SM_BANDWIDTH_SHARE * bandwidth / device.sm_count)
+    tile_bytes = {
+        bi.name: math.prod(block.tensors[bi.name].shape) * DTYPE_BYTES[bi.source.dtype] for bi in block.inputs
+    }
+    loop_bytes = sum(tile_bytes[bi.name] for bi in block.inputs if bi.fmap is not None)
+    ahead = NUM_STAGES * loop_bytes if block.forloop_range > 1 else sum(tile_bytes.values())
+    in_flight = max(1, min(resident, per_sm)) * ahead
+    sm_bandwidth *= min(1.0, in_flight / (sm_bandwidth * MEMORY_LATENCY_S))
+    spill = max(1.0, registers / device.max_regs_per_thread)  # registers beyond the cap go to local memory
+    dtype = block.inputs[0].source.dtype
+    tensor_rate = device.tensor_flops[dtype] * TENSOR_EFFICIENCY / device.sm_count
+    cuda_rate = device.cuda_core_flops["float32"] / device.sm_count
+    return KernelCost(
+        blocks=blocks,
+        dram_bytes=dram,
+        tensor_flops=tensor,
+        cuda_flops=cuda,
+        smem_bytes=smem,
+        registers=registers,
+        resident_blocks=resident,
+        memory_us=dram * share / sm_bandwidth * spill * 1e6,
+        tensor_us=tensor * share / tensor_rate * spill * 1e6,
+        cuda_us=cuda * share / cuda_rate * spill * 1e6,
+    )
+
+
+def predict(graph: KernelGraph, device: DeviceSpec) -> GraphCost:
+    """The predicted cost of running `graph` as one kernel per kernel op (math.inf if a kernel cannot fit)."""
+    kernels = [kernel_cost(lower(graph, op), device) for op in graph.ops]
+    return GraphCost(kernels, len(kernels) * device.launch_overhead_us)
+
+
+@dataclass(frozen=True)
+class Floor:
+    """What no implementation beats: moving the program's inputs and outputs once, doing its FLOPs at peak."""
+
+    dram_bytes: float
+    tensor_flops: float
+    cuda_flops: float
+    memory_us: float
+    compute_us: float
+
+    @property
+    def us(self) -> float:
+        return max(self.memory_us, self.compute_us)
+
+
+def program_flops(graph: KernelGraph) -> tuple[float, float]:
+    """Tensor-core and CUDA-core FLOPs of `graph`'s ops on real (unpadded) shapes; block ops count per block
+    and iteration they run."""
+    tensor = cuda = 0.0
+    for op in graph.ops:
+        if op.block is None:
+            t, c = FLOPS[op.op]([graph.tensors[i] for i in op.inputs], graph.tensors[op.outputs[0]], False)
+            tensor, cuda = tensor + t, cuda + c
+            continue
+        b = op.block
+        blocks = math.prod(b.grid)
+        for bop in b.ops:
+            runs = b.forloop_range if not b.after_loop[bop.outputs[0]] or bop.op in ACCUMULATORS else 1
+            t, c = FLOPS[bop.op]([b.tensors[i] for i in bop.inputs], b.tensors[bop.outputs[0]], False)
+            tensor, cuda = tensor + t * runs * blocks, cuda + c * runs * blocks
+    return tensor, cuda
+
+
+def floor(graph: KernelGraph, device: DeviceSpec) -> Floor:
+    """The floor of `graph`'s program at the device's peak rates (use a spec with measured rates to compare
+    with measured times)."""
+    names = list(dict.fromkeys(graph.inputs + graph.outputs))
+    dram = sum(math.prod(graph.tensors[n].shape) * DTYPE_BYTES[graph.tensors[n].dtype] for n in names)
+    tensor, cuda = program_flops(graph)
+    dtype = graph.tensors[graph.inputs[0]].dtype
+    compute = max(tensor / device.tensor_flops[dtype], cuda / device.cuda_core_flops["float32"])
+    return Floor(dram, tensor, cuda, dram / device.dram_bytes_per_s * 1e6, compute * 1e6)

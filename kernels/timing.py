@@ -1,0 +1,196 @@
+"""On-device timing: warm-up, L2 flushed before every run, CUDA-graph replay timed with CUDA events, median.
+
+`bench` times a callable in this process. `measure` compiles, checks and times one candidate µGraph in a
+subprocess (`python -m superopt.kernels.timing JOB OUT`) under a timeout, so a compile error, crash, hang or
+wrong result costs only that candidate and is recorded against it. Each timed candidate is checked on the GPU
+against the reference program evaluated in float64 on the same inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from superopt.ir import KernelGraph
+
+# Normwise relative error ||out - ref|| / ||ref|| allowed per dtype (METHOD.md's ranges: fp16 operands with
+# fp32 accumulation land near 1e-3; bf16 between 1e-3 and 1e-2).
+TOLERANCE = {"float16": 5e-3, "bfloat16": 3e-2, "float32": 1e-4}
+INPUT_SCALE = 0.5  # keeps the unscaled exp of the attention examples inside fp16's range
+L2_FLUSH_BYTES = 256 * 1024 * 1024  # more than any current GPU's L2
+
+
+@dataclass(frozen=True)
+class Timing:
+    median_us: float
+    p20_us: float
+    p80_us: float
+    runs: int
+
+
+def bench(fn: Callable[[], Any], reps: int = 100, warmup: int = 10, cuda_graph: bool = True) -> Timing:
+    """Times `fn` on the current CUDA device: `warmup` calls, then `reps` timed runs, each after the L2 is
+    flushed (a write larger than L2), each timed with its own pair of events; under `cuda_graph`, `fn` is
+    captured once and each run is one replay, so launch gaps inside `fn` shrink as they would in a model."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if cuda_graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # capture needs a side stream; warm it up on that stream first
+            fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        run = graph.replay
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device="cuda")
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for start, end in zip(starts, ends):
+        flush.zero_()
+        start.record()
+        run()
+        end.record()
+    torch.cuda.synchronize()
+    times = sorted(s.elapsed_time(e) * 1e3 for s, e in zip(starts, ends))
+    q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return Timing(statistics.median(times), q[0], q[3], len(times))
+
+
+def reference_outputs(reference: KernelGraph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """The reference program evaluated in float64 on the inputs' device (the GPU, for timed candidates)."""
+    from superopt.interpret import TorchEval, evaluate
+
+    return evaluate(reference, [x.to(torch.float64) for x in inputs], TorchEval("float64"))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref|| in float64; infinite if anything is not finite."""
+    out = out.to(torch.float64)
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def check(graph: KernelGraph, outs: Sequence[torch.Tensor], refs: Sequence[torch.Tensor]) -> float:
+    """The worst output's error as a fraction of its dtype's tolerance (<= 1 passes)."""
+    worst = 0.0
+    for name, out, ref in zip(graph.outputs, outs, refs):
+        worst = max(worst, relative_error(out, ref) / TOLERANCE[graph.tensors[name].dtype])
+    return worst
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One candidate's outcome: status is ok, compile_error, crash, timeout or wrong."""
+
+    status: str
+    median_us: float | None = None
+    p20_us: float | None = None
+    p80_us: float | None = None
+    error_vs_tolerance: float | None = None
+    message: str = ""
+
+
+def random_device_inputs(graph: KernelGraph, seed: int, scale: float = INPUT_SCALE) -> dict[str, torch.Tensor]:
+    from superopt.interpret import random_inputs
+
+    return {name: x.cuda() for name, x in random_inputs(graph, seed=seed, scale=scale).items()}
+
+
+def _as_tuple(outs: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    return outs if isinstance(outs, tuple) else (outs,)
+
+
+def run_job(job: dict[str, Any]) -> Measurement:
+    """Compiles, checks and times one candidate in this process (the subprocess side of `measure`)."""
+    from superopt.kernels import compile
+    from superopt.serialize import from_json
+
+    candidate = from_json(job["candidate"])
+    reference = from_json(job["reference"])
+    try:
+        compiled = compile(candidate, job.get("backend", "triton"))
+        compiled(**random_device_inputs(candidate, job["seed"]))
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001 (whatever fails here is the candidate's compile error)
+        return Measurement("compile_error", message=f"{type(e).__name__}: {e}"[:2000])
+    worst = 0.0
+    # Deterministic mode makes torch.empty fill with NaN, so an output element the kernel does not write fails
+    # the check; two seeds, so the candidate computes the same function on fresh inputs.
+    torch.use_deterministic_algorithms(True)
+    try:
+        for seed in (job["seed"] + 1, job["seed"] + 2):
+            inputs = random_device_inputs(candidate, seed)
+            outs = _as_tuple(compiled(**inputs))
+            refs = reference_outputs(reference, [inputs[n] for n in reference.inputs])
+            worst = max(worst, check(candidate, outs, refs))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    if worst > 1:
+        return Measurement("wrong", error_vs_tolerance=worst, message="output differs from the reference")
+    timing = bench(lambda: compiled(**inputs), reps=job.get("reps", 100), cuda_graph=job.get("cuda_graph", True))
+    return Measurement("ok", timing.median_us, timing.p20_us, timing.p80_us, worst)
+
+
+def measure(
+    candidate: KernelGraph,
+    reference: KernelGraph,
+    timeout_s: float = 120.0,
+    seed: int = 0,
+    reps: int = 100,
+    backend: str = "triton",
+) -> Measurement:
+    """Compiles, checks against `reference` and times `candidate` in its own process; never raises for the
+    candidate's faults."""
+    from superopt.serialize import to_json
+
+    job = {
+        "candidate": to_json(candidate),
+        "reference": to_json(reference),
+        "seed": seed,
+        "reps": reps,
+        "backend": backend,
+    }
+    with tempfile.TemporaryDirectory(prefix="superopt-timing-") as tmp:
+        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "superopt.kernels.timing", str(job_path), str(out_path)],
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        except subprocess.TimeoutExpired:
+            return Measurement("timeout", message=f"no result within {timeout_s:g} s")
+        if proc.returncode != 0 or not out_path.exists():
+            return Measurement("crash", message=f"exit code {proc.returncode}: {proc.stderr[-2000:]}")
+        return Measurement(**json.loads(out_path.read_text()))
+
+
+def main(argv: Sequence[str]) -> int:
+    job_path, out_path = argv
+    try:
+        result = run_job(json.loads(Path(job_path).read_text()))
+    except Exception:  # noqa: BLE001 (a failure outside compile and check is still the candidate's crash)
+        result = Measurement("crash", message=traceback.format_exc()[-2000:])
+    Path(out_path).write_text(json.dumps(asdict(result)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

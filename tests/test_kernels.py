@@ -1,0 +1,313 @@
+"""Triton code generation, run under the Triton interpreter on CPU tensors against the reference interpreter.
+
+Shapes are small (the interpreter runs each program in numpy) but odd where padding matters: tile extents of
+3, 5 or 20 are padded to 16 or 32 and masked.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import superopt
+from superopt.kernels import compile
+from superopt.kernels.lower import lower, padded
+from superopt.kernels.timing import TOLERANCE, relative_error
+from superopt.kernels.triton_codegen import ACCUMULATE, EMIT, CodegenError, interpreting
+from superopt.ops import OPS, missing_rules
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+pytestmark = [
+    pytest.mark.skipif(
+        not interpreting() and not torch.cuda.is_available(), reason="triton was imported before superopt.kernels"
+    ),
+    # padding lanes may compute 0 / 0 or rsqrt(0); they are masked out, but numpy warns
+    pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
+]
+
+
+def _import_fused():
+    spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fused = _import_fused()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _cache_in_tmp(tmp_path_factory):
+    """Generated modules go to a temporary cache, not the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPEROPT_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+# Small dims per workload: a few blocks and loop iterations each, and extents that need padding.
+SMALL = {
+    "rmsnorm_linear_bs1": {"B": 3, "D": 256, "N": 48},
+    "rmsnorm_linear_bs8": {"B": 16, "D": 128, "N": 32},
+    "gated_mlp": {"B": 5, "D": 256, "N": 32},
+    "gqa_bs1": {"B": 2, "S": 32, "D": 8, "L": 256},
+    "gqa_bs8": {"B": 3, "S": 16, "D": 16, "L": 128},
+    "qknorm_gqa_bs1": {"B": 1, "S": 32, "D": 16, "L": 256},
+    "qknorm_gqa_bs8": {"B": 2, "S": 16, "D": 8, "L": 128},
+    "mqa_bs1": {"B": 1, "S": 64, "D": 8, "L": 256},
+    "lora": {"B": 4, "D": 256, "N": 32, "R": 4},
+    "ntrans_bs1": {"B": 3, "D": 64},
+    "ntrans_bs8": {"B": 8, "D": 32},
+}
+
+
+def assert_matches_reference(graph: superopt.KernelGraph, seed: int = 0, scale: float = 0.5) -> None:
+    """The compiled graph, run under the interpreter, against the reference interpreter in float64."""
+    inputs = superopt.random_inputs(graph, seed=seed, scale=scale)
+    got = compile(graph)(**inputs)
+    got = got if isinstance(got, tuple) else (got,)
+    want = superopt.run(graph, inputs, precision="float64")
+    for name, g, w in zip(graph.outputs, got, want):
+        ty = graph.tensors[name]
+        assert tuple(g.shape) == ty.shape and g.dtype == getattr(torch, ty.dtype)
+        error = relative_error(g, w)
+        assert error <= TOLERANCE[ty.dtype], f"{name}: relative error {error:.2e}"
+
+
+def test_every_block_op_has_a_rule():
+    assert missing_rules(EMIT | ACCUMULATE, "block") == []
+
+
+@pytest.mark.parametrize("name", sorted(fused.FUSED))
+def test_fused_graph_matches_reference(name):
+    assert_matches_reference(fused.build(name, SMALL[name]))
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_spec_matches_reference(name):
+    assert_matches_reference(superopt.load(EXAMPLES / f"{name}.yaml", dims=SMALL[name]), seed=1)
+
+
+# --- each predefined op, lowered to a block graph and generated ---------------------------------------------
+
+
+def _one_op(op: str, shapes: list[tuple[int, ...]], dtype: str = "float16", **attrs) -> superopt.KernelGraph:
+    g = superopt.Graph(f"one_{op}")
+    ins = [g.input(f"x{k}", s, dtype) for k, s in enumerate(shapes)]
+    g.output(g.op(op, *ins, **attrs))
+    return g
+
+
+UNARY = [n for n, d in OPS.items() if d.kind in ("unary", "scalar") and "kernel" in d.levels]
+
+
+@pytest.mark.parametrize("op", UNARY)
+def test_unary_op(op):
+    attrs = {"c": -1.5} if OPS[op].kind == "scalar" else {}
+    g = _one_op(op, [(3, 20)], "float32", **attrs)
+    inputs = {"x0": torch.rand(3, 20, generator=torch.Generator().manual_seed(0)) + 0.5}  # sqrt, rsqrt: positive
+    got = compile(g)(**inputs)
+    want = superopt.run(g, inputs, precision="float64")[0]
+    assert relative_error(got, want) <= TOLERANCE["float32"]
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul", "div"])
+@pytest.mark.parametrize("shapes", [[(3, 5, 20), (5, 1)], [(20,), (3, 5, 20)], [(3, 1, 20), (1, 5, 20)]])
+def test_binary_op_broadcasting(op, shapes):
+    assert_matches_reference(_one_op(op, shapes), scale=1.0)
+
+
+@pytest.mark.parametrize("op", ["sum", "max", "mean"])
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_reduce_op(op, dim, keepdim):
+    assert_matches_reference(_one_op(op, [(3, 5, 20)], "float32", dim=dim, keepdim=keepdim), scale=1.0)
+
+
+@pytest.mark.parametrize("dim", [0, 1])
+def test_concat_op(dim):
+    shapes = [(3, 20), (5, 20)] if dim == 0 else [(3, 20), (3, 7)]
+    assert_matches_reference(_one_op("concat", shapes, dim=dim), scale=1.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_rms_norm_op(dtype):
+    assert_matches_reference(_one_op("rms_norm", [(5, 40)], dtype, eps=1e-5), scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(20, 40), (40, 24)],  # every extent padded
+        [(1, 64), (64, 32)],  # M = 1: a product on CUDA cores
+        [(3, 20, 16), (16, 24)],  # batched times a matrix
+        [(1, 20, 16), (3, 16, 24)],  # a broadcast batch
+        [(3, 20, 16), (3, 16, 24)],
+    ],
+)
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_matmul_op(shapes, dtype):
+    assert_matches_reference(_one_op("matmul", shapes, dtype), scale=1.0)
+
+
+@pytest.mark.parametrize("op", sorted(n for n, d in OPS.items() if "kernel" in d.levels and n != "graph_def"))
+def test_lowered_op_computes_the_op(op):
+    """lower() alone, through the reference interpreter: the block graph it builds computes the op."""
+    d = OPS[op]
+    shapes = {"matmul": [(4, 6, 8), (8, 10)], "concat": [(4, 6), (4, 3)]}.get(op, [(4, 6, 8)] * d.arity)
+    attrs = {"reduce": {"dim": 1, "keepdim": False}, "scalar": {"c": 2.0}, "concat": {"dim": 1}}.get(d.kind, {})
+    plain = _one_op(op, shapes, "float32", **attrs)
+    block = lower(plain, plain.ops[0])
+    fused_form = superopt.Graph("lowered")
+    ins = [fused_form.input(n, plain.tensors[n].shape, "float32") for n in plain.inputs]
+    (out,) = fused_form.graph_def(block, inputs=ins)
+    fused_form.output(out)
+    inputs = superopt.random_inputs(plain, seed=3)
+    inputs = {k: v.abs() + 0.1 for k, v in inputs.items()}
+    (want,) = superopt.run(plain, inputs, precision="float64")
+    (got,) = superopt.run(fused_form, inputs, precision="float64")
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+# --- block graphs beyond the examples: the other accumulators, concatenations, dtypes ------------------------
+
+
+def test_online_softmax_attention():
+    """Flash attention as a block graph: accum_rescaled_sum with a per-iteration row max (online softmax)."""
+    g = superopt.Graph("flash")
+    q, k, v = g.input("q", (2, 32, 16)), g.input("k", (2, 16, 64)), g.input("v", (2, 64, 16))
+    b = g.block_graph(grid=(2, 2), forloop_range=4)
+    qt, kt, vt = b.input(q, (0, 1)), b.input(k, (0, None), fmap=2), b.input(v, (0, None), fmap=1)
+    s = b.matmul(qt, kt)
+    m = b.max(s, dim=2, keepdim=True)
+    e = b.exp(b.sub(s, m))
+    num = b.accum_rescaled_sum(b.matmul(e, vt), m)
+    den = b.accum_rescaled_sum(b.sum(e, dim=2, keepdim=True), m)
+    b.output(b.div(num, den), omap=(0, 1))
+    (o,) = g.graph_def(b)
+    g.output(o)
+    assert_matches_reference(g, scale=2.0)  # large logits: only the rescaling keeps exp in range
+
+
+def test_max_and_mean_accumulators():
+    g = superopt.Graph("stats")
+    x = g.input("x", (12, 40), "float32")
+    b = g.block_graph(grid=(3,), forloop_range=5)
+    xt = b.input(x, (0,), fmap=1)
+    b.output(b.add(b.accum_max(xt), b.accum_mean_last(xt)), omap=(0,))
+    b.output(b.accum_rms_last(b.mul_scalar(xt, 3.0), eps=1e-3), omap=(0,))
+    outs = g.graph_def(b)
+    for o in outs:
+        g.output(o)
+    assert_matches_reference(g, scale=1.0)
+
+
+def test_concatenations_kept_as_parts():
+    """Concat along M feeding a matmul, an elementwise op over the parts, a sum over the concatenated dim, and a
+    store of parts: none materializes the concatenation."""
+    g = superopt.Graph("parts")
+    x1, x2 = g.input("x1", (8, 32)), g.input("x2", (8, 32))
+    w = g.input("w", (32, 24))
+    b = g.block_graph(grid=(2,), forloop_range=2)
+    t1, t2 = b.input(x1, (None,), fmap=1), b.input(x2, (None,), fmap=1)
+    wt = b.input(w, (1,), fmap=0)
+    rows = b.concat(t1, t2, dim=0)  # (16, 16): two parts along M
+    prod = b.accum_sum(b.exp(b.mul_scalar(b.matmul(rows, wt), 0.1)))
+    b.output(prod, omap=(1,))
+    b.output(b.accum_sum_last(b.concat(t1, b.neg(t2), dim=1)), omap=(0,))  # a sum over the concatenated dim
+    outs = g.graph_def(b, inputs=[x1, x2, w])
+    for o in outs:
+        g.output(o)
+    assert_matches_reference(g, scale=1.0)
+
+
+def test_unsupported_concat_is_a_codegen_error():
+    """A product of operands concatenated along K at different split points has no sum-of-dots form."""
+    g = superopt.Graph("bad")
+    x, w, u = g.input("x", (16, 32)), g.input("w", (48, 16)), g.input("u", (16, 16))
+    b = g.block_graph(grid=(1,))
+    xt = b.input(x, (None,))
+    lhs = b.concat(xt, b.neg(xt), dim=1)  # K parts 32 + 32
+    rhs = b.concat(b.input(w, (None,)), b.input(u, (None,)), dim=0)  # K parts 48 + 16
+    b.output(b.accum_sum(b.matmul(lhs, rhs)), omap=(None,))
+    g.output(g.graph_def(b, inputs=[x, w, u])[0])
+    with pytest.raises(CodegenError, match="split at different points"):
+        compile(g)
+
+
+# --- the generated source and its cache -------------------------------------------------------------------------
+
+
+def test_source_is_readable_and_cached_by_block_graph():
+    g = fused.build("rmsnorm_linear_bs1", SMALL["rmsnorm_linear_bs1"])
+    first, again = compile(g), compile(g)
+    (kernel,) = first.kernels
+    src = kernel.code.source
+    assert kernel.code.name.startswith("rmsnorm_linear_bs1_o_")
+    assert f"def {kernel.code.name}(" in src and "@triton.jit" in src
+    assert "for it in range(FORLOOP):" in src and "tl.dot(" in src and "FORLOOP: tl.constexpr" in src
+    assert "BLOCK_3=16" in src  # 3 rows padded to 16, masked
+    assert again.kernels[0].module() is kernel.module()  # one module per block graph
+    other = fused.build("rmsnorm_linear_bs1", {**SMALL["rmsnorm_linear_bs1"], "N": 64})
+    assert compile(other).kernels[0].code.name != kernel.code.name
+
+
+def test_padded_extents():
+    assert [padded(n) for n in (1, 2, 15, 16, 17, 48, 64, 100)] == [1, 16, 16, 16, 32, 64, 64, 128]
+
+
+def test_inputs_by_position_or_name_and_checked():
+    g = fused.build("lora", SMALL["lora"])
+    c = compile(g)
+    inputs = superopt.random_inputs(g, seed=2)
+    by_name = c(**inputs)
+    by_position = c(*inputs.values())
+    torch.testing.assert_close(by_name, by_position, rtol=0, atol=0)
+    with pytest.raises(superopt.SuperoptError, match="input 'w' must be a float16"):
+        c(**{**inputs, "w": inputs["w"].float()})
+    with pytest.raises(superopt.SuperoptError, match="inputs missing: b"):
+        c(inputs["x"], inputs["w"], inputs["a"])
+
+
+def test_cpu_use_needs_no_setup(tmp_path):
+    """A fresh process without TRITON_INTERPRET: importing superopt.kernels turns the interpreter on."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"SUPEROPT_CACHE_DIR": str(tmp_path)}
+    code = (
+        "import superopt, torch\n"
+        "from superopt.kernels import compile\n"
+        "g = superopt.Graph('t'); x = g.input('x', (4, 32), 'float32'); g.output(g.exp(x))\n"
+        "x = torch.randn(4, 32)\n"
+        "assert torch.allclose(compile(g)(x), x.exp())\n"
+    )
+    if torch.cuda.is_available():
+        pytest.skip("with a GPU, CPU tensors run on it instead")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+
+
+def test_full_size_fused_kernels_compile_for_hopper(tmp_path):
+    """Triton's ahead-of-time compile for sm_90 (no GPU needed) of every full-size fused kernel: each fits in
+    the H100's shared memory, and the attention kernels use Hopper's warpgroup MMA."""
+    code = (
+        "import sys, importlib.util\n"
+        "from superopt.kernels import compile, get_device\n"
+        f"spec = importlib.util.spec_from_file_location('f', {str(EXAMPLES / 'fused.py')!r})\n"
+        "fused = importlib.util.module_from_spec(spec); spec.loader.exec_module(fused)\n"
+        "limit = get_device('h100').smem_per_block\n"
+        "for name in ('rmsnorm_linear_bs8', 'gated_mlp', 'lora', 'qknorm_gqa_bs8', 'mqa_bs1'):\n"
+        "    for k in compile(fused.build(name)).kernels:\n"
+        "        c = k.compile_for(90)\n"
+        "        assert c.metadata.shared <= limit, (k.code.name, c.metadata.shared)\n"
+        "        if 'numerators' in k.code.name:\n"
+        "            assert 'wgmma' in c.asm['ptx'], k.code.name\n"
+        "        print(k.code.name, c.metadata.shared)\n"
+    )
+    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("\n") == 9  # 1 + 1 + 1 + 4 + 2 kernels

@@ -1,0 +1,194 @@
+"""The device table and the cost model, against hand-derived numbers."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import superopt
+from superopt.kernels import cost
+from superopt.kernels.cost import FLOPS, floor, kernel_cost, predict
+from superopt.kernels.device import DEVICES, detect, get_device, spec_for_name
+from superopt.ops import missing_rules
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+H100 = get_device("h100")
+
+
+def _import_fused():
+    spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fused = _import_fused()
+
+
+# --- devices ---------------------------------------------------------------------------------------------------
+
+
+def test_device_table_lookups():
+    assert set(DEVICES) == {"h100", "h200", "a100", "l4", "rtx4090"}
+    assert get_device("H100") is DEVICES["h100"]
+    assert (H100.sm_count, H100.l2_bytes, H100.smem_per_block) == (132, 50 * 2**20, 227 * 1024)
+    assert H100.tensor_flops["float16"] == pytest.approx(989.4e12)
+    h200 = get_device("h200")
+    assert h200.dram_bytes_per_s > H100.dram_bytes_per_s and h200.tensor_flops == H100.tensor_flops
+    for spec in DEVICES.values():
+        assert spec.smem_per_block <= spec.smem_per_sm
+        assert spec.max_threads_per_block <= spec.max_threads_per_sm
+        assert set(spec.tensor_flops) == set(spec.cuda_core_flops) == {"float16", "bfloat16", "float32"}
+        assert all(spec.tensor_flops[d] >= spec.cuda_core_flops[d] for d in spec.tensor_flops)
+
+
+def test_unknown_device_lists_the_known():
+    with pytest.raises(
+        superopt.SuperoptError, match="unknown device 'v100' \\(known: h100, h200, a100, l4, rtx4090\\)"
+    ):
+        get_device("v100")
+
+
+@pytest.mark.parametrize(
+    "cuda_name, key",
+    [
+        ("NVIDIA H100 80GB HBM3", "h100"),
+        ("NVIDIA H100 PCIe", None),  # other SM count and bandwidth than the SXM part
+        ("NVIDIA H200", "h200"),
+        ("NVIDIA A100-SXM4-80GB", "a100"),
+        ("NVIDIA A100-SXM4-40GB", None),
+        ("NVIDIA L4", "l4"),
+        ("NVIDIA L40S", None),
+        ("NVIDIA GeForce RTX 4090", "rtx4090"),
+        ("Tesla V100-SXM2-16GB", None),
+    ],
+)
+def test_cuda_device_names(cuda_name, key):
+    assert spec_for_name(cuda_name) == (None if key is None else DEVICES[key])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without a GPU")
+def test_detect_without_gpu():
+    assert detect() is None
+
+
+# --- the cost model --------------------------------------------------------------------------------------------
+
+
+def test_every_op_has_a_flop_rule():
+    assert missing_rules(FLOPS) == ["graph_def"]
+
+
+def _matmul(m: int, k: int, n: int) -> superopt.KernelGraph:
+    g = superopt.Graph("mm")
+    g.output(g.matmul(g.input("x", (m, k)), g.input("w", (k, n))))
+    return g
+
+
+def test_plain_matmul_bytes_and_flops():
+    # 64-wide tiles: a grid of 4 column blocks, each reading all of x (64 KB, which L2 serves after the first).
+    (k,) = predict(_matmul(64, 512, 256), H100).kernels
+    assert k.blocks == 4
+    assert k.dram_bytes == 2 * (64 * 512 + 512 * 256 + 64 * 256)
+    assert k.tensor_flops == 2 * 64 * 512 * 256
+    # without L2, every column block reads x again
+    (k,) = predict(_matmul(64, 512, 256), replace(H100, l2_bytes=0)).kernels
+    assert k.dram_bytes == 2 * (4 * 64 * 512 + 512 * 256 + 64 * 256)
+
+
+def _row_sums(rows: int, cols: int, grid: int, split: bool) -> superopt.KernelGraph:
+    """Row sums of 2 * w, w (rows, cols) fp16: the grid splits w's rows, or each block reads all of w (and
+    writes its own column of a (rows, grid) output)."""
+    g = superopt.Graph("row_sums")
+    w = g.input("w", (rows, cols))
+    b = g.block_graph(grid=(grid,), forloop_range=8)
+    wt = b.input(w, (0 if split else None,), fmap=1)
+    b.output(b.accum_sum_last(b.mul_scalar(wt, 2.0)), omap=(0 if split else 1,))
+    g.output(g.graph_def(b)[0])
+    return g
+
+
+def test_replication_multiplies_bytes_beyond_l2():
+    rows, cols = 4096, 4096  # 32 MB: more than the H100's L2 share
+    w_bytes = rows * cols * 2
+    (split,) = predict(_row_sums(rows, cols, 4, split=True), H100).kernels
+    (replicated,) = predict(_row_sums(rows, cols, 4, split=False), H100).kernels
+    assert split.dram_bytes == w_bytes + rows * 2
+    assert replicated.dram_bytes == 4 * w_bytes + rows * 4 * 2
+    assert replicated.us > 3 * split.us
+
+
+def test_fused_rmsnorm_linear_beats_unfused():
+    for device in ("h100", "a100", "l4"):
+        for name in ("rmsnorm_linear_bs1", "rmsnorm_linear_bs8"):
+            spec = superopt.load(EXAMPLES / f"{name}.yaml")
+            fused_cost = predict(fused.build(name), get_device(device))
+            unfused_cost = predict(spec, get_device(device))
+            assert len(unfused_cost.kernels) == 2 and len(fused_cost.kernels) == 1
+            assert fused_cost.us < unfused_cost.us, (device, name)
+
+
+def test_wave_quantization():
+    """One block more than the SMs doubles the busiest SM's work; twice as many blocks take just as long."""
+
+    def tensor_us(rows: int) -> float:
+        g = _matmul(rows * 64, 256, 64)
+        (k,) = predict(g, H100).kernels
+        assert k.blocks == rows
+        return k.tensor_us
+
+    one_wave = tensor_us(132)
+    assert tensor_us(133) == pytest.approx(2 * one_wave)
+    assert tensor_us(264) == pytest.approx(2 * one_wave)
+
+
+def test_large_copy_runs_at_bandwidth():
+    g = superopt.Graph("copy")
+    g.output(g.mul_scalar(g.input("x", (16384, 8192)), 1.0))
+    (k,) = predict(g, H100).kernels
+    assert k.dram_bytes == 2 * 16384 * 8192 * 2
+    assert k.memory_us == pytest.approx(k.dram_bytes / (H100.dram_bytes_per_s * cost.DRAM_EFFICIENCY) * 1e6, rel=0.01)
+
+
+def test_block_that_does_not_fit_is_infeasible():
+    g = superopt.Graph("huge")
+    x, w = g.input("x", (512, 4096)), g.input("w", (4096, 512))
+    b = g.block_graph(grid=(1,), forloop_range=16)  # 512 x 256 and 256 x 512 fp16 tiles, pipelined 3 deep
+    b.output(b.accum_sum(b.matmul(b.input(x, (None,), fmap=1), b.input(w, (None,), fmap=0))), omap=(None,))
+    g.output(g.graph_def(b)[0])
+    (k,) = predict(g, H100).kernels
+    assert k.smem_bytes == cost.NUM_STAGES * 2 * (512 * 256 * 2) > H100.smem_per_block
+    assert not k.feasible and k.us == math.inf and predict(g, H100).us == math.inf
+
+
+def test_launches_add_overhead():
+    g = superopt.Graph("chain")
+    x = g.input("x", (8, 64))
+    g.output(g.exp(g.neg(x)))
+    p = predict(g, H100)
+    assert p.launch_us == 2 * H100.launch_overhead_us
+    assert p.us == pytest.approx(sum(k.us for k in p.kernels) + p.launch_us)
+
+
+def test_floor_of_a_program():
+    spec = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml")
+    f = floor(spec, H100)
+    bytes_ = 2 * (2 * 4096 + 4096 * 6144 + 2 * 6144)
+    assert f.dram_bytes == bytes_
+    assert f.memory_us == pytest.approx(bytes_ / 3.35e12 * 1e6)
+    assert f.tensor_flops == 2 * 2 * 4096 * 6144
+    assert f.us == f.memory_us > f.compute_us  # memory-bound, as ANCHORS.md says
+    # and the fused form's prediction stays above it
+    assert predict(fused.build("rmsnorm_linear_bs1"), H100).us > f.us
+
+
+def test_kernel_cost_of_a_predefined_op_is_its_lowering():
+    from superopt.kernels.lower import lower
+
+    g = _matmul(64, 512, 256)
+    assert predict(g, H100).kernels[0] == kernel_cost(lower(g, g.ops[0]), H100)

@@ -1,0 +1,113 @@
+"""On-device timing and isolation (GPU tests), the parts of it that run anywhere, and the peer benchmark's
+CPU-side pieces."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import superopt
+from superopt.kernels.timing import Measurement, bench, measure, relative_error
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+gpu = pytest.mark.gpu
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _import(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+fused = _import(EXAMPLES / "fused.py", "examples_fused")
+peers = _import(ROOT / "benchmarks" / "peers.py", "benchmarks_peers")
+
+DIMS = {"B": 2, "D": 1024, "N": 256}
+
+
+def _spec(name: str = "rmsnorm_linear_bs1") -> superopt.KernelGraph:
+    return superopt.load(EXAMPLES / f"{name}.yaml", dims=DIMS)
+
+
+def test_relative_error():
+    ref = torch.tensor([3.0, 4.0], dtype=torch.float64)
+    assert relative_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert relative_error(torch.tensor([3.0, float("nan")]), ref) == math.inf
+
+
+def test_timeout_is_recorded_against_the_candidate():
+    spec = _spec()
+    result = measure(fused.build("rmsnorm_linear_bs1", DIMS), spec, timeout_s=0.01)
+    assert result == Measurement("timeout", message="no result within 0.01 s")
+
+
+def test_eager_program_is_the_spec():
+    spec = _spec()
+    inputs = superopt.random_inputs(spec, seed=0)
+    got = peers.eager(spec)(*(inputs[n].double() for n in spec.inputs))
+    (want,) = superopt.run(spec, inputs, precision="float64")
+    torch.testing.assert_close(got, want)
+
+
+def test_peer_table_ratios():
+    ok = {"status": "ok", "median_us": 10.0}
+    row = {
+        "name": "w",
+        "floor_us": 4.0,
+        "superopt_graph": "fused",
+        "predicted_us": 6.0,
+        "results": {"eager": {"status": "ok", "median_us": 40.0}, "compile": {"status": "ok", "median_us": 20.0}}
+        | {"max-autotune": {"status": "wrong"}, "superopt": ok},
+    }
+    line = peers.table([row]).splitlines()[2]
+    assert line == "| w | 4.0 | 40.0 |  | 20.0 | wrong | 10.0 | fused | 6.0 | 2.00x | 0.40 |"
+
+
+@gpu
+@needs_gpu
+def test_bench_orders_work():
+    small = torch.empty(2**20, device="cuda")
+    large = torch.empty(2**28, device="cuda")
+    t_small = bench(lambda: small.mul_(1.0), reps=30)
+    t_large = bench(lambda: large.mul_(1.0), reps=30)
+    assert 0 < t_small.p20_us <= t_small.median_us <= t_small.p80_us
+    assert t_large.median_us > 20 * t_small.median_us  # 256x the bytes
+    # 2 GiB read and written at no more than 10 TB/s
+    assert t_large.median_us > 2 * 2**30 / 10e12 * 1e6
+
+
+@gpu
+@needs_gpu
+def test_measure_outcomes():
+    spec = _spec()
+    candidate = fused.build("rmsnorm_linear_bs1", DIMS)
+    ok = measure(candidate, spec)
+    assert ok.status == "ok" and ok.median_us > 0 and ok.error_vs_tolerance <= 1, ok
+    # a different program on the same inputs: rejected by the float64 check
+    plain = superopt.Graph("rmsnorm_linear")
+    plain.output(plain.matmul(plain.input("x", spec.tensors["x"].shape), plain.input("w", spec.tensors["w"].shape)))
+    wrong = measure(candidate, plain)
+    assert wrong.status == "wrong" and wrong.error_vs_tolerance > 1, wrong
+    # a graph the code generator cannot express: a rank-4 product
+    g = superopt.Graph("rank4")
+    g.output(g.matmul(g.input("a", (2, 2, 16, 16)), g.input("b", (2, 2, 16, 16))))
+    failed = measure(g, g)
+    assert failed.status == "compile_error" and "rank 4" in failed.message, failed
+
+
+@gpu
+@needs_gpu
+@pytest.mark.parametrize("name", sorted(fused.FUSED))
+def test_fused_examples_full_size_on_gpu(name):
+    spec = superopt.load(EXAMPLES / f"{name}.yaml")
+    result = measure(fused.build(name), spec, reps=20)
+    assert result.status == "ok", result

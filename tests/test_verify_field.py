@@ -1,0 +1,198 @@
+"""The finite-field encoding (verify/field.py), the batched block executor, and the degree analysis: each held
+to an independent reference (integer arithmetic, the literal interpreter, hand-derived values)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from graphs import INPUT_SHAPES, build
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import superopt
+from superopt.interpret import TorchEval, random_inputs
+from superopt.interpret import evaluate as literal_evaluate
+from superopt.ops import missing_rules
+from superopt.verify import batched, degree, field, smt
+from superopt.verify.field import FieldEval, P, Q
+
+
+def _is_prime(n: int) -> bool:
+    return n > 1 and all(pow(a, n - 1, n) == 1 for a in (2, 3, 5, 7, 11, 13)) and all(n % d for d in range(2, 1000))
+
+
+def test_primes_fit_int64_and_q_divides_p_minus_1():
+    assert _is_prime(P) and _is_prime(Q) and (P - 1) % Q == 0
+    assert (P - 1) ** 2 < 2**63  # a product of two residues fits
+    assert P > 2**30 and Q > 2**29  # as large as that allows, so d / P is below 2^-20 for d up to 2^10
+
+
+def test_every_op_has_a_rule_in_every_table():
+    for table in (field.FIELD, degree.DEGREE, smt.SYMBOLIC):
+        assert missing_rules(table, "block") == []
+        assert missing_rules(table, "kernel") == ["graph_def"]  # run by the executors themselves
+
+
+def test_w_has_order_q_and_exp_is_a_homomorphism():
+    ev = FieldEval(3, seed=5)
+    for t in range(3):
+        w = int(ev.w_lo[t, 1])
+        assert w != 1 and pow(w, Q, P) == 1
+    x, y = ev._residues((50,)), ev._residues((50,))
+    lhs = ev.exp(ev.add(x, y))
+    rhs = ev.mul(ev.exp(x), ev.exp(y))
+    assert torch.equal(lhs[:3], rhs[:3])  # exp(a + b) = exp(a) exp(b) in Z_P
+    assert not torch.equal(ev.exp(x)[:3], ev.exp(y)[:3])
+
+
+def test_exp_is_w_to_the_exponent():
+    ev = FieldEval(2, seed=1)
+    x = ev._residues((20,))
+    out = ev.exp(x)
+    for t in range(2):
+        w = int(ev.w_lo[t, 1])
+        assert out[t].tolist() == [pow(w, e, P) for e in x[2 + t].tolist()]
+
+
+def test_constants_are_exact_rationals():
+    ev = FieldEval(1, seed=0)
+    for value in (1e-6, 0.1, -2.5, 1 / 3):
+        num, den = value.as_integer_ratio()
+        c = ev.const(value)
+        assert int(c[0]) * den % P == num % P and int(c[1]) * den % Q == num % Q
+    assert not torch.equal(ev.const(1e-6), ev.const(1e-5))
+
+
+def test_inverse_and_zero_denominator():
+    ev = FieldEval(2, seed=3)
+    x = ev._residues((40,))
+    x = torch.where(x == 0, torch.ones_like(x), x)
+    assert bool((ev.mul(x, ev.inv(x)) == 1).all())
+    with pytest.raises(field.ZeroDenominator):
+        ev.inv(torch.zeros(4, 3, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("m,k,n", [(3, 5, 4), (2, 4096, 3), (1, 1, 1)])
+def test_matmul_is_exact_mod_p(m, k, n):
+    ev = FieldEval(1, seed=k)
+    a, b = ev._residues((m, k)), ev._residues((k, n))
+    out = ev.matmul(a, b)
+    for c, mod in enumerate((P, Q)):
+        rows, cols = a[c].tolist(), b[c].tolist()
+        want = [[sum(r[i] * cols[i][j] for i in range(k)) % mod for j in range(n)] for r in rows]
+        assert out[c].tolist() == want
+
+
+@st.composite
+def ring_programs(draw: st.DrawFn) -> dict:
+    """Recipes (tests/graphs.py) of ring ops only: on integer inputs their float64 values are exact."""
+    shapes = list(INPUT_SHAPES)
+    steps = []
+    for _ in range(draw(st.integers(1, 7))):
+        a = draw(st.sampled_from(range(len(shapes))))
+        same = [i for i, s in enumerate(shapes) if s == shapes[a]]
+        kind = draw(st.sampled_from(["binary", "unary", "scalar", "sum", "matmul", "concat"]))
+        if kind == "binary":
+            step = (draw(st.sampled_from(["add", "sub", "mul"])), (a, draw(st.sampled_from(same))), {})
+        elif kind == "unary":
+            step = (draw(st.sampled_from(["square", "neg"])), (a,), {})
+        elif kind == "scalar":
+            step = (
+                draw(st.sampled_from(["mul_scalar", "add_scalar"])),
+                (a,),
+                {"c": draw(st.sampled_from([2.0, -1.0]))},
+            )
+        elif kind == "sum" and len(shapes[a]) == 2:
+            step = ("sum", (a,), {"dim": draw(st.sampled_from([0, 1])), "keepdim": True})
+        elif kind == "matmul" and len(shapes[a]) == 2 and shapes[a][1] == 6:
+            step = ("matmul", (a, draw(st.sampled_from([i for i, s in enumerate(shapes) if s == (6, 6)]))), {})
+        elif kind == "concat" and len(shapes[a]) == 2:
+            step = ("concat", (a, draw(st.sampled_from(same))), {"dim": 0})
+        else:
+            continue
+        steps.append(step)
+        shape = list(shapes[a])
+        if step[0] == "sum":
+            shape[step[2]["dim"]] = 1
+        elif step[0] == "matmul":
+            shape[1] = 6
+        elif step[0] == "concat":
+            shape[0] *= 2
+        shapes.append(tuple(shape))
+    if not steps:
+        steps, shapes = [("neg", (0,), {})], shapes + [INPUT_SHAPES[0]]
+    outputs = draw(
+        st.lists(st.sampled_from(range(len(INPUT_SHAPES), len(shapes))), min_size=1, max_size=2, unique=True)
+    )
+    return {"steps": steps, "outputs": outputs}
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(ring_programs())
+def test_field_agrees_with_the_interpreter_on_integers(recipe):
+    """Programs of ring ops on small integer inputs: the float64 interpreter's values are exact integers, and
+    the field's values must equal them mod P and mod Q."""
+    graph = build(recipe)
+    gen = torch.Generator().manual_seed(0)
+    ints = {n: torch.randint(-3, 4, s, generator=gen).double() for n, s in zip(graph.inputs, INPUT_SHAPES)}
+    exact = superopt.run(graph, ints, "float64")
+    assume(all(float(x.abs().max()) < 2**50 for x in exact))
+    ev = FieldEval(1, seed=0)
+    for n in graph.inputs:
+        ev.inputs[n] = torch.stack([ints[n].long() % P, ints[n].long() % Q])
+    for x, y in zip(exact, field.evaluate(graph, ev)):
+        assert torch.equal(x.long() % P, y[0]) and torch.equal(x.long() % Q, y[1])
+
+
+def block_zoo() -> superopt.KernelGraph:
+    """A graph-defined op using every accumulator, a loop-invariant input, two grid axes, concat, an epilogue."""
+    g = superopt.Graph("zoo")
+    x = g.input("x", (4, 6, 8), "float32")
+    y = g.input("y", (4, 8, 6), "float32")
+    b = g.block_graph(grid=(2, 3), forloop_range=2)
+    xt = b.input(x, imap=(0, 1), fmap=2)  # (2, 2, 4) per iteration
+    yt = b.input(y, imap=(0, None), fmap=1)  # (2, 4, 6)
+    whole = b.input(x, imap=(0, 1), fmap=None)  # (2, 2, 8), the same every iteration
+    inv = b.input(y, imap=(0, None), fmap=None)  # (2, 8, 6)
+    s = b.matmul(xt, yt)
+    m = b.max(s, dim=2, keepdim=True)
+    e = b.exp(b.sub(s, m))
+    outs = [
+        b.div(b.accum_rescaled_sum(e, m), b.accum_rescaled_sum(b.sum(e, 2, keepdim=True), m)),
+        b.accum_sum(b.concat(s, s, dim=2)),
+        b.accum_max(b.square(s)),
+        b.mul(b.accum_mean_last(xt), b.accum_rms_last(xt, eps=1e-3)),
+        b.accum_sum_last(b.matmul(whole, b.silu(inv))),
+    ]
+    for o in outs:
+        b.output(o, omap=(0, 1))
+    for o in g.graph_def(b):
+        g.output(o)
+    return g
+
+
+def fused_module():
+    path = Path(__file__).resolve().parent.parent / "examples" / "fused.py"
+    spec = importlib.util.spec_from_file_location("examples_fused_for_verify", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_batched_executor_equals_the_literal_interpreter():
+    fused = fused_module()
+    graphs = [
+        block_zoo(),
+        fused.build("rmsnorm_linear_bs1", {"B": 2, "D": 512, "N": 64}),
+        fused.build("lora", {"B": 4, "D": 512, "N": 64, "R": 4}),
+        fused.build("qknorm_gqa_bs1", {"B": 2, "S": 128, "D": 4, "L": 1024}),
+    ]
+    for graph in graphs:
+        ev = TorchEval("float64")
+        inputs = random_inputs(graph, 0)
+        args = [ev.cast(inputs[n], graph.tensors[n]) for n in graph.inputs]
+        for x, y in zip(literal_evaluate(graph, args, ev), batched.evaluate(graph, args, ev)):
+            assert torch.allclose(x, y, rtol=1e-12, atol=1e-12), graph.name
