@@ -39,7 +39,7 @@ from superopt.interpret import REFERENCE
 from superopt.kernels import compile
 from superopt.kernels.cost import floor, predict
 from superopt.kernels.device import DEVICES, DeviceSpec, detect
-from superopt.kernels.timing import INPUT_SCALE, bench, check, random_device_inputs, reference_outputs
+from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -81,6 +81,13 @@ def eager(graph: superopt.KernelGraph) -> Callable[..., torch.Tensor]:
     return program
 
 
+def fresh_compile(program: Callable, **options) -> Callable:
+    """torch.compile with dynamo's caches cleared: every workload's `program` shares one code object, and past
+    dynamo's recompile limit it would silently run eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(program, dynamic=False, **options)
+
+
 def measured_device(spec: DeviceSpec) -> tuple[DeviceSpec, float, float]:
     """The spec with this GPU's measured copy bandwidth (bytes read + written) and fp16 matmul rate."""
     n = 512 * 1024 * 1024
@@ -108,7 +115,7 @@ def prepare(name: str, fused, spec_device: DeviceSpec, measured: DeviceSpec) -> 
     """Inputs, float64 reference and the row's fixed numbers: the floor at the measured rates, the cost
     model's prediction at the datasheet's (it applies its own achievable fractions)."""
     spec = superopt.load(EXAMPLES / f"{name}.yaml")
-    inputs = random_device_inputs(spec, seed=0, scale=INPUT_SCALE)
+    inputs = random_device_inputs(spec, seed=0, scale=input_scale(spec))
     args = [inputs[n] for n in spec.inputs]
     ours = fused.build(name) if name in fused.FUSED else spec
     row = {
@@ -180,7 +187,7 @@ def main() -> None:
         program = eager(w.spec)
         time_peer(w, "eager", lambda program=program: program, False, args.reps)
         time_peer(w, "eager+graph", lambda program=program: program, True, args.reps)
-        time_peer(w, "compile", lambda program=program: torch.compile(program, dynamic=False), True, args.reps)
+        time_peer(w, "compile", lambda program=program: fresh_compile(program), True, args.reps)
         time_peer(w, "superopt", lambda w=w: compile(w.ours), True, args.reps)
         workloads.append(w)
         print(f"{name}: done at {time.time() - started:.0f} s", flush=True)
@@ -191,7 +198,7 @@ def main() -> None:
         if time.time() - started > args.budget_s:
             w.row["results"]["max-autotune"] = {"status": "skipped (time budget)"}
             continue
-        autotuned = torch.compile(eager(w.spec), mode="max-autotune-no-cudagraphs", dynamic=False)
+        autotuned = fresh_compile(eager(w.spec), mode="max-autotune-no-cudagraphs")
         time_peer(w, "max-autotune", lambda autotuned=autotuned: autotuned, True, args.reps)
         print(f"{w.name} max-autotune: done at {time.time() - started:.0f} s", flush=True)
     rows = [w.row for w in workloads]

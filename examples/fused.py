@@ -28,8 +28,10 @@ SMS = 132  # streaming multiprocessors of an H100
 # rows and ATTENTION_CHUNK KV positions per iteration, and the most KV splits (a power of two) that keep the grid
 # within one wave of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
 # takes COMBINE_ROWS rows per block.
-COLS, CHUNK = 16, 128
-ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 64, 4, 16
+# The values are the fastest of benchmarks/tile_sweep.py on the H100 (benchmarks/results/sweep.md): 64 fp16
+# columns make 128-byte rows, a whole DRAM segment.
+COLS, CHUNK = 64, 256
+ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 128, 2, 16
 
 
 def pow2_tile(size: int, cap: int) -> int:
@@ -149,6 +151,20 @@ def qknorm_gqa(dims: Mapping[str, int]) -> superopt.KernelGraph:
     return g
 
 
+def ntrans(dims: Mapping[str, int]) -> superopt.KernelGraph:
+    """The whole normalized residual update in one kernel: a block per row holds its full rows of h, x and
+    alpha, so both rms_norms reduce in registers; no loop (its accum_sum is the identity)."""
+    g = superopt.Graph("ntrans")
+    h, x, alpha = (g.input(n, (dims["B"], dims["D"])) for n in ("h", "x", "alpha"))
+    b = g.block_graph(grid=(dims["B"],), forloop_range=1)
+    ht, xt, at = (b.input(t, imap=(0,)) for t in (h, x, alpha))
+    y = b.add(xt, b.mul(at, b.add(b.rms_norm(ht, eps=EPS), xt)))
+    b.output(b.accum_sum(b.rms_norm(y, eps=EPS)), omap=(0,))
+    (o,) = g.graph_def(b, outs=["o"])
+    g.output(o)
+    return g
+
+
 FUSED: dict[str, Callable[[Mapping[str, int]], superopt.KernelGraph]] = {
     "rmsnorm_linear_bs1": rmsnorm_linear,
     "rmsnorm_linear_bs8": rmsnorm_linear,
@@ -159,6 +175,8 @@ FUSED: dict[str, Callable[[Mapping[str, int]], superopt.KernelGraph]] = {
     "qknorm_gqa_bs1": qknorm_gqa,
     "qknorm_gqa_bs8": qknorm_gqa,
     "mqa_bs1": gqa,
+    "ntrans_bs1": ntrans,
+    "ntrans_bs8": ntrans,
 }
 
 

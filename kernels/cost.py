@@ -36,6 +36,8 @@ SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM band
 MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
 L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
 NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
+DRAM_SEGMENT = 128  # bytes: a tile row narrower than this wastes part of every DRAM burst it touches
+ITERATION_US = 0.3  # a loop iteration's dependent chain per matmul in it (H100: ~0.3 us in the split-KV loop)
 BASE_REGISTERS = 32  # per thread: indices, pointers, loop state
 FLOPS_PER_INSTRUCTION = 2  # CUDA-core FLOP/s count an FMA as 2
 
@@ -110,6 +112,7 @@ class KernelCost:
     memory_us: float
     tensor_us: float
     cuda_us: float
+    latency_us: float  # the busiest SM's loop iterations, each a dependent chain
 
     @property
     def feasible(self) -> bool:
@@ -117,7 +120,7 @@ class KernelCost:
 
     @property
     def us(self) -> float:
-        return max(self.memory_us, self.tensor_us, self.cuda_us) if self.feasible else math.inf
+        return max(self.memory_us, self.tensor_us, self.cuda_us, self.latency_us) if self.feasible else math.inf
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,7 @@ def _work(block: BlockGraph) -> tuple[float, float, int, int]:
     varying = {bi.name for bi in block.inputs if bi.fmap is not None}
     loaded = {bi.name for bi in block.inputs}
     state = live = 0
+    staged: set[str] = set()
     for op in block.ops:
         ins = [block.tensors[i] for i in op.inputs]
         out = block.tensors[op.outputs[0]]
@@ -153,12 +157,24 @@ def _work(block: BlockGraph) -> tuple[float, float, int, int]:
         tensor, cuda = tensor + t * runs, cuda + c * runs
         if op.op == "matmul" and t:
             for name, ty in zip(op.inputs, ins):
+                if name in staged:
+                    continue
+                staged.add(name)
                 stages = NUM_STAGES if name in loaded and name in varying else 1
                 smem += stages * _numel(ty.shape, True) * DTYPE_BYTES[ty.dtype]
         if op.op in ACCUMULATORS:
             state += _numel(out.shape, True) * (2 if op.op == "accum_rescaled_sum" else 1)
         live = max(live, _numel(out.shape, True) + sum(_numel(t.shape, True) for t in ins))
     return tensor, cuda, smem, state + live
+
+
+def _burst_waste(tile: tuple[int, ...], source: TensorType) -> float:
+    """How many bytes a tile's loads cost per useful byte: rows narrower than a DRAM segment waste the rest
+    of it (measured on the H100: 32-byte rows run at about half the bandwidth of 128-byte rows)."""
+    if tile[-1] == source.shape[-1]:
+        return 1.0  # whole rows: consecutive rows are contiguous
+    row = tile[-1] * DTYPE_BYTES[source.dtype]
+    return math.sqrt(DRAM_SEGMENT / row) if row < DRAM_SEGMENT else 1.0
 
 
 def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
@@ -168,9 +184,11 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     for bi in block.inputs:
         size = math.prod(bi.source.shape) * DTYPE_BYTES[bi.source.dtype]
         replication = math.prod(g for g, dim in zip(block.grid, bi.imap) if dim is None)
-        dram += size if replication == 1 or size <= L2_SHARE * device.l2_bytes else size * replication
+        size = size if replication == 1 or size <= L2_SHARE * device.l2_bytes else size * replication
+        dram += size * _burst_waste(block.tensors[bi.name].shape, bi.source)
     dram += sum(math.prod(block.output_type(o).shape) * DTYPE_BYTES[block.tensors[o.name].dtype] for o in block.outputs)
     tensor, cuda, smem, live = _work(block)
+    matmuls = sum(op.op == "matmul" for op in block.ops if not block.after_loop[op.outputs[0]])
     tensor, cuda = tensor * blocks, cuda * blocks
 
     threads = block.block_size
@@ -208,6 +226,7 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
         memory_us=dram * share / sm_bandwidth * spill * 1e6,
         tensor_us=tensor * share / tensor_rate * spill * 1e6,
         cuda_us=cuda * share / cuda_rate * spill * 1e6,
+        latency_us=math.ceil(per_sm / max(1, resident)) * block.forloop_range * ITERATION_US * max(1, matmuls),
     )
 
 

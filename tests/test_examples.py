@@ -44,15 +44,15 @@ SHAPES = {
 # Shrunk dims: each fused kernel still has several blocks and loop iterations, and each case runs in well under
 # a second under the reference interpreter.
 SMALL = {
-    "rmsnorm_linear_bs1": {"B": 2, "D": 256, "N": 32},
-    "rmsnorm_linear_bs8": {"B": 5, "D": 512, "N": 48},
-    "gated_mlp": {"B": 4, "D": 256, "N": 32},
+    "rmsnorm_linear_bs1": {"B": 2, "D": 512, "N": 128},
+    "rmsnorm_linear_bs8": {"B": 5, "D": 1024, "N": 192},
+    "gated_mlp": {"B": 4, "D": 512, "N": 128},
     "gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
     "gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
     "qknorm_gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
     "qknorm_gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
     "mqa_bs1": {"B": 1, "S": 128, "D": 8, "L": 512},
-    "lora": {"B": 4, "D": 256, "N": 32, "R": 4},
+    "lora": {"B": 4, "D": 512, "N": 128, "R": 4},
     "ntrans_bs1": {"B": 3, "D": 64},
     "ntrans_bs8": {"B": 6, "D": 32},
 }
@@ -125,7 +125,7 @@ def test_spec_computes_the_torch_program(name):
 
 
 def test_fused_forms_cover_the_fusable_examples():
-    assert sorted(fused.FUSED) == sorted(n for n in SHAPES if not n.startswith("ntrans"))
+    assert sorted(fused.FUSED) == sorted(SHAPES)
 
 
 @pytest.mark.parametrize("name", sorted(fused.FUSED))
@@ -134,7 +134,8 @@ def test_fused_equals_spec(name):
     graph = fused.build(name, SMALL[name])
     assert _signature(graph) == _signature(spec)
     blocks = [op.block for op in graph.ops if op.block is not None]
-    assert blocks and all(math.prod(b.grid) > 1 and b.forloop_range > 1 for b in blocks), "a degenerate tiling"
+    assert blocks and all(math.prod(b.grid) > 1 for b in blocks), "a degenerate tiling"
+    assert any(b.forloop_range > 1 for b in blocks) or name.startswith("ntrans"), "no loop to check"
     for seed in (0, 1):
         (got,), (want,) = _run(graph, seed), _run(spec, seed)
         _assert_close(got, want)
@@ -155,9 +156,9 @@ def test_committed_json_is_the_builders_graph(name):
 
 def test_tile_rule():
     assert [fused.pow2_tile(n, 16) for n in (6144, 48, 12, 7, 1)] == [16, 16, 4, 1, 1]
-    # One wave of at most 132 blocks, at least 4 loop iterations per block.
+    # One wave of at most 132 blocks, at least MIN_ITERS = 2 loop iterations per block.
     assert fused.kv_splits(8, 64) == 16
     assert fused.kv_splits(64, 64) == 2
     assert fused.kv_splits(16, 64) == 8
-    assert fused.kv_splits(4, 8) == 2
+    assert fused.kv_splits(4, 8) == 4
     assert fused.kv_splits(200, 64) == 1
