@@ -30,7 +30,7 @@ SMS = 132  # streaming multiprocessors of an H100
 # takes COMBINE_ROWS rows per block.
 # The values are the fastest of benchmarks/tile_sweep.py on the H100 (benchmarks/results/sweep.md): 64 fp16
 # columns make 128-byte rows, a whole DRAM segment.
-COLS, CHUNK = 64, 256
+COLS, CHUNK, BLOCK_SIZE = 64, 256, 128
 ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 128, 2, 16
 
 
@@ -53,7 +53,9 @@ def kv_splits(row_blocks: int, chunks: int) -> int:
 def _column_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
     """A block graph over the N output columns that loops over the D reduction dim."""
     return g.block_graph(
-        grid=(dims["N"] // pow2_tile(dims["N"], COLS),), forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK)
+        grid=(dims["N"] // pow2_tile(dims["N"], COLS),),
+        forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK),
+        block_size=BLOCK_SIZE,
     )
 
 

@@ -118,6 +118,9 @@ class Emitter:
     used: set[str] = field(default_factory=set)
     aranges: dict[int, str] = field(default_factory=dict)
     params: dict[str, tuple[str, list[str]]] = field(default_factory=dict)  # input tile -> (pointer, strides)
+    # A loaded tile's float32 variable -> (the load in the input's dtype, that dtype): tl.dot takes the load
+    # itself, so Triton's pipeliner sees load -> dot and stages it through shared memory asynchronously.
+    native: dict[str, tuple[str, str]] = field(default_factory=dict)
     region: str = "pre"
 
     def fresh(self, base: str) -> str:
@@ -317,7 +320,9 @@ def _map_tiles(x: Value, fn: Callable[[Tile], Tile]) -> Value:
 def _dot_operand(em: Emitter, x: Tile, k_dim: int, dtype: str, batch: tuple[int, ...]) -> str:
     """An operand of tl.dot: padding of K zeroed, in the graph's dtype, lifted to the batch shape."""
     expr = em.masked(x, k_dim, "0.0", needed=not x.zero_pads)
-    if dtype != "float32":
+    if em.native.get(expr, (None, None))[1] == dtype:
+        expr = em.native[expr][0]
+    elif dtype != "float32":
         expr = f"{_atom(expr)}.to({TL_DTYPES[dtype]})"
     if batch and (len(x.shape) == 2 or x.shape[0] != batch[0]):
         full = ", ".join(str(padded(s)) for s in batch + x.shape[-2:])
@@ -520,7 +525,10 @@ def _load(em: Emitter, bi: BlockInput, it: str, pids: list[str]) -> Tile:
     masking = f", mask={mask}, other=0.0" if mask else ""
     region = "loop" if bi.fmap is not None else "pre"
     var = em.fresh(bi.name)
-    getattr(em, region).append(f"{var} = tl.load({ptrs}{masking}).to(tl.float32)")
+    raw = em.fresh(f"{var}_{bi.source.dtype}")
+    getattr(em, region).append(f"{raw} = tl.load({ptrs}{masking})")
+    getattr(em, region).append(f"{var} = {raw}.to(tl.float32)")
+    em.native[var] = (raw, bi.source.dtype)
     return Tile(var, tile, True)
 
 
