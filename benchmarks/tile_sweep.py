@@ -29,7 +29,7 @@ from superopt.kernels.device import DEVICES, detect
 from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
 
 ROOT = Path(__file__).resolve().parent.parent
-GEMV = {"COLS": (16, 32, 64, 128), "CHUNK": (64, 128, 256), "BLOCK_SIZE": (128, 256)}
+GEMV = {"COLS": (16, 32, 64, 128), "CHUNK": (64, 128, 256)}
 ATTENTION = {"ROWS": (16, 64, 128), "ATTENTION_CHUNK": (32, 64, 128), "MIN_ITERS": (1, 4), "COMBINE_ROWS": (16,)}
 KNOBS = {
     "rmsnorm_linear_bs1": GEMV,
