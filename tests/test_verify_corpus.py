@@ -52,6 +52,7 @@ FUSED_DIMS = {
     "lora": {"B": 2, "D": 16, "N": 8, "R": 2},
     "gqa_bs1": {"B": 2, "S": 4, "D": 2, "L": 16},
     "qknorm_gqa_bs1": {"B": 2, "S": 4, "D": 2, "L": 16},
+    "ntrans_bs1": {"B": 2, "D": 8},
 }
 SMALL_TILES = {"COLS": 2, "CHUNK": 4, "ROWS": 2, "ATTENTION_CHUNK": 2, "MIN_ITERS": 2, "COMBINE_ROWS": 1}
 
@@ -274,7 +275,8 @@ TALLY: dict[str, dict[str, int]] = {}
 def test_mutants_not_equivalent_are_rejected(source):
     original = SOURCES[source]
     seen: set[str] = {graph_hash(original)}
-    tally = TALLY.setdefault(source, dict.fromkeys(["mutants", "different", "accepted", "undecided", "field only"], 0))
+    kinds = ["mutants", "different", "accepted", "undecided", "field only", "shrunk"]
+    tally = TALLY.setdefault(source, dict.fromkeys(kinds, 0))
 
     @settings(
         max_examples=MUTANTS * 3,
@@ -293,6 +295,7 @@ def test_mutants_not_equivalent_are_rejected(source):
         seen.add(graph_hash(graph))
         tally["mutants"] += 1
         result = verify(original, graph, tests=2, seed=len(seen), prove=False)
+        tally["shrunk"] += bool(result.shrunk)
         if clearly_different(original, graph):
             tally["different"] += 1
             assert result.equivalent is not True, f"false accept: {mutations}\n{result}"
@@ -305,3 +308,4 @@ def test_mutants_not_equivalent_are_rejected(source):
     check()
     assert tally["mutants"] >= min(MUTANTS, 10), tally
     assert tally["different"] > tally["mutants"] // 3, tally
+    assert tally["shrunk"] > tally["mutants"] // 4, tally  # the shrink (verify/shrink.py) is exercised too

@@ -10,9 +10,9 @@ from test_verify_field import fused_module
 
 import superopt
 from superopt.verify import float_gate, smt
-from superopt.verify.check import false_accept_bound
+from superopt.verify.check import false_accept_bound, per_test_bound
 from superopt.verify.degree import analyze
-from superopt.verify.field import P
+from superopt.verify.field import P, Q
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -114,6 +114,28 @@ def test_bound_of_a_polynomial_pair_is_schwartz_zippel():
     right = analyze(graph("r", shapes, lambda g, a, b, c: g.matmul(a, g.matmul(b, c))))
     assert false_accept_bound(left, right) == pytest.approx(3 / P)
     assert left.exp_arg == left.opaque_arg == 0 and not left.nested_exp
+
+
+def test_rms_norm_under_a_sum_counts_its_root_inverted():
+    """softmax(s) @ rms_norm(v) (qknorm attention): with the root R_l as the variable, the sum over l has a
+    common denominator of degree 2L; with t_l = 1 / R_l the output stays (3, 1), and the bound takes that."""
+
+    def body(g, s, v):
+        e = g.exp(s)
+        return g.matmul(g.div(e, g.sum(e, 1, keepdim=True)), g.rms_norm(v, eps=1e-6))
+
+    g = graph("qknorm", {"s": (3, 50), "v": (50, 4)}, body)
+    (plain,) = analyze(g).outputs
+    (inverted,) = analyze(g, inverse_roots=True).outputs
+    assert (plain.num, plain.den) == (100, 100) and (inverted.num, inverted.den) == (3, 1)
+    exponent = 2 * analyze(g).exp_arg / Q
+    assert per_test_bound(g, g) == pytest.approx((3 + 1) / Q + 2 * analyze(g).opaque_arg / P + exponent)
+
+
+def test_exp_atoms_are_counted_over_q():
+    """exp atoms take the Q values of w's powers: exp(x) against itself is 1 / Q, plus an exponent pair 2 / Q."""
+    g = graph("e", {"x": (2, 3)}, lambda g, x: g.exp(x))
+    assert per_test_bound(g, g) == pytest.approx(3 / Q)
 
 
 def test_nested_exp_is_detected():

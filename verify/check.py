@@ -1,10 +1,13 @@
 """verify(a, b): are two programs or µGraphs with the same inputs and outputs equivalent?
 
-Finite-field tests decide first (field.py). If they all agree, the graphs are equivalent with the reported
-false-accept bound ("tested"), upgraded to "proved" when z3 can show it on graphs small enough to expand
-(smt.py). If a test disagrees and both graphs lie in the fragment the field encodes exactly, they are not
-equivalent. Outside it (sqrt, max, gelu, ... or a nested exp) a field mismatch may come from the encoding, so
-float64 decides: a clear difference is a counterexample; otherwise the verdict is undecided ("numeric only").
+The pair is first shrunk along its batch dims (shrink.py): slices that both graphs compute alike and
+independently are checked once, which decides the full pair. Finite-field tests on the shrunk pair decide first
+(field.py). If they all agree, the graphs are equivalent with the reported false-accept bound ("tested"),
+upgraded to "proved" when z3 can show it on shrunk graphs small enough to expand (smt.py). If a test disagrees
+and both graphs lie in the fragment the field encodes exactly, they are not equivalent. Outside it (sqrt, max,
+gelu, ... or a nested exp) a field mismatch may come from the encoding, so float64 decides, on the full graphs
+so that a counterexample reproduces on them: a clear difference is one; otherwise the verdict is undecided
+("numeric only").
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.verify import field, numeric, smt
 from superopt.verify.degree import EXP_FAMILY, Analysis, analyze
+from superopt.verify.shrink import shrink
 
 DRAWS = 8  # redraws after a zero denominator before giving up
-SMT_SIZE = 5000  # proofs are tried on graphs expanding to at most this many scalar operations
+SMT_SIZE = 2000  # proofs are tried on graphs expanding to at most this many scalar operations (z3: ~0.2 ms each)
 
 
 class SignatureMismatch(SuperoptError):
@@ -62,6 +66,7 @@ class VerifyResult:
     reason: str = ""
     seed: int = 0
     seconds: float = 0.0
+    shrunk: tuple[str, ...] = ()  # the batches the pair was shrunk along (shrink.py)
 
     def __str__(self) -> str:
         verdict = {True: "equivalent", False: "not equivalent", None: "undecided"}[self.equivalent]
@@ -73,6 +78,8 @@ class VerifyResult:
         else:
             how = "numeric only"
         lines = [f"{verdict} ({how}; seed {self.seed}, {self.seconds:.2f} s)"]
+        if self.shrunk:
+            lines.append(f"checked on one chunk of independent slices: {'; '.join(self.shrunk)}")
         if self.counterexample is not None:
             lines.append(str(self.counterexample))
         if self.reason:
@@ -98,12 +105,19 @@ def check_signature(a: KernelGraph, b: KernelGraph) -> None:
 
 
 def false_accept_bound(a: Analysis, b: Analysis) -> float:
-    """One test's false-accept bound (field.py): the degree of N_a D_b - N_b D_a over P, plus one collision of
-    opaque arguments over P and of exponents over Q."""
+    """One test's false-accept bound (field.py): the degree of N_a D_b - N_b D_a over the size of the smallest
+    set a variable is drawn from (inputs: P residues, opaque atoms: P - 1, exp atoms: the Q powers of w), plus
+    one collision of opaque arguments over P and of exponents over Q."""
     output = max((max(x.num + y.den, y.num + x.den) for x, y in zip(a.outputs, b.outputs)), default=0)
     opaque = 2 * max(a.opaque_arg, b.opaque_arg)
     exponent = 2 * max(a.exp_arg, b.exp_arg)
-    return min(1.0, (output + opaque) / field.P + exponent / field.Q)
+    values = field.Q if (a.ops | b.ops) & EXP_FAMILY else field.P - 1
+    return min(1.0, output / values + opaque / field.P + exponent / field.Q)
+
+
+def per_test_bound(a: KernelGraph, b: KernelGraph) -> float:
+    """The smaller of the two bounds that count square roots as atoms or as inverse atoms (degree.py)."""
+    return min(false_accept_bound(analyze(a, flip), analyze(b, flip)) for flip in (False, True))
 
 
 def _expansion(graph: KernelGraph) -> int:
@@ -146,19 +160,19 @@ def verify(
     start = time.perf_counter()
     check_signature(a, b)
     seed = secrets.randbits(62) if seed is None else seed
-    analyses = analyze(a), analyze(b)
-    per_test = false_accept_bound(*analyses)
+    small_a, small_b, shrunk = shrink(a, b)
+    analyses = analyze(small_a), analyze(small_b)
+    per_test = per_test_bound(small_a, small_b)
     needs = Analysis(ops=analyses[0].ops | analyses[1].ops, nested_exp=any(x.nested_exp for x in analyses))
 
     def result(equivalent: bool | None, method: str, **kw: object) -> VerifyResult:
         bound = per_test**tests if method == "tested" else 0.0 if method == "proved" else 1.0
-        return VerifyResult(
-            equivalent, method, tests, bound, per_test, seed=seed, seconds=time.perf_counter() - start, **kw
-        )
+        seconds = time.perf_counter() - start
+        return VerifyResult(equivalent, method, tests, bound, per_test, seed=seed, seconds=seconds, shrunk=shrunk, **kw)
 
     for draw in range(DRAWS):
         try:
-            mismatch = _field_mismatch(a, b, tests, seed + draw, needs)
+            mismatch = _field_mismatch(small_a, small_b, tests, seed + draw, needs)
             break
         except field.ZeroDenominator:
             continue
@@ -167,9 +181,9 @@ def verify(
     field_seed = seed + draw
 
     if mismatch is None:
-        if prove and max(_expansion(a), _expansion(b)) <= SMT_SIZE:
+        if prove and max(_expansion(small_a), _expansion(small_b)) <= SMT_SIZE:
             try:
-                if smt.prove(a, b):
+                if smt.prove(small_a, small_b):
                     return result(True, "proved")
             except smt.Unprovable:
                 pass

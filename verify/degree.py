@@ -6,6 +6,11 @@ variable (see field.py). A sum of K elements adds fractions: when their denomina
 dim (a row normalizer broadcast along the row, say) the common denominator is kept, else the degrees grow K-fold.
 `vary`/`den_vary` record the dims along which an element's value / denominator may change, `loop`/`den_loop`
 the same across loop iterations inside a block graph. The walk is static: no tensor is computed.
+
+A square root's atom may be counted either way round: as the variable R = R_sqrt(v), or as t = 1 / R (uniform
+on the nonzero residues when R is; field.py). The choice is one change of variables for both graphs, so either
+gives a valid bound; `inverse_roots` takes t, which keeps x / sqrt(v_l) a polynomial. That matters in a sum over
+l: with R, p_l v_l / R_l summed over l = 1..L has a common denominator of degree L (rms_norm on V in attention).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class Analysis:
     opaque_arg: int = 0
     ops: set[str] = field(default_factory=set)
     nested_exp: bool = False
+    inverse_roots: bool = False
 
 
 @dataclass
@@ -101,6 +107,12 @@ def _inverse(d: Deg) -> Deg:
     return Deg(d.den, d.num, d.vary, d.vary, d.loop, d.loop, d.exp)
 
 
+def _root(ctx: _Ctx, x: Deg, **_: object) -> Deg:
+    """sqrt(x): the atom R, or 1 / t for the atom t = 1 / R."""
+    r = _atom("opaque")(ctx, x)
+    return _inverse(r) if ctx.analysis.inverse_roots else r
+
+
 def _sigmoid(ctx: _Ctx, x: Deg) -> Deg:
     return _inverse(_atom("exp")(ctx, x))  # 1 / (1 + exp(-x))
 
@@ -129,7 +141,7 @@ def _max(ctx: _Ctx, x: Deg, dim: int, keepdim: bool) -> Deg:
 def _rms_norm(ctx: _Ctx, x: Deg, eps: float) -> Deg:
     last = len(ctx.out.shape) - 1
     square = _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, x)
-    root = _atom("opaque")(ctx, _reduced(square, last, ctx.out.shape[last], True, True))
+    root = _root(ctx, _reduced(square, last, ctx.out.shape[last], True, True))
     return _binary("div")(replace(ctx, ins=[ctx.out, ctx.out]), x, root)
 
 
@@ -137,7 +149,7 @@ def _matmul(ctx: _Ctx, a: Deg, b: Deg) -> Deg:
     ra, rb, rank = len(ctx.ins[0].shape), len(ctx.ins[1].shape), len(ctx.out.shape)
     k = ctx.ins[0].shape[-1]
     num, den = a.num + b.num, a.den + b.den
-    if den and (ra - 1 in a.den_vary or rb - 2 in b.den_vary):
+    if (a.den and ra - 1 in a.den_vary) or (b.den and rb - 2 in b.den_vary):  # a common denominator of k terms
         num, den = num + (k - 1) * den, k * den
 
     def place(dims: frozenset[int], r: int, inner: int, outer: int, to: int) -> frozenset[int]:
@@ -179,7 +191,7 @@ def _accum(ctx: _Ctx, x: Deg, last: bool = False) -> Deg:
 
 
 def _rms_last(ctx: _Ctx, x: Deg, eps: float) -> Deg:
-    return _atom("opaque")(ctx, _accum(ctx, _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, x), last=True))
+    return _root(ctx, _accum(ctx, _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, x), last=True))
 
 
 def _rescaled_sum(ctx: _Ctx, x: Deg, m: Deg) -> Deg:
@@ -216,8 +228,8 @@ DEGREE: dict[str, Callable[..., Deg]] = {
     "gelu": _atom("opaque"),
     "relu": _atom("opaque"),
     "sigmoid": _sigmoid,
-    "sqrt": _atom("opaque"),
-    "rsqrt": lambda ctx, x: _inverse(_atom("opaque")(ctx, x)),
+    "sqrt": _root,
+    "rsqrt": lambda ctx, x: _inverse(_root(ctx, x)),
     "square": _square,
     "neg": _same,
     "mul_scalar": _same,
@@ -265,8 +277,8 @@ def _walk_block(
         )
 
 
-def analyze(graph: KernelGraph) -> Analysis:
-    analysis = Analysis()
+def analyze(graph: KernelGraph, inverse_roots: bool = False) -> Analysis:
+    analysis = Analysis(inverse_roots=inverse_roots)
     env = {n: Deg(1, 0, _varying(graph.tensors[n])) for n in graph.inputs}
     _walk(graph, env, analysis)
     analysis.outputs = [env[o] for o in graph.outputs]

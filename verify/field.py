@@ -19,10 +19,12 @@ and the Z_Q image of exp(t) (needed only when exp is nested) is another such fun
 real functions differ in A, and a random image separates them with high probability:
   - exp-free and opaque-free graphs: Schwartz-Zippel on N1 D2 - N2 D1 gives P[false accept] <= D / P per test,
     D the degree bound computed in `degree.py`.
-  - opaque results and exp atoms are treated as fresh variables; that holds unless two formally distinct
-    arguments collide, which adds D_arg / P (opaque) and D_arg / Q (exponents) for one pair. This part is a
-    heuristic bound, not a theorem: no union bound over all pairs is taken (it would be vacuous for a
-    softmax over thousands of positions); Li and Wu (2025) conjecture that it holds, and Mirage relies on it.
+  - opaque results and exp atoms are treated as fresh variables, drawn from the P - 1 nonzero residues
+    (opaque) and the Q powers of w (exp), so D / Q replaces D / P where exp occurs; that holds unless two
+    formally distinct arguments collide, which adds D_arg / P (opaque) and D_arg / Q (exponents) for one
+    pair. This part is a heuristic bound, not a theorem: no union bound over all pairs is taken (it would be
+    vacuous for a softmax over thousands of positions); Li and Wu (2025) conjecture that it holds, and Mirage
+    relies on it.
 Tests are independent, so T tests give bound^T.
 
 Completeness (an equivalent rewrite is not rejected) holds where the encoding is itself a model of the real
@@ -55,7 +57,7 @@ from superopt.verify import batched
 
 P = 2147483579  # prime < 2^31: a product of two residues fits in int64
 Q = 1073741789  # prime, P = 2Q + 1
-HALF = 15  # exponents (< 2^30) index two tables of w^i and w^(i * 2^15)
+DIGIT = 10  # exponents (< 2^30) are read as three 10-bit digits, each indexing a table of powers of w
 
 # Ops encoded exactly: the field image of every real identity they satisfy holds. Any other op (and exp nested
 # inside an exponent, see degree.py) makes a mismatch inconclusive.
@@ -90,8 +92,8 @@ class FieldEval:
         self.keys = {name: self._residues((3,)) for name in OPAQUE}
         # w_t = g^2 for g in [2, P - 2] has order Q: the squares form the subgroup of order Q, and g^2 != 1.
         w = torch.randint(2, P - 1, (tests,), generator=self.gen) ** 2 % P
-        self.w_lo = _powers(w)
-        self.w_hi = _powers(torch.tensor([pow(int(x), 1 << HALF, P) for x in w]))
+        self.w = w
+        self.tables = [_powers(torch.tensor([pow(int(x), 1 << (DIGIT * k), P) for x in w])) for k in range(3)]
 
     def _residues(self, shape: tuple[int, ...]) -> torch.Tensor:
         x = torch.empty((len(self.mod),) + tuple(shape), dtype=torch.int64)
@@ -131,15 +133,15 @@ class FieldEval:
 
     def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = _align(a, b)
-        return (a + b) % self.m(a)
+        return (a + b).remainder_(self.m(a))
 
     def sub(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = _align(a, b)
-        return (a - b) % self.m(a)
+        return (a - b).remainder_(self.m(a))
 
     def mul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         a, b = _align(a, b)
-        return a * b % self.m(a)
+        return (a * b).remainder_(self.m(a))
 
     def inv(self, x: torch.Tensor) -> torch.Tensor:
         """x^-1 = x^(m - 2) per component; raises ZeroDenominator if any component is 0."""
@@ -167,26 +169,23 @@ class FieldEval:
         return self.mul(out, self.scalar(out, Fraction(1, x.shape[dim + 1])))
 
     def matmul(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Exact (a @ b) mod m through float64 matmuls: the smaller operand is cut into signed L-bit digits
-        (|digit| <= 2^(L-1)), the larger is used whole (< 2^31), with K * 2^31 * 2^(L-1) <= 2^53 so that every
-        float64 sum is an exact integer."""
+        """Exact (a @ b) mod m through float64 matmuls: the smaller operand is cut into L-bit digits, the larger
+        is used whole (< 2^31), with K * 2^L * 2^31 <= 2^53 so that every float64 sum is an exact integer; the
+        digits' products are combined by Horner's rule in int64 (< 2^31 * 2^L + 2^53 < 2^63)."""
         a, b = _align(a, b)
         k = a.shape[-1]
-        limb = 23 - max(k - 1, 1).bit_length()
+        limb = 22 - max(k - 1, 1).bit_length()
         if limb < 2:
             raise ValueError(f"matmul inner dim {k} is too long for exact float64 limbs")
         cut_a = a.numel() <= b.numel()
-        whole, rest = (b.double(), a) if cut_a else (a.double(), b)
-        mod = self.m(whole)
+        small, whole = (a, b) if cut_a else (b, a)
+        mod, whole = self.m(whole), whole.double()
         out = None
-        shift = 0
-        while out is None or bool((rest != 0).any()):
-            digit = (rest + (1 << (limb - 1))) % (1 << limb) - (1 << (limb - 1))
-            rest = (rest - digit) >> limb
-            prod = _matmul(digit.double(), whole) if cut_a else _matmul(whole, digit.double())
-            prod = prod.long() % mod * ((1 << shift) % mod) % mod
-            out = prod if out is None else (out + prod) % mod
-            shift += limb
+        for shift in reversed(range(0, 31, limb)):
+            digit = ((small >> shift) & ((1 << limb) - 1)).double()
+            part = (_matmul(digit, whole) if cut_a else _matmul(whole, digit)).long()
+            out = part if out is None else out.mul_(1 << limb).add_(part)
+            out.remainder_(mod)
         return out
 
     # --- opaque functions and exp --------------------------------------------------------------------------
@@ -211,7 +210,11 @@ class FieldEval:
         if x.shape[0] == t:
             raise ValueError("FieldEval(exponents=False) cannot evaluate exp")
         e = x[t:].reshape(t, -1)  # each test's exponent: its Z_Q component
-        p_part = (self.w_lo.gather(1, e & ((1 << HALF) - 1)) * self.w_hi.gather(1, e >> HALF) % P).reshape(x[t:].shape)
+        p_part = None
+        for k, table in enumerate(self.tables):
+            power = table.gather(1, (e >> (DIGIT * k)) & ((1 << DIGIT) - 1))
+            p_part = power if p_part is None else p_part.mul_(power).remainder_(P)
+        p_part = p_part.reshape(x[t:].shape)
         return torch.cat([p_part, self.opaque(x, "exp.q")[t:]]) if self.nested else p_part
 
     def sqrt(self, x: torch.Tensor) -> torch.Tensor:
@@ -265,10 +268,10 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _powers(base: torch.Tensor) -> torch.Tensor:
-    """base[t]^i mod P for i < 2^HALF, shape (T, 2^HALF), by doubling."""
+    """base[t]^i mod P for i < 2^DIGIT, shape (T, 2^DIGIT), by doubling."""
     table = torch.ones(base.shape[0], 1, dtype=torch.int64)
     step = base.clone()
-    while table.shape[1] < 1 << HALF:
+    while table.shape[1] < 1 << DIGIT:
         table = torch.cat([table, table * step[:, None] % P], 1)
         step = step * step % P
     return table
