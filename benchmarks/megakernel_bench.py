@@ -1,0 +1,142 @@
+"""The megakernel on a GPU: Llama-3.2-1B and Qwen3-0.6B shapes, random bf16 weights, batch 1, 32-token prompt,
+128 new tokens (shared/ANCHORS.md, "The megakernel").
+
+For each model it builds and runs the megakernel, then checks, each phase on its own (a failure is recorded and
+the rest still runs):
+  tiny check      the tiny test models (examples/models/tiny-*.yaml) on the GPU against the CPU replay of the
+                  same task list: identical tokens, logits within bf16 rounding
+  correctness     the greedy tokens against transformers' model on the same weights (LlamaForCausalLM /
+                  Qwen3ForCausalLM built from the config; nothing downloaded), teacher-forced on the megakernel's
+                  sequence: per step, the token is HF's argmax or a near tie (HF's margin between the two tokens
+                  within twice the largest logit difference at that step); the same against the bf16 reference
+                  decoder; and the first step where free-running HF greedy decoding differs, if any
+  timing          us per decode step (prefill excluded) of the megakernel, HF eager, HF with a static cache, HF
+                  with a static cache and torch.compile (reduce-overhead), and a CUDA-graph-captured torch decode
+                  (superopt's bf16 reference decoder), in the same run; the floor = weight (+ KV) bytes over the
+                  measured copy bandwidth
+
+    pip install -e . --no-deps --no-build-isolation      # once: superopt.kernels maps to kernels/
+    python benchmarks/megakernel_bench.py --out results/megakernel
+
+Writes OUT/megakernel.json (every number, the tokens, the build report, errors) and OUT/megakernel.md (the
+table), and prints the table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+from superopt.kernels.megakernel import GpuMegakernel, Hang, benchmark, prompt_tokens, replay, timing_table
+from superopt.model import load_model
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = ROOT / "examples" / "models"
+
+
+def tiny_check(log: callable) -> dict:
+    """The tiny models on the GPU against the CPU replay of the same task list (same SM count)."""
+    out = {}
+    for name in ("tiny-llama", "tiny-qwen3"):
+        try:
+            model = load_model(MODELS / f"{name}.yaml")
+            prompt = prompt_tokens(model.config.vocab, 6, seed=1)
+            mk = GpuMegakernel(model)
+            gpu = mk.generate(prompt, 12)
+            cpu = replay(model, mk.tg, prompt, 12)
+            diff = float((gpu.logits - cpu.logits).abs().max())
+            out[name] = {"tokens_equal": gpu.tokens == cpu.tokens, "max_logit_diff": diff, "tokens": gpu.tokens}
+            log(f"[tiny] {name}: tokens equal {gpu.tokens == cpu.tokens}, max logit diff {diff:.3g}")
+        except Hang as e:
+            print(f"[tiny] {name}: {e}", flush=True)
+            os._exit(3)
+        except Exception as e:  # noqa: BLE001 (record and go on)
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+            log(f"[tiny] {name}: FAILED: {traceback.format_exc()[-1500:]}")
+    return out
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="llama-3.2-1b,qwen3-0.6b")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--no-peers", action="store_true", help="time only the megakernel")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compile is slow)")
+    ap.add_argument("--no-tiny", action="store_true")
+    ap.add_argument("--trace", action="store_true", help="also run a traced kernel: per-op wait and run times")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"{time.time() - t0:6.1f}s {msg}", flush=True)
+
+    doc = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "results": [],
+    }
+    try:
+        import transformers
+
+        doc["transformers"] = transformers.__version__
+    except ImportError:
+        doc["transformers"] = None
+    if not args.no_tiny:
+        doc["tiny"] = tiny_check(log)
+    model = None
+    for name in args.models.split(","):
+        try:
+            model = load_model(MODELS / f"{name}.yaml", device="cuda")
+            peers, compile_peer = not args.no_peers, not args.no_compile
+            r = benchmark(model, args.prompt_len, args.new_tokens, peers, compile_peer, log, args.trace)
+        except Hang as e:  # the GPU is stuck with the kernel: save what there is and leave
+            doc["results"].append({"model": name, "errors": {"hang": str(e)}})
+            (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))
+            log(f"[{name}] {e}")
+            os._exit(3)
+        except Exception as e:  # noqa: BLE001
+            r = {"model": name, "errors": {"load": f"{type(e).__name__}: {e}"}}
+            log(f"[{name}] FAILED: {traceback.format_exc()[-1500:]}")
+        doc["results"].append(r)
+        (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))
+        del model
+        torch.cuda.empty_cache()
+    table = timing_table(doc["results"])
+    (args.out / "megakernel.md").write_text(f"{doc['device']}, {doc['date']}\n\n{table}\n")
+    for r in doc["results"]:
+        for key in ("vs_hf", "vs_reference_bf16"):
+            if key in r:
+                v = r[key]
+                log(
+                    f"[{r['model']}] {key}: argmax agrees {v['argmax_agree']}/{v['steps']}, flips explained "
+                    f"{v['all_explained']}, logits rel error {v['logits_rel_error']:.2e}, flips {v['flips'][:3]}"
+                )
+        if "first_divergence_vs_hf_eager" in r:
+            log(
+                f"[{r['model']}] free-running vs HF eager: first divergence at step {r['first_divergence_vs_hf_eager']}"
+            )
+        if r.get("trace"):
+            log(f"[{r['model']}] trace: {json.dumps(r['trace'])}")
+        for phase, err in r.get("errors", {}).items():
+            log(f"[{r['model']}] error in {phase}: {err[:300]}")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,481 @@
+"""Decoder models: specs, weights, the layer programs in the IR, and a pure-torch reference decoder.
+
+A model spec is YAML with a `model:` section: Llama or Qwen3 architecture fields under Hugging Face's names, or
+the path of an HF `config.json` (relative to the spec). `weights:` names a safetensors file or folder of shards
+(read with the `safetensors` package when installed, else by the small reader below; never downloaded);
+without it the weights are random, seeded by `seed:`, bf16. Weights are kept under HF's parameter names, so the
+same dict loads into transformers' model.
+
+The layer programs (`layer_programs`) state each block of one decode step as a KernelGraph; identical layers
+share one program (one hash). RoPE, the KV-cache append and argmax have no op in the IR: `TEMPLATE_ONLY` names
+them, and the megakernel runs hand-written templates for them.
+
+`Decoder` is the reference: one token per step over a static KV cache (static shapes, so it can also be
+captured in a CUDA graph on a GPU). precision="bfloat16" rounds where HF's bf16 model rounds (each op's
+result in bf16, fp32 accumulation and softmax); "float32" computes everything in float32.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+
+from superopt.errors import SpecError
+from superopt.ir import KernelGraph
+
+ARCHS = ("llama", "qwen3")
+TEMPLATE_ONLY = {
+    "rope": "RoPE: position-dependent rotation of each head (no IR op; cos/sin come from a table)",
+    "kv_append": "KV-cache append: a write at a run-time position (no IR op)",
+    "argmax": "greedy argmax over the vocabulary (no IR op)",
+}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The architecture fields superopt needs, under short names; `from_hf` reads HF's names."""
+
+    arch: str
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    rope_theta: float
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
+    tie_embeddings: bool = False
+
+    @property
+    def group(self) -> int:
+        return self.heads // self.kv_heads
+
+    @property
+    def qkv_rows(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+    @property
+    def qk_norm(self) -> bool:
+        return self.arch == "qwen3"
+
+    @classmethod
+    def from_hf(cls, fields: dict[str, Any], where: str = "<model>") -> ModelConfig:
+        def get(key: str, default: Any = None) -> Any:
+            if key in fields:
+                return fields[key]
+            if default is None:
+                raise SpecError(f"{where}: model field '{key}' is missing")
+            return default
+
+        arch = str(fields.get("model_type") or "").lower()
+        if arch not in ARCHS:
+            raise SpecError(
+                f"{where}: model_type {arch or 'missing'!r} is not supported (supported: {', '.join(ARCHS)})"
+            )
+        for flag in ("attention_bias", "mlp_bias"):
+            if fields.get(flag):
+                raise SpecError(f"{where}: {flag}: true is not supported")
+        if fields.get("hidden_act", "silu") != "silu":
+            raise SpecError(f"{where}: hidden_act {fields['hidden_act']!r} is not supported (only silu)")
+        # transformers 5 moved rope_theta and rope_scaling into rope_parameters; accept both.
+        rope = dict(fields.get("rope_parameters") or fields.get("rope_scaling") or {})
+        theta = float(fields.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        kind = rope.get("rope_type") or rope.get("type") or "default"
+        if kind not in ("default", "llama3"):
+            raise SpecError(f"{where}: rope type {kind!r} is not supported (default or llama3)")
+        heads = int(get("num_attention_heads"))
+        cfg = cls(
+            arch=arch,
+            hidden=int(get("hidden_size")),
+            intermediate=int(get("intermediate_size")),
+            layers=int(get("num_hidden_layers")),
+            heads=heads,
+            kv_heads=int(fields.get("num_key_value_heads") or heads),
+            head_dim=int(fields.get("head_dim") or int(get("hidden_size")) // heads),
+            vocab=int(get("vocab_size")),
+            eps=float(get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if kind == "llama3" else None,
+            tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
+        )
+        if cfg.heads % cfg.kv_heads or cfg.head_dim % 2:
+            raise SpecError(
+                f"{where}: heads ({cfg.heads}) must be a multiple of kv heads ({cfg.kv_heads}), head_dim even"
+            )
+        return cfg
+
+    def hf_fields(self) -> dict[str, Any]:
+        """The config as HF's config.json fields (what transformers' LlamaConfig / Qwen3Config take)."""
+        out: dict[str, Any] = {
+            "model_type": self.arch,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "vocab_size": self.vocab,
+            "rms_norm_eps": self.eps,
+            "rope_theta": self.rope_theta,
+            "tie_word_embeddings": self.tie_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "mlp_bias": False,
+        }
+        if self.rope_scaling:
+            out["rope_scaling"] = dict(self.rope_scaling)
+        return out
+
+    def param_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every parameter by its HF name."""
+        h, d = self.hidden, self.head_dim
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab, h), "model.norm.weight": (h,)}
+        for i in range(self.layers):
+            p = f"model.layers.{i}."
+            shapes |= {
+                p + "input_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (self.heads * d, h),
+                p + "self_attn.k_proj.weight": (self.kv_heads * d, h),
+                p + "self_attn.v_proj.weight": (self.kv_heads * d, h),
+                p + "self_attn.o_proj.weight": (h, self.heads * d),
+                p + "post_attention_layernorm.weight": (h,),
+                p + "mlp.gate_proj.weight": (self.intermediate, h),
+                p + "mlp.up_proj.weight": (self.intermediate, h),
+                p + "mlp.down_proj.weight": (h, self.intermediate),
+            }
+            if self.qk_norm:
+                shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
+        if not self.tie_embeddings:
+            shapes["lm_head.weight"] = (self.vocab, h)
+        return shapes
+
+    def weight_bytes(self) -> int:
+        """Bytes of bf16 weights one decode step reads (a tied LM head is the embedding, read once)."""
+        return 2 * sum(math.prod(s) for s in self.param_shapes().values())
+
+
+@dataclass
+class Model:
+    name: str
+    config: ModelConfig
+    weights: dict[str, torch.Tensor]  # HF names -> bf16 tensors
+    max_seq: int = 256  # KV-cache length
+
+    def w(self, name: str) -> torch.Tensor:
+        if name == "lm_head.weight" and self.config.tie_embeddings:
+            name = "model.embed_tokens.weight"
+        return self.weights[name]
+
+
+# --- weights ------------------------------------------------------------------------------------------------
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Seeded random bf16 weights. Projections are N(0, 1/fan_in), so every block adds about unit variance to
+    the residual stream; embeddings are N(0, 0.02^2) (HF's init), small beside that, so a tied LM head does not
+    make the model echo its input token; norm weights are N(1, 0.1^2), so the weighted norms are exercised."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, shape in cfg.param_shapes().items():
+        if len(shape) == 1:
+            t = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
+        elif "embed_tokens" in name:
+            t = 0.02 * torch.randn(shape, generator=gen, device=device)
+        else:
+            t = torch.randn(shape, generator=gen, device=device) / math.sqrt(shape[1])
+        out[name] = t.to(torch.bfloat16)
+    return out
+
+
+_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file: 8-byte little-endian header length, a JSON header, then the raw tensors."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        load_file = None
+    if load_file is not None:
+        return load_file(str(path))
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _ST_DTYPES:
+            raise SpecError(f"{path}: tensor '{name}' has dtype {info['dtype']} (supported: bf16, f16, f32)")
+        start, stop = info["data_offsets"]
+        raw = bytearray(data[8 + n + start : 8 + n + stop])
+        out[name] = torch.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return out
+
+
+def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Weights from a .safetensors file or a folder of them (shards), or a torch .bin/.pt state dict."""
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise SpecError(f"{path}: no .safetensors files in this folder")
+    else:
+        files = [path]
+    found: dict[str, torch.Tensor] = {}
+    for f in files:
+        if not f.exists():
+            raise SpecError(f"{f}: weights file not found")
+        found |= (
+            _read_safetensors(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
+        )
+    shapes = cfg.param_shapes()
+    if cfg.tie_embeddings:
+        found.pop("lm_head.weight", None)
+    missing = [n for n in shapes if n not in found]
+    if missing:
+        raise SpecError(f"{path}: {len(missing)} weights missing, e.g. '{missing[0]}'")
+    for name, shape in shapes.items():
+        if tuple(found[name].shape) != shape:
+            raise SpecError(f"{path}: '{name}' has shape {list(found[name].shape)}, the config needs {list(shape)}")
+    return {n: found[n].to(torch.bfloat16) for n in shapes}
+
+
+@dataclass
+class ModelSpec:
+    """A parsed model spec: what `load` needs, without the weights (enough to build and emit the kernel)."""
+
+    name: str
+    config: ModelConfig
+    weights: Path | None = None
+    seed: int = 0
+    max_seq: int = 256
+
+    def load(self, device: str | torch.device = "cpu") -> Model:
+        """The model with its weights: read from `weights`, else random, drawn on `device` (fast on a GPU; the
+        same seed gives the same weights on the same kind of device)."""
+        if self.weights is not None:
+            weights = load_weights(self.weights, self.config)
+        else:
+            weights = random_weights(self.config, self.seed, device)
+        return Model(self.name, self.config, weights, self.max_seq)
+
+
+def load_spec(path: str | Path) -> ModelSpec:
+    """A model spec (YAML): `name`, `model` (HF config fields, or the path of a config.json relative to the
+    spec), optional `weights` (a safetensors file or folder, relative to the spec), `seed`, `max_seq`."""
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{path}: YAML syntax error: {e}") from None
+    if not isinstance(doc, dict) or "model" not in doc:
+        raise SpecError(f"{path}: a model spec is a mapping with a 'model:' section")
+    unknown = set(doc) - {"name", "model", "weights", "seed", "max_seq"}
+    if unknown:
+        raise SpecError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected: name, model, weights, seed, max_seq)")
+    fields, where = doc["model"], str(path)
+    if isinstance(fields, str):
+        where = str(path.parent / fields)
+        try:
+            fields = json.loads((path.parent / fields).read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise SpecError(f"{where}: cannot read the HF config: {e}") from None
+    if not isinstance(fields, dict):
+        raise SpecError(f"{path}: 'model' must be a mapping of HF config fields or the path of a config.json")
+    for key in ("seed", "max_seq"):
+        if key in doc and (isinstance(doc[key], bool) or not isinstance(doc[key], int) or doc[key] < 0):
+            raise SpecError(f"{path}: '{key}' must be a non-negative integer, got {doc[key]!r}")
+    weights = path.parent / str(doc["weights"]) if doc.get("weights") else None
+    return ModelSpec(
+        str(doc.get("name") or path.stem),
+        ModelConfig.from_hf(fields, where),
+        weights,
+        int(doc.get("seed", 0)),
+        int(doc.get("max_seq", 256)),
+    )
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
+    """The model of a spec, with its weights (see ModelSpec.load)."""
+    return load_spec(path).load(device)
+
+
+# --- the layer programs in the IR ---------------------------------------------------------------------------
+
+
+def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph]:
+    """One decode step's blocks as KernelGraphs (batch 1, bf16). Linear weights are [in, out] (x @ w, the
+    transpose of HF's layout). `attention` is the GQA decode core over `context` cached positions, q already
+    normed and rotated (RoPE and the KV append are templates). `mlp_act` and `residual` are the elementwise
+    epilogues the CUDA code generator compiles into the megakernel's task bodies."""
+    h, d, i, nh, nkv, g = cfg.hidden, cfg.head_dim, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.group
+    bf = "bfloat16"
+    progs: dict[str, KernelGraph] = {}
+
+    def norm(graph: KernelGraph, x: Any, gamma: Any) -> Any:
+        return graph.mul(graph.rms_norm(x, eps=cfg.eps), gamma)
+
+    p = KernelGraph("attn_in")  # rms_norm, weighted, then the fused QKV projection
+    x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("wqkv", (h, cfg.qkv_rows), bf)
+    p.output(p.matmul(norm(p, x, gamma), w))
+    progs["attn_in"] = p
+    if cfg.qk_norm:
+        p = KernelGraph("qk_norm")  # Qwen3: rms_norm over each head's dims
+        p.output(norm(p, p.input("q", (nh + nkv, d), bf), p.input("gamma", (1, d), bf)))
+        progs["qk_norm"] = p
+    p = KernelGraph("attention")
+    q, k, v = p.input("q", (nkv, g, d), bf), p.input("k", (nkv, d, context), bf), p.input("v", (nkv, context, d), bf)
+    s = p.mul_scalar(p.matmul(q, k), c=1.0 / math.sqrt(d))
+    e = p.exp(p.sub(s, p.max(s, dim=2, keepdim=True)))
+    p.output(p.matmul(p.div(e, p.sum(e, dim=2, keepdim=True)), v))
+    progs["attention"] = p
+    p = KernelGraph("attn_out")
+    a, wo, x = p.input("a", (1, nh * d), bf), p.input("wo", (nh * d, h), bf), p.input("h", (1, h), bf)
+    p.output(p.add(x, p.matmul(a, wo)))
+    progs["attn_out"] = p
+    p = KernelGraph("mlp")
+    x, gamma = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf)
+    wg, wu, wd = p.input("wg", (h, i), bf), p.input("wu", (h, i), bf), p.input("wd", (i, h), bf)
+    y = norm(p, x, gamma)
+    p.output(p.add(x, p.matmul(p.mul(p.silu(p.matmul(y, wg)), p.matmul(y, wu)), wd)))
+    progs["mlp"] = p
+    p = KernelGraph("lm_head")
+    x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("w", (h, cfg.vocab), bf)
+    p.output(p.matmul(norm(p, x, gamma), w))
+    progs["lm_head"] = p
+    p = KernelGraph("mlp_act")
+    p.output(p.mul(p.silu(p.input("g", (1, i), bf)), p.input("u", (1, i), bf)))
+    progs["mlp_act"] = p
+    p = KernelGraph("residual")
+    p.output(p.add(p.input("h", (1, h), bf), p.input("y", (1, h), bf)))
+    progs["residual"] = p
+    return progs
+
+
+# --- RoPE ---------------------------------------------------------------------------------------------------
+
+
+def inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE's inverse frequencies in float32, as transformers computes them (llama3 scaling included)."""
+    d = cfg.head_dim
+    freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    sc = cfg.rope_scaling
+    if not sc:
+        return freq
+    factor, low, high = float(sc["factor"]), float(sc["low_freq_factor"]), float(sc["high_freq_factor"])
+    old = float(sc["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / freq
+    scaled = torch.where(wavelen > old / low, freq / factor, freq)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < old / high) * ~(wavelen > old / low)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_table(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim / 2] in bf16: HF computes them in float32 and casts to the model's dtype
+    (its second half repeats the first)."""
+    freqs = torch.arange(length, dtype=torch.float32)[:, None] * inv_freq(cfg)[None, :]
+    return freqs.cos().to(torch.bfloat16), freqs.sin().to(torch.bfloat16)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin over the last dim, in x's dtype (each op rounds, as in HF)."""
+    half = x.shape[-1] // 2
+    cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
+    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * cos + rotated * sin
+
+
+# --- the reference decoder ----------------------------------------------------------------------------------
+
+
+class Decoder:
+    """One decode step at a time over a static KV cache; every shape is static, so `step` can be captured in a
+    CUDA graph (token and pos are 1-element device tensors updated in place)."""
+
+    def __init__(self, model: Model, precision: str = "float32", device: str | torch.device = "cpu") -> None:
+        if precision not in ("float32", "bfloat16"):
+            raise ValueError(f"precision must be float32 or bfloat16, got {precision!r}")
+        cfg = self.cfg = model.config
+        self.dt = torch.float32 if precision == "float32" else torch.bfloat16
+        self.max_seq = model.max_seq
+
+        def w(name: str) -> torch.Tensor:
+            return model.w(name).to(device=device, dtype=self.dt)
+
+        self.embed, self.norm, self.lm_head = (
+            w("model.embed_tokens.weight"),
+            w("model.norm.weight"),
+            w("lm_head.weight"),
+        )
+        self.layers = []
+        for i in range(cfg.layers):
+            p = f"model.layers.{i}."
+            names = ["input_layernorm", "post_attention_layernorm"] + [f"self_attn.{n}_proj" for n in "qkvo"]
+            names += [f"mlp.{n}_proj" for n in ("gate", "up", "down")]
+            names += ["self_attn.q_norm", "self_attn.k_norm"] if cfg.qk_norm else []
+            self.layers.append({n.split(".")[-1]: w(p + n + ".weight") for n in names})
+        cos, sin = rope_table(cfg, self.max_seq)
+        self.cos, self.sin = cos.to(device), sin.to(device)
+        shape = (cfg.layers, cfg.kv_heads, self.max_seq, cfg.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dt, device=device)
+        self.v_cache = torch.zeros(shape, dtype=self.dt, device=device)
+        self.positions = torch.arange(self.max_seq, device=device)
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.cfg.eps)).to(self.dt)
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, [vocab]) after `token` at position `pos`; appends to the KV cache."""
+        cfg, d = self.cfg, self.cfg.head_dim
+        x = self.embed.index_select(0, token.view(1))[0]
+        cos, sin = self.cos.index_select(0, pos.view(1))[0], self.sin.index_select(0, pos.view(1))[0]
+        mask = self.positions <= pos.view(1)
+        for i, lw in enumerate(self.layers):
+            y = self.rms_norm(x, lw["input_layernorm"])
+            q = F.linear(y, lw["q_proj"]).view(cfg.heads, d)
+            k = F.linear(y, lw["k_proj"]).view(cfg.kv_heads, d)
+            v = F.linear(y, lw["v_proj"]).view(cfg.kv_heads, d)
+            if cfg.qk_norm:
+                q, k = self.rms_norm(q, lw["q_norm"]), self.rms_norm(k, lw["k_norm"])
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            self.k_cache[i].index_copy_(1, pos.view(1), k[:, None])
+            self.v_cache[i].index_copy_(1, pos.view(1), v[:, None])
+            qg = q.view(cfg.kv_heads, cfg.group, d).float()
+            scores = (qg @ self.k_cache[i].float().transpose(1, 2)) / math.sqrt(d)
+            probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
+            a = (probs @ self.v_cache[i].float()).to(self.dt).reshape(cfg.heads * d)
+            x = x + F.linear(a, lw["o_proj"])
+            y = self.rms_norm(x, lw["post_attention_layernorm"])
+            x = x + F.linear(F.silu(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
+        return F.linear(self.rms_norm(x, self.norm), self.lm_head).float()
+
+    def generate(
+        self, prompt: list[int], new_tokens: int, forced: list[int] | None = None
+    ) -> tuple[list[int], torch.Tensor]:
+        """Greedy decoding after `prompt`; returns all tokens and the logits of each generated position
+        [new_tokens, vocab]. With `forced`, those tokens are fed instead of the argmax (teacher forcing)."""
+        device = self.embed.device
+        tokens = list(prompt)
+        logits = []
+        for pos in range(len(prompt) + new_tokens - 1):
+            out = self.step(torch.tensor(tokens[pos], device=device), torch.tensor(pos, device=device))
+            if pos + 1 >= len(prompt):
+                logits.append(out)
+                nxt = forced[pos + 1 - len(prompt)] if forced is not None else int(out.argmax())
+                tokens.append(nxt)
+        return tokens, torch.stack(logits).cpu()
