@@ -7,7 +7,10 @@ from pathlib import Path
 import click
 import torch
 
+from superopt.cli.cache_cmd import cache_command
 from superopt.cli.errors import reports_errors
+from superopt.cli.megakernel_cmd import megakernel_command
+from superopt.cli.search_cmd import search_command
 from superopt.cli.verify_cmd import verify_command
 from superopt.errors import SuperoptError
 from superopt.interpret import random_inputs, run
@@ -23,7 +26,10 @@ def main() -> None:
 
 
 FILE = click.Path(dir_okay=False, path_type=Path)
+main.add_command(search_command)
 main.add_command(verify_command)
+main.add_command(cache_command)
+main.add_command(megakernel_command)
 
 
 @main.command("run")

@@ -208,8 +208,15 @@ def parse_spec(text: str, path: str = "<spec>", dims: dict[str, int] | None = No
 
 
 def load(path: str | Path, dims: dict[str, int] | None = None) -> KernelGraph:
-    """A program spec (.yaml/.yml) or a graph in JSON form (.json); `dims` overrides a spec's dims."""
+    """A program spec (.yaml/.yml), a graph in JSON form (.json), or a model to import (.onnx, .pt2: see
+    superopt/importers.py); `dims` overrides a spec's dims."""
     path = Path(path)
+    if path.suffix in (".onnx", ".pt2"):
+        if dims:
+            raise SpecError(f"{path}: dims can be overridden only in YAML specs")
+        from superopt import importers  # torch.export and onnx load only for these files
+
+        return importers.load(path)
     try:
         text = path.read_text()
     except OSError as e:
@@ -224,4 +231,4 @@ def load(path: str | Path, dims: dict[str, int] | None = None) -> KernelGraph:
         except json.JSONDecodeError as e:
             raise SpecError(f"{path}:{e.lineno}: JSON syntax error: {e.msg}") from None
         return from_json(doc, str(path))
-    raise SpecError(f"{path}: unknown file type '{path.suffix}' (expected .yaml, .yml or .json)")
+    raise SpecError(f"{path}: unknown file type '{path.suffix}' (expected .yaml, .yml, .json, .onnx or .pt2)")

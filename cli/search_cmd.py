@@ -1,0 +1,150 @@
+"""`superopt search SPEC...`: the fastest verified µGraph of each program, from the cache or a search.
+
+Exit status: 0 every program has a result; 1 `--require-hit` and some program missed the cache; 2 bad input.
+Per program it prints whether the cache hit, then a table of the top candidates (predicted and, on a GPU,
+measured microseconds, speedups over torch eager and torch.compile timed in the same run, fraction of the floor);
+at the end, on stderr, the cache's hit and miss counts.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from superopt.cache import Cache
+from superopt.cli.errors import reports_errors
+from superopt.pipeline import Outcome, Settings, optimize_program
+from superopt.serialize import write_atomic
+from superopt.spec import load
+
+EXIT_MISS = 1
+
+
+def _num(x: Any, fmt: str) -> str:
+    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result's candidates, best-ranked first; `*` marks the winner."""
+    head = ["", "candidate", "kernels", "predicted us", "measured us", "vs eager", "vs compile", "of floor", "status"]
+    rows = [head]
+    for c in result["candidates"]:
+        rows.append(
+            [
+                "*" if c["hash"] == result["best"]["hash"] else "",
+                c["hash"][:12] + (" (program)" if c["source"] == "program" else ""),
+                str(c["kernels"]),
+                _num(c["predicted_us"], ".1f"),
+                _num(c.get("measured_us"), ".1f"),
+                _num(c.get("speedup_vs_eager"), ".2f") + "x" * ("speedup_vs_eager" in c),
+                _num(c.get("speedup_vs_torch.compile"), ".2f") + "x" * ("speedup_vs_torch.compile" in c),
+                _num(c.get("fraction_of_floor"), ".2f"),
+                c.get("status", "-"),
+            ]
+        )
+    widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def summary(result: dict[str, Any]) -> list[str]:
+    """What the table cannot say: the baselines, or why nothing was timed, and how the winner was checked."""
+    lines = []
+    base = result["baselines"]
+    if result["measured"]:
+        times = ", ".join(
+            f"{k} {v['median_us']:.1f} us" if v["status"] == "ok" else f"{k} failed" for k, v in base.items()
+        )
+        lines.append(f"on {result['gpu']}: {times}; floor {result['floor_us']:.3g} us")
+    else:
+        lines.append(
+            f"timing needs a GPU: ranked by the cost model for {result['device']} (floor {result['floor_us']:.3g} us)"
+        )
+        best = result["best"]
+        if best.get("status") == "ok":
+            lines.append(
+                f"the winner's Triton code ran under the interpreter: error {best['error_vs_tolerance']:.3g} "
+                "of the dtype's tolerance against the reference interpreter"
+            )
+        elif best.get("message"):
+            lines.append(f"the winner was not run under the interpreter: {best['message']}")
+    verify = result["best"]["verify"]
+    if isinstance(verify, dict) and verify.get("method"):
+        lines.append(
+            f"winner verified: {verify['method']}" + (f", bound {verify['bound']:.3g}" if "bound" in verify else "")
+        )
+    return lines
+
+
+@click.command("search")
+@click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--budget", "budget_s", type=float, help="Search time per program in seconds (default: the spec's, else 120)."
+)
+@click.option(
+    "--device", help="Device class to rank for (h100, h200, a100, l4, rtx4090; default: the GPU present, else h100)."
+)
+@click.option("--preset", help="Search preset (default: the spec's).")
+@click.option("--seed", type=int, help="Seed of the search and of the test inputs (default: the spec's, else 0).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result JSON (a list for several specs), not tables.")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result JSON here.")
+@click.option("--offline", is_flag=True, help="Never search: a cache miss runs the unfused program and says so.")
+@click.option("--require-hit", is_flag=True, help="Never search: a cache miss exits 1 (for CI).")
+@click.option(
+    "--progress",
+    type=click.Choice(["bar", "plain", "json", "none"]),
+    default=None,
+    help="How a search reports progress.",
+)
+@click.option(
+    "--cache-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).",
+)
+@reports_errors
+def search_command(
+    specs: tuple[Path, ...],
+    budget_s: float | None,
+    device: str | None,
+    preset: str | None,
+    seed: int | None,
+    as_json: bool,
+    out: Path | None,
+    offline: bool,
+    require_hit: bool,
+    progress: str | None,
+    cache_dir: Path | None,
+) -> None:
+    """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first."""
+    graphs = [load(spec) for spec in specs]  # every file is read before any search: bad input fails fast
+    cache = Cache(cache_dir)
+    mode = "require-hit" if require_hit else "offline" if offline else "search"
+    outcomes: list[Outcome] = []
+    for spec, graph in zip(specs, graphs):
+        settings = Settings.for_graph(graph, preset=preset, budget_s=budget_s, seed=seed, device=device)
+        say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+        say(f"== {graph.name} ({spec})")
+        outcome = optimize_program(graph, settings, cache, mode, progress or "auto", say=say)
+        outcomes.append(outcome)
+        say(outcome.note)
+        if outcome.result is not None and not as_json:
+            click.echo(table(outcome.result))
+            for line in summary(outcome.result):
+                click.echo(line)
+    docs = [o.result | {"cache": {"status": o.status, "key": o.key}} for o in outcomes if o.result is not None]
+    text = json.dumps(docs[0] if len(specs) == 1 and docs else docs, indent=1) + "\n"
+    if as_json:
+        click.echo(text, nl=False)
+    if out is not None and docs:
+        write_atomic(out, text)
+        click.echo(f"wrote {out}", err=True)
+    hits = sum(o.status == "hit" for o in outcomes)
+    click.echo(
+        f"cache: {hits} hit{'s' * (hits != 1)}, {len(outcomes) - hits} miss{'es' * (len(outcomes) - hits != 1)}",
+        err=True,
+    )
+    if any(o.status == "miss" for o in outcomes):
+        sys.exit(EXIT_MISS)

@@ -1,0 +1,178 @@
+"""The result cache: keys, hits and misses, corrupt entries, concurrent writers, budget upgrades, export/import."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import pytest
+from click.testing import CliRunner
+
+import superopt
+from superopt import search_space
+from superopt.cache import Cache, cache_key, versions
+from superopt.cli.cache_cmd import cache_command
+from superopt.pipeline import Settings, optimize_program
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+SETTINGS = {"preset": None, "seed": 0, "prune": True}
+
+
+def rmsnorm_linear(b: int = 2, d: int = 64, n: int = 16, dtype: str = "float16", names=("x", "w", "y", "o")):
+    g = superopt.Graph("rmsnorm_linear")
+    x, w = g.input(names[0], [b, d], dtype), g.input(names[1], [d, n], dtype)
+    g.output(g.matmul(g.rms_norm(x, eps=1e-6, out=names[2]), w, out=names[3]))
+    return g
+
+
+@pytest.fixture(scope="module")
+def entry(tmp_path_factory):
+    """One real result (a short search on a tiny program), for the tests to store, break and move."""
+    root = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPEROPT_CACHE_DIR", str(root))
+        outcome = optimize_program(rmsnorm_linear(), Settings(budget_s=2), Cache(root), progress="none")
+    assert outcome.status == "searched"
+    return outcome.result
+
+
+def test_key_follows_program_settings_device_and_versions_not_names():
+    key = cache_key(rmsnorm_linear(), SETTINGS, "h100")
+    assert cache_key(rmsnorm_linear(names=("a", "b", "c", "d")), SETTINGS, "h100") == key
+    assert cache_key(rmsnorm_linear(), SETTINGS | {"budget_s": 999}, "h100") == key  # the budget is not in it
+    different = [
+        cache_key(rmsnorm_linear(b=4), SETTINGS, "h100"),
+        cache_key(rmsnorm_linear(dtype="bfloat16"), SETTINGS, "h100"),
+        cache_key(rmsnorm_linear(), SETTINGS, "a100"),
+        cache_key(rmsnorm_linear(), SETTINGS | {"preset": "mlp"}, "h100"),
+        cache_key(rmsnorm_linear(), SETTINGS | {"seed": 1}, "h100"),
+        cache_key(rmsnorm_linear(), SETTINGS, "h100", versions() | {"superopt": "9.9.9"}),
+        cache_key(rmsnorm_linear(), SETTINGS, "h100", versions() | {"torch": "0.0.1"}),
+    ]
+    assert len({key, *different}) == len(different) + 1
+
+
+def test_hit_runs_no_search(tmp_path, monkeypatch, entry):
+    cache = Cache(tmp_path)
+    graph = rmsnorm_linear(names=("p", "q", "r", "s"))  # the same program under other names
+    assert cache.get(entry["key"]) is None
+    assert optimize_program(graph, Settings(budget_s=2), cache, mode="require-hit").status == "miss"
+    cache.put(entry)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cache hit must not search")
+
+    monkeypatch.setattr(search_space, "search", no_search)
+    outcome = optimize_program(graph, Settings(budget_s=2), cache)
+    assert outcome.status == "hit" and outcome.key == entry["key"]
+    assert superopt.graph_hash(outcome.winner) == entry["best"]["hash"]
+    # a larger budget than the stored one searches again (and would upgrade the entry)
+    assert optimize_program(graph, Settings(budget_s=5), cache, mode="require-hit").status == "hit"
+    with pytest.raises(AssertionError, match="must not search"):
+        optimize_program(graph, Settings(budget_s=5), cache)
+
+
+def test_truncated_entry_is_one_warning_and_a_miss_then_rewritten(tmp_path, entry):
+    cache = Cache(tmp_path)
+    cache.put(entry)
+    path = cache.path(entry["key"])
+    path.write_text(path.read_text()[:200])
+    with pytest.warns(UserWarning, match="corrupt.*truncated or not JSON.*miss"):
+        assert cache.get(entry["key"]) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second read of the same entry does not warn again
+        assert cache.get(entry["key"]) is None
+        assert cache.put(entry)
+    assert json.loads(path.read_text()) == entry
+    assert cache.get(entry["key"]) == entry
+
+
+def test_wrong_content_is_a_miss(tmp_path, entry):
+    cache = Cache(tmp_path)
+    bad = copy.deepcopy(entry)
+    bad["best"]["graph"]["ops"][0]["op"] = "no_such_op"
+    cache.path(entry["key"]).parent.mkdir(parents=True)
+    cache.path(entry["key"]).write_text(json.dumps(bad))
+    with pytest.warns(UserWarning, match="corrupt.*no_such_op"):
+        assert cache.get(entry["key"]) is None
+
+
+def test_larger_budget_upgrades_smaller_does_not(tmp_path, entry):
+    cache = Cache(tmp_path)
+    small, large = (copy.deepcopy(entry) for _ in range(2))
+    small["settings"]["budget_s"], large["settings"]["budget_s"] = 1.0, 50.0
+    assert cache.put(small)
+    assert cache.put(large)
+    assert not cache.put(small)
+    assert cache.get(entry["key"])["settings"]["budget_s"] == 50.0
+    assert [p.name for p, _ in cache.entries()] == [f"{entry['key']}.json"]
+
+
+WRITER = """
+import json, sys
+from superopt.cache import Cache
+entry = json.loads(open(sys.argv[2]).read())
+for k in range(40):
+    entry["settings"]["budget_s"] = float(sys.argv[3]) + k
+    Cache(sys.argv[1]).put(entry)
+"""
+
+
+def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path, entry):
+    source = tmp_path / "entry.json"
+    source.write_text(json.dumps(entry))
+    root = tmp_path / "cache"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(source), str(start)]) for start in (0, 1000)
+    ]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    cache = Cache(root)
+    files = sorted(p.name for p in cache.results.iterdir() if p.name != ".lock")
+    assert files == [f"{entry['key']}.json"]  # no temporary file left behind
+    stored = cache.get(entry["key"])
+    assert stored is not None and stored["settings"]["budget_s"] == 1039.0  # the larger budget won
+
+
+def test_export_clear_import_hit(tmp_path, entry):
+    runner = CliRunner()
+    here, there, bundle = tmp_path / "here", tmp_path / "there", tmp_path / "bundle.json"
+    Cache(here).put(entry)
+    result = runner.invoke(cache_command, ["--cache-dir", str(here), "ls"])
+    assert result.exit_code == 0 and entry["key"][:16] in result.output and "rmsnorm_linear" in result.output
+    result = runner.invoke(cache_command, ["--cache-dir", str(here), "show", entry["key"][:10]])
+    assert result.exit_code == 0 and "winner" in result.output and entry["best"]["hash"][:16] in result.output
+    assert runner.invoke(cache_command, ["--cache-dir", str(here), "export", str(bundle)]).exit_code == 0
+    result = runner.invoke(cache_command, ["--cache-dir", str(here), "clear"])
+    assert result.exit_code == 0 and "removed 1 files" in result.output
+    assert Cache(here).get(entry["key"]) is None
+    for root in (here, there):  # back where it was, and onto another machine's cache
+        result = runner.invoke(cache_command, ["--cache-dir", str(root), "import", str(bundle)])
+        assert result.exit_code == 0 and "imported 1 entries" in result.output
+        outcome = optimize_program(rmsnorm_linear(), Settings(budget_s=2), Cache(root), mode="require-hit")
+        assert outcome.status == "hit" and outcome.result == entry
+    result = runner.invoke(cache_command, ["--cache-dir", str(here), "show", "ffff"])
+    assert result.exit_code == 2 and "no entry" in result.output
+
+
+def test_clear_older_than(tmp_path, entry):
+    cache = Cache(tmp_path)
+    old = copy.deepcopy(entry)
+    old["key"] = "0" * 64
+    cache.put(old)
+    cache.put(entry)
+    long_ago = time.time() - 10 * 86400
+    os.utime(cache.path(old["key"]), (long_ago, long_ago))
+    assert cache.clear(older_than_days=5) == 1
+    assert cache.get(old["key"]) is None and cache.get(entry["key"]) == entry
+
+
+def test_import_rejects_what_is_not_an_export(tmp_path):
+    (tmp_path / "x.json").write_text('{"format": "something else"}')
+    result = CliRunner().invoke(cache_command, ["--cache-dir", str(tmp_path), "import", str(tmp_path / "x.json")])
+    assert result.exit_code == 2 and "not a cache export" in result.output

@@ -1,0 +1,140 @@
+"""`superopt search`: cache first, search on a miss, --offline, --require-hit, --json/--out, the trial log; and
+the pipeline's CPU path (ranked by the model, the winner run under the Triton interpreter)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import superopt
+from superopt import search_space
+from superopt.cache import Cache
+from superopt.cli.search_cmd import search_command
+from superopt.interpret import random_inputs, run
+from superopt.kernels import compile
+from superopt.kernels.timing import TOLERANCE, relative_error
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+
+SPEC = """
+name: tiny_gated_mlp
+dims: {B: 2, D: 64, N: 16}
+inputs:
+  x: {shape: [B, D], dtype: float16}
+  w1: {shape: [D, N], dtype: float16}
+  w2: {shape: [D, N], dtype: float16}
+ops:
+  - o = mul(silu(x @ w1), x @ w2)
+outputs: [o]
+search: {budget_s: 2}
+"""
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory):
+    """One `superopt search --json --out` run on a miss: (spec path, cache dir, its output, the result JSON)."""
+    root = tmp_path_factory.mktemp("search")
+    spec, out, cache = root / "tiny.yaml", root / "result.json", root / "cache"
+    spec.write_text(SPEC)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPEROPT_CACHE_DIR", str(cache))  # generated kernels too
+        result = CliRunner().invoke(
+            search_command, [str(spec), "--cache-dir", str(cache), "--progress", "none", "--out", str(out)]
+        )
+    assert result.exit_code == 0, result.output
+    return spec, cache, result.output, json.loads(out.read_text())
+
+
+def test_miss_searches_and_stores_a_result(searched):
+    spec, cache, output, doc = searched
+    assert "timing needs a GPU" in output and "cache: 0 hits, 1 miss" in output
+    assert doc["cache"]["status"] == "searched" and doc["measured"] is False and doc["device"] == "h100"
+    assert doc["settings"]["budget_s"] == 2  # from the spec's search section
+    assert set(doc["versions"]) == {"superopt", "torch", "triton"}
+    stored = Cache(cache).get(doc["key"])
+    assert stored is not None and stored["best"] == doc["best"]
+    best = doc["best"]
+    assert best["status"] in ("ok", "unchecked") and best["verify"]
+    ranks = [c["predicted_us"] for c in doc["candidates"]]
+    assert ranks == sorted(ranks) and 1 <= len(ranks) <= doc["candidates_total"]
+    if len(ranks) == doc["candidates_total"]:  # all shown: the input program is always among them
+        assert any(c["source"] == "program" for c in doc["candidates"])
+
+
+def test_trial_log_lies_beside_the_entry(searched):
+    spec, cache, output, doc = searched
+    lines = [json.loads(line) for line in Cache(cache).trial_log_path(doc["key"]).read_text().splitlines()]
+    assert lines and all({"hash", "status", "predicted_us", "measured_us"} <= set(line) for line in lines)
+    assert any(line["hash"] == doc["best"]["hash"] and line["status"] == doc["best"]["status"] for line in lines)
+
+
+def test_winner_runs_under_the_interpreter_like_the_reference(searched):
+    spec, cache, output, doc = searched
+    program = superopt.load(spec)
+    winner = superopt.serialize.from_json(doc["best"]["graph"])
+    inputs = random_inputs(program, seed=5, scale=0.5)
+    out = compile(winner)(*(inputs[n] for n in program.inputs))
+    ref = run(program, inputs, "float64")[0]
+    assert relative_error(out, ref) < TOLERANCE["float16"]
+
+
+def test_hit_says_so_and_runs_no_search(searched, monkeypatch):
+    spec, cache, output, doc = searched
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cache hit must not search")
+
+    monkeypatch.setattr(search_space, "search", no_search)
+    result = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(cache)])
+    assert result.exit_code == 0, result.output
+    assert f"cache hit {doc['key'][:16]}" in result.output and "cache: 1 hit, 0 misses" in result.output
+    assert "predicted us" in result.output and doc["best"]["hash"][:12] in result.output
+
+
+def test_require_hit_exit_codes(searched, tmp_path):
+    spec, cache, output, doc = searched
+    runner = CliRunner()
+    hit = runner.invoke(search_command, [str(spec), "--cache-dir", str(cache), "--require-hit"])
+    assert hit.exit_code == 0 and "cache: 1 hit" in hit.output
+    # another seed is another key: a miss, and with --require-hit no search and exit 1; every spec is reported
+    miss = runner.invoke(
+        search_command, [str(spec), str(spec), "--seed", "7", "--cache-dir", str(cache), "--require-hit"]
+    )
+    assert (
+        miss.exit_code == 1 and "--require-hit: no search" in miss.output and "cache: 0 hits, 2 misses" in miss.output
+    )
+    empty = runner.invoke(search_command, [str(spec), "--cache-dir", str(tmp_path), "--require-hit"])
+    assert empty.exit_code == 1 and not (tmp_path / "results").exists()
+    bad = runner.invoke(search_command, [str(tmp_path / "missing.yaml"), "--require-hit"])
+    assert bad.exit_code == 2 and "cannot read" in bad.output
+
+
+def test_offline_miss_runs_the_unfused_program(searched, tmp_path, monkeypatch):
+    spec, cache, output, doc = searched
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("--offline must not search")
+
+    monkeypatch.setattr(search_space, "search", no_search)
+    result = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(tmp_path), "--offline", "--json"])
+    assert result.exit_code == 0, result.output
+    assert "offline, so the unfused program" in result.output
+    text = result.output[result.output.index("{") : result.output.rindex("}") + 1]
+    offline = json.loads(text)
+    assert offline["cache"]["status"] == "offline" and offline["best"]["source"] == "program"
+    assert offline["best"]["status"] == "ok" and offline["best"]["error_vs_tolerance"] <= 1
+    assert not (tmp_path / "results").exists() or not list((tmp_path / "results").glob("*.json"))
+    # offline with the cache filled: the cached winner
+    hit = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(cache), "--offline"])
+    assert hit.exit_code == 0 and "cache hit" in hit.output
+
+
+def test_full_size_is_not_interpreted_and_says_so(tmp_path):
+    spec = Path(__file__).resolve().parent.parent / "examples" / "rmsnorm_linear_bs1.yaml"
+    result = CliRunner().invoke(search_command, [str(spec), "--offline", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "timing needs a GPU" in result.output
+    assert "not run under the interpreter" in result.output and "block iterations" in result.output
