@@ -35,11 +35,11 @@ from pathlib import Path
 import torch
 
 import superopt
-from superopt.interpret import REFERENCE
 from superopt.kernels import compile
 from superopt.kernels.cost import floor, predict
 from superopt.kernels.device import DEVICES, DeviceSpec, detect
 from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
+from superopt.pipeline import eager, fresh_compile
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -66,26 +66,6 @@ def _load_fused():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def eager(graph: superopt.KernelGraph) -> Callable[..., torch.Tensor]:
-    """The program as torch code: each op through the reference interpreter's torch rule, in the graph's dtype."""
-
-    def program(*args: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        env = dict(zip(graph.inputs, args))
-        for op in graph.ops:
-            env[op.outputs[0]] = REFERENCE[op.op](*(env[i] for i in op.inputs), **op.attrs)
-        outs = tuple(env[o] for o in graph.outputs)
-        return outs[0] if len(outs) == 1 else outs
-
-    return program
-
-
-def fresh_compile(program: Callable, **options) -> Callable:
-    """torch.compile with dynamo's caches cleared: every workload's `program` shares one code object, and past
-    dynamo's recompile limit it would silently run eagerly."""
-    torch._dynamo.reset()
-    return torch.compile(program, dynamic=False, **options)
 
 
 def measured_device(spec: DeviceSpec) -> tuple[DeviceSpec, float, float]:

@@ -118,6 +118,13 @@ def eager(graph: KernelGraph) -> Callable[..., Any]:
     return program
 
 
+def fresh_compile(program: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+    """torch.compile with dynamo's caches cleared: every `eager` program shares one code object, and past
+    dynamo's recompile limit a later one would silently run eagerly."""
+    torch._dynamo.reset()
+    return torch.compile(program, dynamic=False, **options)
+
+
 def _program_candidate(graph: KernelGraph, device: Any) -> Ranked:
     from superopt.kernels.cost import predict
 
@@ -199,14 +206,14 @@ def _bench_or_error(make: Callable[[], Callable[[], Any]], cuda_graph: bool) -> 
 
 def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: TrialLog) -> dict:
     """Times torch eager, torch.compile and the candidates `tried` in this run; returns the baselines."""
-    from superopt.kernels.timing import measure, random_device_inputs
+    from superopt.kernels.timing import input_scale, measure, random_device_inputs
 
-    inputs = random_device_inputs(program, seed)
+    inputs = random_device_inputs(program, seed, input_scale(program, seed))
     args = [inputs[n] for n in program.inputs]
     fn = eager(program)
 
     def compiled() -> Callable[[], Any]:
-        c = torch.compile(fn, dynamic=False)
+        c = fresh_compile(fn)
         return lambda: c(*args)
 
     baselines = {  # as benchmarks/peers.py times them: eager launched from Python, torch.compile in a CUDA graph
