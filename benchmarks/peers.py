@@ -61,11 +61,25 @@ ANCHOR_AUTOTUNED = {"rmsnorm_linear_bs1", "gated_mlp", "gqa_bs8", "qknorm_gqa_bs
 PEERS = ["eager", "eager+graph", "compile", "max-autotune"]
 
 
-def _load_fused():
+def load_fused():
     spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def run_meta(spec: DeviceSpec, started: float) -> dict:
+    """What a result file records of its run: the GPU, the spec ranked for, date, versions, duration."""
+    import triton
+
+    return {
+        "device": torch.cuda.get_device_name(),
+        "spec": spec.name,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "seconds": round(time.time() - started, 1),
+    }
 
 
 def measured_device(spec: DeviceSpec) -> tuple[DeviceSpec, float, float]:
@@ -160,7 +174,7 @@ def main() -> None:
     spec = detect() or DEVICES["h100"]
     device, bandwidth, rate = measured_device(spec)
     names = [n for n in args.only.split(",") if n] or WORKLOADS
-    fused = _load_fused()
+    fused = load_fused()
     workloads = []
     for name in names:  # first every peer but max-autotune, whose autotuning takes tens of seconds a workload
         w = prepare(name, fused, spec, device)
@@ -182,18 +196,7 @@ def main() -> None:
         time_peer(w, "max-autotune", lambda autotuned=autotuned: autotuned, True, args.reps)
         print(f"{w.name} max-autotune: done at {time.time() - started:.0f} s", flush=True)
     rows = [w.row for w in workloads]
-    import triton
-
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "spec": spec.name,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "copy_bandwidth_bytes_per_s": bandwidth,
-        "fp16_matmul_flops": rate,
-        "seconds": round(time.time() - started, 1),
-    }
+    meta = run_meta(spec, started) | {"copy_bandwidth_bytes_per_s": bandwidth, "fp16_matmul_flops": rate}
     text = table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,12 @@ Writes OUT/sweep.md and OUT/sweep.json (device, date, versions, every number).
 from __future__ import annotations
 
 import argparse
-import datetime
-import importlib.util
 import itertools
 import json
 import time
 from pathlib import Path
 
-import torch
+from peers import load_fused, run_meta  # benchmarks/peers.py: a script's own folder is on sys.path
 
 import superopt
 from superopt.kernels import compile
@@ -41,13 +39,6 @@ KNOBS = {
     "qknorm_gqa_bs1": ATTENTION,
     "mqa_bs1": ATTENTION,
 }
-
-
-def _load_fused():
-    spec = importlib.util.spec_from_file_location("examples_fused", ROOT / "examples" / "fused.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -135,21 +126,12 @@ def main() -> None:
     args = parser.parse_args()
     started = time.time()
     device = detect() or DEVICES["h100"]
-    fused = _load_fused()
+    fused = load_fused()
     rows = []
     for name in [n for n in args.only.split(",") if n] or list(KNOBS):
         rows += sweep(name, fused, device, args.reps)
         print(f"{name}: done at {time.time() - started:.0f} s", flush=True)
-    import triton
-
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "spec": device.name,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "seconds": round(time.time() - started, 1),
-    }
+    meta = run_meta(device, started)
     text, stats = summary(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

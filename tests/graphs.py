@@ -7,7 +7,9 @@ independently of superopt's rule table, so the interpreter can be checked agains
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import torch
 from hypothesis import strategies as st
@@ -121,3 +123,14 @@ def direct(recipe: dict, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
     for op, args, attrs in recipe["steps"]:
         vals.append(DIRECT[op](*[vals[i] for i in args], **attrs))
     return [vals[i] for i in recipe["outputs"]]
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def import_fused(name: str = "examples_fused"):
+    """examples/fused.py as a fresh module (it is a script, not a package; callers may change its tile knobs)."""
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / "fused.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

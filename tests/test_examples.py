@@ -3,13 +3,13 @@ hand-fused µGraphs of examples/fused.py, which must equal their specs and their
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from graphs import import_fused
 
 import superopt
 from superopt.serialize import graph_hash
@@ -17,14 +17,7 @@ from superopt.serialize import graph_hash
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def _import_fused():
-    spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fused = _import_fused()
+fused = import_fused()
 
 # ANCHORS.md's table, fp16: the input shapes of each workload in order, and the output shape.
 SHAPES = {

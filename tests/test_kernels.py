@@ -6,7 +6,6 @@ Shapes are small (the interpreter runs each program in numpy) but odd where padd
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import import_fused
 
 import superopt
 from superopt.kernels import compile
@@ -33,14 +33,7 @@ pytestmark = [
 ]
 
 
-def _import_fused():
-    spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fused = _import_fused()
+fused = import_fused()
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+from graphs import import_fused
 
 import superopt
 from superopt.kernels import cost
@@ -20,14 +20,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 H100 = get_device("h100")
 
 
-def _import_fused():
-    spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-fused = _import_fused()
+fused = import_fused()
 
 
 # --- devices ---------------------------------------------------------------------------------------------------

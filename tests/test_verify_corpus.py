@@ -15,7 +15,6 @@ SUPEROPT_VERIFY_MUTANTS sets the mutants drawn per source (default 100, under a 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import itertools
 import json
 import os
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import import_fused
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -63,9 +63,7 @@ ACCUM = ["accum_sum", "accum_sum_last", "accum_mean_last", "accum_max", "accum_r
 
 
 def _fused_module():
-    spec = importlib.util.spec_from_file_location("examples_fused_for_verify", EXAMPLES / "fused.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = import_fused("examples_fused_for_verify")
     for name, value in SMALL_TILES.items():
         assert hasattr(module, name), f"examples/fused.py no longer defines {name}"
         setattr(module, name, value)

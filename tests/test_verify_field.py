@@ -3,12 +3,9 @@ to an independent reference (integer arithmetic, the literal interpreter, hand-d
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
-from graphs import INPUT_SHAPES, build
+from graphs import INPUT_SHAPES, build, import_fused
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
@@ -175,11 +172,7 @@ def block_zoo() -> superopt.KernelGraph:
 
 
 def fused_module():
-    path = Path(__file__).resolve().parent.parent / "examples" / "fused.py"
-    spec = importlib.util.spec_from_file_location("examples_fused_for_verify", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_fused("examples_fused_for_verify")
 
 
 def test_batched_executor_equals_the_literal_interpreter():
