@@ -1,0 +1,308 @@
+"""search(graph): the µGraph search end to end.
+
+1. Enumerate symbolic plans (enumerator.py) by iterative deepening on the kernel count, each depth's first-level
+   choices spread over a process pool (merged in order, so a pool finds what one process finds).
+2. Size them for the device (instantiate.py): best sizes under its limits by the cost model, plans taken in
+   order of a lower bound on their cost, so sizing stops once no remaining plan can enter the top ranks.
+3. Verify the fastest: the finite-field check (superopt.verify) of the plan's small instance against the
+   program at the same dims, until KEEP candidates are accepted.
+4. Rank by kernels.cost.predict. The input program is always a candidate (so there is always an answer).
+
+The wall budget covers all of it: enumeration stops at ENUMERATE_SHARE of it, sizing at SIZE_SHARE; the best
+sized plan is verified even past the budget. The result is deterministic for a seed wherever the budget does
+not cut the enumeration (the states budget cuts it per process).
+"""
+
+from __future__ import annotations
+
+import heapq
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from superopt.errors import SuperoptError
+from superopt.ir import KernelGraph
+from superopt.kernels.cost import predict
+from superopt.kernels.device import get_device
+from superopt.search_space.enumerator import BudgetExhausted, Counts, Plan, Problem, Searcher, make_problem
+from superopt.search_space.instantiate import Sizer, concrete, resize, small_env
+from superopt.search_space.presets import Preset, get_preset
+from superopt.serialize import graph_hash, to_json
+
+KEEP = 16  # verified candidates reported, besides the input program
+SIZED = 2 * KEEP  # sizing goes on until this many plans beat every remaining lower bound
+ENUMERATE_SHARE, SIZE_SHARE = 0.75, 0.9  # of the wall budget
+
+
+@dataclass
+class Candidate:
+    """A verified µGraph: its graph, hash, kernel launches, predicted time, and verification record."""
+
+    graph: KernelGraph
+    hash: str
+    kernels: int
+    predicted_us: float
+    verify: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hash": self.hash,
+            "kernels": self.kernels,
+            "predicted_us": round(self.predicted_us, 4),
+            "verify": self.verify,
+            "mugraph": to_json(self.graph),
+        }
+
+
+@dataclass
+class SearchStats:
+    preset: str = ""
+    device: str = ""
+    workers: int = 1
+    depth: int = 0  # the deepest kernel count enumerated completely
+    exhausted: bool = False  # the wall or states budget cut the enumeration
+    states: int = 0  # search states visited (kernel and block level)
+    pruned_abstract: int = 0  # op results no expression equivalent to the program's can contain
+    pruned_limits: int = 0  # size choices beyond the device's grid, threads, shared memory or occupancy
+    pruned_shape: int = 0  # op results whose shapes or splits do not line up
+    pruned_redundant: int = 0  # tiles abstractly equal to one already in their block graph
+    plans: int = 0  # distinct symbolic µGraphs computing the program's abstract expression
+    sized: int = 0  # plans given sizes for the device
+    rejected: int = 0  # sized candidates that failed verification
+    candidates: int = 0  # reported, the input program included
+    seconds: float = 0.0
+    seconds_enumerate: float = 0.0
+    seconds_size: float = 0.0
+
+    @property
+    def pruned(self) -> int:
+        return self.pruned_abstract + self.pruned_limits
+
+    def to_json(self) -> dict[str, Any]:
+        return {"pruned": self.pruned, **asdict(self)}
+
+
+@dataclass
+class SearchResult:
+    candidates: list[Candidate]  # best first
+    stats: SearchStats = field(default_factory=SearchStats)
+
+    @property
+    def best(self) -> Candidate | None:
+        return self.candidates[0] if self.candidates else None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "candidates": [c.to_json() for c in self.candidates],
+            "stats": self.stats.to_json(),
+            "ranked_by": f"kernels.cost.predict on {self.stats.device} (analytic, microseconds)",
+        }
+
+
+# --- progress -----------------------------------------------------------------------------------------------------
+
+
+class Progress:
+    """States, pruned and plans as the search goes: a tqdm bar, plain lines every few seconds, JSON lines, or
+    nothing; on stderr."""
+
+    def __init__(self, mode: str, name: str) -> None:
+        if mode not in ("auto", "bar", "plain", "json", "none"):
+            raise SuperoptError(f"progress must be auto, bar, plain, json or none, got {mode!r}")
+        self.mode = ("bar" if sys.stderr.isatty() else "plain") if mode == "auto" else mode
+        self.name, self.last, self.bar = name, 0.0, None
+        if self.mode == "bar":
+            from tqdm import tqdm
+
+            self.bar = tqdm(desc=f"search {name}", unit=" states", file=sys.stderr, leave=False)
+
+    def update(self, stage: str, stats: SearchStats, force: bool = False) -> None:
+        now = time.monotonic()
+        fields = {"stage": stage, "states": stats.states, "pruned": stats.pruned, "plans": stats.plans}
+        fields["candidates"] = stats.candidates
+        if self.bar is not None:
+            self.bar.update(stats.states - self.bar.n)
+            self.bar.set_postfix(fields, refresh=False)
+        elif self.mode != "none" and (force or now - self.last >= 2.0):
+            if self.mode == "json":
+                import json
+
+                print(json.dumps({"search": self.name, **fields}), file=sys.stderr, flush=True)
+            else:
+                print(f"search {self.name}: " + ", ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr)
+            self.last = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# --- enumeration, in one process or a pool ---------------------------------------------------------------------------
+
+_WORKER: Searcher | None = None
+
+
+def _worker_init(graph: KernelGraph, preset: Preset, prune: bool, deadline: float, max_states: int) -> None:
+    global _WORKER
+    _WORKER = Searcher(make_problem(graph), preset, 1, deadline, max_states, prune)
+
+
+def _worker_run(job: tuple[int, tuple]) -> tuple[list[Plan], Counts, bool]:
+    searcher = _WORKER
+    assert searcher is not None
+    searcher.depth, root = job
+    searcher.found, searcher.counts = [], Counts()
+    try:
+        searcher.run_root(root)
+    except BudgetExhausted:
+        return searcher.found, searcher.counts, True
+    return searcher.found, searcher.counts, False
+
+
+def _enumerate(
+    problem: Problem, preset: Preset, prune: bool, deadline: float, workers: int, stats: SearchStats, bar: Progress
+) -> list[Plan]:
+    """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the budget."""
+    plans: dict[tuple, Plan] = {}
+    total = Counts()
+
+    def report(counts: Counts) -> None:
+        for name in ("states", "pruned_abstract", "pruned_shape", "pruned_redundant"):
+            setattr(stats, name, getattr(total, name) + getattr(counts, name))
+        stats.plans = len(plans)
+        bar.update(f"enumerate {searcher.depth} kernels", stats)
+
+    def collect(found: list[Plan], counts: Counts) -> None:
+        for plan in found:
+            plans.setdefault(plan.key(), plan)
+        total.add(counts)
+        report(Counts())
+
+    searcher = Searcher(problem, preset, 1, deadline, preset.max_states, prune, on_state=report)
+    pool = None
+    if workers > 1:
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline, preset.max_states))
+    try:
+        for depth in range(1, preset.kernel_ops + 1):
+            searcher.depth = depth
+            roots = searcher.roots()
+            if pool is None:
+                try:
+                    for root in roots:
+                        searcher.run_root(root)
+                except BudgetExhausted:
+                    stats.exhausted = True
+                collect(searcher.found, searcher.counts)
+                searcher.found, searcher.counts = [], Counts()
+            else:
+                for found, counts, cut in pool.imap(_worker_run, [(depth, r) for r in roots]):
+                    collect(found, counts)
+                    stats.exhausted |= cut
+            if stats.exhausted:
+                break
+            stats.depth = depth
+    finally:
+        if pool is not None:
+            pool.terminate()
+    return list(plans.values())
+
+
+def _size(plans: list[Plan], sizer: Sizer, deadline: float, stats: SearchStats, bar: Progress) -> list[tuple]:
+    """(predicted us, plan, sizes) of the plans that fit, fastest first; plans are taken in order of their lower
+    bounds until SIZED of them beat every bound left (or the deadline passes)."""
+    sized: list[tuple[float, int, Plan, dict[str, int]]] = []
+    top: list[float] = []  # a max-heap (negated) of the SIZED fastest
+    for bound, k in sorted((sizer.lower_bound(p), k) for k, p in enumerate(plans)):
+        if len(top) == SIZED and bound >= -top[0] or sized and time.monotonic() > deadline:
+            break
+        best = sizer.best(plans[k])
+        stats.sized += 1
+        stats.pruned_limits = sizer.rejected
+        bar.update("size", stats)
+        if best is not None:
+            sized.append((best[0], k, plans[k], best[1]))
+            heapq.heappush(top, -best[0])
+            if len(top) > SIZED:
+                heapq.heappop(top)
+    sized.sort(key=lambda x: (x[0], len(x[2].ops), x[1]))
+    return [(us, plan, env) for us, _, plan, env in sized]
+
+
+def _verify(problem: Problem, plan: Plan, seed: int) -> dict[str, Any]:
+    """The finite-field check of the plan's small instance against the program at the same dims."""
+    from superopt.verify import verify  # z3 and the field evaluator load only when a search verifies
+
+    env = small_env(problem, plan)
+    small = resize(problem, env)
+    result = verify(small, concrete(problem, plan, env), seed=seed)
+    inputs = ", ".join(f"{n}{list(small.tensors[n].shape)}" for n in small.inputs)
+    return {
+        "equivalent": result.equivalent,
+        "method": result.method,
+        "tests": result.tests,
+        "bound": result.bound,
+        "seed": result.seed,
+        "checked": f"the same µGraph structure at small sizes (inputs {inputs}; grid axes and loops 2)",
+    }
+
+
+def search(
+    graph: KernelGraph,
+    preset: str | None = None,
+    budget_s: float = 120.0,
+    device: str = "h100",
+    seed: int = 0,
+    workers: int | None = None,
+    prune: bool = True,
+    progress: str = "auto",
+    on_candidate: Callable[[Candidate], None] | None = None,
+) -> SearchResult:
+    """Verified µGraphs computing `graph`, ranked by predicted time on `device`, best first (see module doc).
+    `preset` defaults to the spec's `search: {preset}`, else "default"; `workers` to the CPU count; `prune=False`
+    turns off abstract-expression pruning (for tests: the space grows fast). `on_candidate` sees each candidate
+    as it is accepted."""
+    start = time.monotonic()
+    spec = get_device(device)
+    chosen = get_preset(preset or graph.search_settings.get("preset"))
+    problem = make_problem(graph)
+    stats = SearchStats(preset=chosen.name, device=spec.name, workers=max(1, workers or os.cpu_count() or 1))
+    bar = Progress(progress, graph.name)
+    accept = on_candidate or (lambda c: None)
+    try:
+        plans = _enumerate(problem, chosen, prune, start + ENUMERATE_SHARE * budget_s, stats.workers, stats, bar)
+        stats.seconds_enumerate = round(time.monotonic() - start, 3)
+        sized = _size(plans, Sizer(problem, spec), start + SIZE_SHARE * budget_s, stats, bar)
+        stats.seconds_size = round(time.monotonic() - start - stats.seconds_enumerate, 3)
+
+        identity = {"method": "identity", "tests": 0, "bound": 0.0, "checked": "the input program itself"}
+        candidates = [Candidate(graph, graph_hash(graph), len(graph.ops), predict(graph, spec).us, identity)]
+        accept(candidates[0])
+        seen = {candidates[0].hash}
+        for _, plan, env in sized:
+            if len(candidates) > KEEP or (len(candidates) > 1 and time.monotonic() > start + budget_s):
+                break
+            found = concrete(problem, plan, env)
+            h = graph_hash(found)
+            if h in seen:
+                continue
+            seen.add(h)
+            record = _verify(problem, plan, seed * 1_000_003 + int(h[:8], 16))
+            if record.pop("equivalent") is not True:
+                stats.rejected += 1
+                continue
+            candidates.append(Candidate(found, h, len(found.ops), predict(found, spec).us, record))
+            accept(candidates[-1])
+            stats.candidates = len(candidates)
+            bar.update("verify", stats)
+        candidates.sort(key=lambda c: (c.predicted_us, c.kernels, c.hash))
+        stats.candidates = len(candidates)
+        stats.seconds = round(time.monotonic() - start, 3)
+        bar.update("done", stats, force=True)
+    finally:
+        bar.close()
+    return SearchResult(candidates, stats)

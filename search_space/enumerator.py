@@ -1,0 +1,626 @@
+"""The depth-first µGraph enumerator: kernel graphs of predefined and graph-defined ops, block graphs inside.
+
+Everything here is symbolic (search_space/dims.py): a graph-defined op is chosen as its inputs, the dim class
+each grid axis splits, and the class or upstream grid axis its forloop splits; sizes come later
+(search_space/instantiate.py). Maps follow the classes: a grid axis over class C splits, in every block input,
+the dim of class C (an input without one is replicated), and so does the loop; the omap of a grid axis is the
+output dim its split reached, or, where a reduction consumed it (partial sums, e.g. split-KV), a free dim the
+partials are concatenated along. A loop may also split a dim an upstream kernel concatenated partials along; it
+then has that grid axis's size (the combine kernel of split-KV). Grid axes split the classes of the program's
+outputs (and, where the preset allows partial results, reduced classes); loops split reduced classes.
+
+Ops are added in canonical order, so each graph is built once: an op's rank is (its newest operand, its operands,
+its type, its attributes), and each new op ranks above the previous one. Every new tensor or tile must pass the
+abstract-expression check (unless pruning is off); shapes and labels (which grid axes and loop split each tile
+dim) must line up. A block graph closes when no tile inside the loop is left unconsumed; the tiles left after the
+loop are its outputs. A block graph without a loop gets one accum_sum per output (the identity) when built.
+
+The kernel level is searched by iterative deepening (`depth` kernels at a time, by the caller), so the cheap
+few-kernel candidates are all found before the budget goes to deeper ones. Block graphs are memoized per
+(inputs, maps), op results per (op, operand tiles): a block graph met again under another kernel prefix costs
+a lookup.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
+
+from superopt.errors import SuperoptError
+from superopt.ir import KernelGraph
+from superopt.ops import OPS
+from superopt.search_space import abstract_expr as ae
+from superopt.search_space.dims import UNIT, Dim, ddiv, dim_classes, dmul, is_cat, sym
+from superopt.search_space.presets import Preset, usable
+
+OP_ORDER = {name: k for k, name in enumerate(OPS)}
+COMMUTATIVE = {"add", "mul"}
+LOOP = "loop"  # the label of a tile dim split by the forloop
+
+
+@dataclass(frozen=True)
+class Tile:
+    """A tensor of the search: a kernel tensor, or a block tile (with labels and its side of the loop)."""
+
+    shape: tuple[Dim, ...]
+    value: ae.Value
+    labels: tuple[frozenset, ...]
+    after: bool = False
+
+    def __post_init__(self) -> None:  # tiles key the caches: hash once
+        object.__setattr__(self, "_hash", hash((self.shape, self.value, self.labels, self.after)))
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __reduce__(self) -> tuple:  # rehash where unpickled: string hashes differ between processes
+        return (Tile, (self.shape, self.value, self.labels, self.after))
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """A block graph, symbolically. Grid axis a has size symbol g{index}_{a}; the loop has `loop_sym`."""
+
+    index: int
+    axes: tuple[str, ...]  # the class symbol each grid axis splits
+    loop: str | None  # the class the loop splits, an upstream grid symbol (tied), or None (no loop)
+    inputs: tuple[tuple[int, tuple[int | None, ...], int | None], ...]  # (kernel tensor, imap, fmap)
+    ops: tuple[tuple[str, tuple[int, ...], tuple], ...]  # (op, operand tiles, attrs as items)
+    tiles: tuple[Tile, ...]
+    outputs: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (tile, omap)
+
+    @property
+    def loop_sym(self) -> str | None:
+        return None if self.loop is None else self.loop if self.loop.startswith("g") else f"f{self.index}"
+
+    def grid_syms(self) -> tuple[str, ...]:
+        return tuple(f"g{self.index}_{a}" for a in range(len(self.axes)))
+
+    def key(self) -> tuple:
+        """Its structure without the abstract values: deterministic in every process (hash seeds aside)."""
+        return (self.axes, self.loop or "", self.inputs, self.ops, self.outputs)
+
+
+@dataclass(frozen=True)
+class KernelOp:
+    op: str
+    inputs: tuple[int, ...]
+    attrs: tuple
+    block: BlockPlan | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A candidate µGraph, symbolically: kernel ops over tensors numbered program inputs first."""
+
+    ops: tuple[KernelOp, ...]
+    tensors: tuple[Tile, ...]
+    outputs: tuple[int, ...]
+
+    def key(self) -> tuple:
+        return tuple((o.op, o.inputs, o.attrs, o.block.key() if o.block else ()) for o in self.ops) + (self.outputs,)
+
+
+@dataclass
+class Counts:
+    """What the enumerator saw: states visited, and the op attempts each check turned down."""
+
+    states: int = 0
+    pruned_abstract: int = 0  # the result cannot be part of an expression equivalent to the program's
+    pruned_shape: int = 0  # shapes or split labels do not line up, or too many tensors are left to consume
+    pruned_redundant: int = 0  # a tile abstractly equal to one the block graph already has
+    plans: int = 0
+
+    def add(self, other: Counts) -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+class BudgetExhausted(Exception):
+    pass
+
+
+# --- shapes and labels ----------------------------------------------------------------------------------------
+
+
+def _broadcast(a: Tile, b: Tile) -> tuple[tuple[Dim, ...], tuple[frozenset, ...]] | None:
+    n = max(len(a.shape), len(b.shape))
+    shape: list[Dim] = []
+    labels: list[frozenset] = []
+    for k in range(1, n + 1):
+        da = a.shape[-k] if k <= len(a.shape) else None
+        db = b.shape[-k] if k <= len(b.shape) else None
+        la = a.labels[-k] if da is not None else frozenset()
+        lb = b.labels[-k] if db is not None else frozenset()
+        if da is None or da == UNIT:
+            shape.append(db if db is not None else UNIT)
+            labels.append(lb)
+        elif db is None or db == UNIT or (db == da and lb == la):
+            shape.append(da)
+            labels.append(la)
+        else:
+            return None
+    return tuple(reversed(shape)), tuple(reversed(labels))
+
+
+def _no_repeated_axis(labels: tuple[frozenset, ...]) -> bool:
+    seen: set = set()
+    for ls in labels:
+        axes = {x for x in ls if x != LOOP}
+        if axes & seen:
+            return False
+        seen |= axes
+    return True
+
+
+def infer(op: str, args: list[Tile], attrs: dict) -> tuple[tuple[Dim, ...], tuple[frozenset, ...]] | None:
+    """Symbolic output shape and labels of `op`, or None where the operands do not line up."""
+    kind = OPS[op].kind
+    a = args[0]
+    if kind in ("unary", "scalar", "norm"):
+        return a.shape, a.labels
+    if kind == "binary" or op == "accum_rescaled_sum":
+        out = _broadcast(a, args[1])
+        if out is None or (op == "accum_rescaled_sum" and out[0] != a.shape):
+            return None
+        return out if op != "accum_rescaled_sum" else (a.shape, tuple(ls - {LOOP} for ls in a.labels))
+    if kind == "matmul":
+        b = args[1]
+        if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[-1] != b.shape[-2] or a.labels[-1] != b.labels[-2]:
+            return None
+        batch = _broadcast(Tile(a.shape[:-2], a.value, a.labels[:-2]), Tile(b.shape[:-2], b.value, b.labels[:-2]))
+        if batch is None:
+            return None
+        labels = batch[1] + (a.labels[-2], b.labels[-1])
+        return (batch[0] + (a.shape[-2], b.shape[-1]), labels) if _no_repeated_axis(labels) else None
+    if kind == "reduce":
+        d = attrs["dim"]
+        if attrs["keepdim"]:
+            return a.shape[:d] + (UNIT,) + a.shape[d + 1 :], a.labels[:d] + (frozenset(),) + a.labels[d + 1 :]
+        return a.shape[:d] + a.shape[d + 1 :], a.labels[:d] + a.labels[d + 1 :]
+    if kind == "concat":
+        b, d = args[1], attrs["dim"]
+        if len(a.shape) != len(b.shape):
+            return None
+        if any((a.shape[k], a.labels[k]) != (b.shape[k], b.labels[k]) for k in range(len(a.shape)) if k != d):
+            return None
+        shape = a.shape[:d] + (("cat", a.shape[d], b.shape[d]),) + a.shape[d + 1 :]
+        return shape, a.labels[:d] + (a.labels[d] | b.labels[d],) + a.labels[d + 1 :]
+    if kind == "accum":
+        labels = tuple(ls - {LOOP} for ls in a.labels)
+        if op in ("accum_sum", "accum_max"):
+            return a.shape, labels
+        if is_cat(a.shape[-1]):
+            return None
+        return a.shape[:-1] + (UNIT,), labels[:-1] + (frozenset(),)
+    raise SuperoptError(f"search: no shape rule for op '{op}'")
+
+
+# --- the program ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Problem:
+    """The program to search for, in the search's symbolic terms."""
+
+    graph: KernelGraph
+    shapes: dict[str, tuple[Dim, ...]]  # symbolic shape of every program tensor
+    inputs: tuple[Tile, ...]
+    target: ae.Target
+    target_shapes: tuple[tuple[Dim, ...], ...]
+    sizes: dict[str, int]  # class symbol -> size
+    eps: tuple[float, ...]  # eps values of the program's norms
+    constants: tuple[float, ...]  # c values of its scalar ops
+    kernel_ops: tuple[str, ...]  # predefined ops that may appear at kernel level
+    kept: frozenset[str]  # classes of the outputs' dims
+    reduced: frozenset[str]  # classes some op reduces (contracts, sums, normalizes over)
+
+
+def make_problem(graph: KernelGraph) -> Problem:
+    shapes, sizes = dim_classes(graph)
+    values: dict[str, ae.Value] = {n: ae.leaf(n) for n in graph.inputs}
+    reduced: set[str] = set()
+    for op in graph.ops:
+        if op.block is not None:
+            raise SuperoptError(
+                f"search: '{graph.name}' has graph-defined ops; search takes a program of predefined ops"
+            )
+        ins = tuple(shapes[i] for i in op.inputs)
+        v = ae.apply(op.op, tuple(values[i] for i in op.inputs), ae.Ctx(ins, op.attrs, UNIT))
+        if v is None:
+            raise SuperoptError(f"search: op '{op.op}' of '{graph.name}' has no abstract expression")
+        values[op.outputs[0]] = v
+        dim = {"matmul": -1, "norm": -1, "reduce": op.attrs.get("dim")}.get(OPS[op.op].kind)
+        if dim is not None:
+            reduced.update(s for s, _ in ins[0][dim])
+    return Problem(
+        graph=graph,
+        shapes=shapes,
+        inputs=tuple(Tile(shapes[n], values[n], tuple(frozenset() for _ in shapes[n])) for n in graph.inputs),
+        target=ae.Target([values[o] for o in graph.outputs]),
+        target_shapes=tuple(shapes[o] for o in graph.outputs),
+        sizes=sizes,
+        eps=tuple(dict.fromkeys(op.attrs["eps"] for op in graph.ops if "eps" in op.attrs)) or (1e-6,),
+        constants=tuple(dict.fromkeys(op.attrs["c"] for op in graph.ops if "c" in op.attrs)),
+        kernel_ops=tuple(dict.fromkeys(op.op for op in graph.ops)),
+        kept=frozenset(s for o in graph.outputs for d in shapes[o] for s, _ in d),
+        reduced=frozenset(reduced),
+    )
+
+
+# --- the search -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelState:
+    tensors: tuple[Tile, ...]
+    uses: tuple[int, ...]
+    origin: tuple[int, ...]  # producing kernel op of each tensor, -1 for inputs
+    ops: tuple[KernelOp, ...]
+    last_rank: tuple = ()
+
+    @property
+    def graph_defs(self) -> int:
+        return sum(op.block is not None for op in self.ops)
+
+
+@dataclass(frozen=True)
+class BlockState:
+    plan: BlockPlan
+    uses: tuple[int, ...]
+    last_rank: tuple = ()
+
+
+def _rank(inputs: tuple[int, ...], op: str, attrs: tuple) -> tuple:
+    return (max(inputs), inputs, OP_ORDER[op], attrs)
+
+
+@dataclass
+class Searcher:
+    """The DFS for plans of exactly `depth` kernels under a preset's limits (set `depth` for each pass; the
+    caches carry over); `roots` splits its first level for a process pool. Raises BudgetExhausted past
+    `deadline` (monotonic seconds) or `max_states` states; `found` keeps what was found until then."""
+
+    problem: Problem
+    preset: Preset
+    depth: int
+    deadline: float = float("inf")
+    max_states: int = 10**9  # in this process
+    prune: bool = True
+    on_state: Callable[[Counts], None] | None = None  # progress, every 256 states
+    counts: Counts = field(default_factory=Counts)
+    found: list[Plan] = field(default_factory=list)
+    visited: int = 0  # states over all passes, against max_states
+    _blocks_memo: dict = field(default_factory=dict)
+    _results: dict = field(default_factory=dict)
+    _attrs: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        functions, program_ops = self.problem.target.functions, set(self.problem.kernel_ops)
+        self.kernel_op_names = usable(self.problem.kernel_ops, functions, program_ops)
+        self.block_op_names = usable(self.preset.block_op_names, functions, program_ops)
+
+    def initial(self) -> KernelState:
+        n = len(self.problem.inputs)
+        return KernelState(self.problem.inputs, (0,) * n, (-1,) * n, ())
+
+    def _visit(self) -> None:
+        self.counts.states += 1
+        self.visited += 1
+        if self.visited >= self.max_states or (self.visited % 64 == 0 and time.monotonic() > self.deadline):
+            raise BudgetExhausted
+        if self.on_state is not None and self.counts.states % 256 == 0:
+            self.on_state(self.counts)
+
+    # -- kernel level --
+
+    def roots(self) -> list[tuple]:
+        """The first-level choices: ('op', op, inputs, attrs) or ('block', inputs, axes, loop)."""
+        return list(self._kernel_choices(self.initial()))
+
+    def run_root(self, root: tuple) -> None:
+        """Appends the plans under one first-level choice to `found`, in DFS order."""
+        self._expand(self.initial(), root, self.found)
+
+    def _expand(self, state: KernelState, choice: tuple, found: list[Plan]) -> None:
+        if choice[0] == "op":
+            nxt = self._add_kernel_op(state, KernelOp(choice[1], choice[2], choice[3]))
+            if nxt is not None:
+                self._kernel_dfs(nxt, found)
+            return
+        for block in self._block_plans(state, *choice[1:]):
+            nxt = self._add_graph_def(state, block)
+            if nxt is not None:
+                self._kernel_dfs(nxt, found)
+
+    def _kernel_dfs(self, state: KernelState, found: list[Plan]) -> None:
+        self._visit()
+        plan = self._complete(state)
+        if plan is not None:
+            if len(plan.ops) == self.depth:  # shallower plans were found at their own depth
+                self.counts.plans += 1
+                found.append(plan)
+            return
+        if len(state.ops) < self.depth:
+            for choice in self._kernel_choices(state):
+                self._expand(state, choice, found)
+
+    def _kernel_choices(self, state: KernelState) -> Iterator[tuple]:
+        n = len(state.tensors)
+        for op in self.kernel_op_names:
+            d = OPS[op]
+            for inputs in itertools.product(range(n), repeat=d.arity):
+                if d.arity == 2 and (inputs[0] == inputs[1] or (op in COMMUTATIVE and inputs[0] > inputs[1])):
+                    continue
+                for attrs in self._attr_choices(op, len(state.tensors[inputs[0]].shape)):
+                    if _rank(inputs, op, attrs) > state.last_rank:
+                        yield ("op", op, inputs, attrs)
+        if state.graph_defs >= self.preset.graph_defs:
+            return
+        dangling = {k for k in range(len(self.problem.inputs), n) if state.uses[k] == 0}
+        for size in range(1, self.preset.block_inputs + 1):
+            for inputs in itertools.combinations(range(n), size):
+                if not dangling <= set(inputs) or _rank(inputs, "graph_def", ())[:3] < state.last_rank[:3]:
+                    continue
+                for axes, loop in self._maps_choices(state, inputs):
+                    yield ("block", inputs, axes, loop)
+
+    def _attr_choices(self, op: str, rank: int) -> list[tuple]:
+        """The attributes tried for `op` on a first operand of rank `rank`."""
+        hit = self._attrs.get((op, rank))
+        if hit is None:
+            hit = self._attrs[op, rank] = self._new_attr_choices(op, rank)
+        return hit
+
+    def _new_attr_choices(self, op: str, rank: int) -> list[tuple]:
+        d = OPS[op]
+        if d.kind in ("reduce", "concat"):
+            keep = (("keepdim", True),) if d.kind == "reduce" else ()
+            return [(("dim", k),) + keep for k in range(rank)]
+        if "eps" in dict(d.attrs):
+            return [(("eps", e),) for e in self.problem.eps]
+        if "c" in dict(d.attrs):
+            return [(("c", c),) for c in self.problem.constants]
+        return [()]
+
+    def _check(self, value: ae.Value | None) -> str:
+        """'' if `value` may stay, else the counter it is pruned under."""
+        if value is None:
+            return "pruned_shape"
+        if self.prune and not self.problem.target.may_be_subexpr(value):
+            return "pruned_abstract"
+        return ""
+
+    def _add_kernel_op(self, state: KernelState, op: KernelOp) -> KernelState | None:
+        args = [state.tensors[i] for i in op.inputs]
+        attrs = dict(op.attrs)
+        shaped = infer(op.op, args, attrs)
+        value = None
+        if shaped is not None:
+            value = ae.apply(op.op, tuple(a.value for a in args), ae.Ctx(tuple(a.shape for a in args), attrs, UNIT))
+        why = self._check(value)
+        if why:
+            setattr(self.counts, why, getattr(self.counts, why) + 1)
+            return None
+        return self._append(state, op, [Tile(shaped[0], value, shaped[1])], _rank(op.inputs, op.op, op.attrs))
+
+    def _append(self, state: KernelState, op: KernelOp, outs: list[Tile], rank: tuple) -> KernelState | None:
+        uses = list(state.uses)
+        for i in set(op.inputs):
+            uses[i] += 1
+        new = KernelState(
+            state.tensors + tuple(outs),
+            tuple(uses) + (0,) * len(outs),
+            state.origin + (len(state.ops),) * len(outs),
+            state.ops + (op,),
+            rank,
+        )
+        dangling = sum(1 for k in range(len(self.problem.inputs), len(new.tensors)) if new.uses[k] == 0)
+        if dangling - len(self.problem.target.outputs) > self.depth - len(new.ops):
+            self.counts.pruned_shape += 1
+            return None
+        return new
+
+    def _add_graph_def(self, state: KernelState, block: BlockPlan) -> KernelState | None:
+        outs = []
+        g = block.grid_syms()
+        for tile_idx, omap in block.outputs:
+            tile = block.tiles[tile_idx]
+            shape = list(tile.shape)
+            for a, d in enumerate(omap):
+                shape[d] = dmul(shape[d], sym(g[a]))
+            outs.append(Tile(tuple(shape), tile.value, tuple(frozenset() for _ in shape)))
+        op = KernelOp("graph_def", tuple(i for i, _, _ in block.inputs), (), block)
+        rank = _rank(op.inputs, "graph_def", block.key())
+        if rank <= state.last_rank:
+            return None
+        return self._append(state, op, outs, rank)
+
+    def _complete(self, state: KernelState) -> Plan | None:
+        outputs = []
+        for value, shape in zip(self.problem.target.outputs, self.problem.target_shapes):
+            match = [k for k, t in enumerate(state.tensors) if t.value == value and t.shape == shape]
+            if not match:
+                return None
+            outputs.append(match[-1])
+        live = set()
+        stack = [state.origin[o] for o in outputs]
+        while stack:
+            k = stack.pop()
+            if k >= 0 and k not in live:
+                live.add(k)
+                stack.extend(state.origin[i] for i in state.ops[k].inputs)
+        if len(live) != len(state.ops):
+            return None
+        return Plan(state.ops, state.tensors, tuple(outputs))
+
+    # -- block level --
+
+    def _maps_choices(
+        self, state: KernelState, inputs: tuple[int, ...]
+    ) -> Iterator[tuple[tuple[str, ...], str | None]]:
+        symbols = sorted({s for i in inputs for d in state.tensors[i].shape if not is_cat(d) for s, e in d if e > 0})
+        p = self.problem
+        loops: list[str | None] = [None] if self.preset.allow_no_loop else []
+        if self.preset.allow_loop:
+            loops += [s for s in symbols if s in p.reduced or s.startswith("g")]
+        classes = [s for s in symbols if s in p.kept or (self.preset.split_reductions and s in p.reduced)]
+        for n_axes in range(1, self.preset.grid_axes + 1):
+            for axes in itertools.combinations(classes, n_axes):
+                for loop in loops:
+                    yield axes, loop
+
+    @staticmethod
+    def _split_dim(shape: tuple[Dim, ...], symbol: str) -> int | None | bool:
+        """The one dim of `shape` that `symbol` splits (None if none; False if it cannot: several dims hold it,
+        or it is not the outer factor of its dim). A dim with two factors holds an upstream kernel's partials,
+        concatenated with its grid axis outermost: only a loop over that axis may split it."""
+        found = [k for k, d in enumerate(shape) if not is_cat(d) and dict(d).get(symbol, 0) > 0]
+        if len(found) > 1:
+            return False
+        if not found:
+            return None
+        factors = [s for s, e in shape[found[0]] if e > 0]
+        return found[0] if len(factors) == 1 or (len(factors) == 2 and symbol.startswith("g")) else False
+
+    def _block_plans(self, state: KernelState, inputs: tuple[int, ...], axes: tuple[str, ...], loop: str | None):
+        """Every closed block graph over `inputs` with these maps (memoized)."""
+        key = (inputs, tuple(state.tensors[i] for i in inputs), axes, loop, state.graph_defs)
+        plans = self._blocks_memo.get(key)
+        if plans is None:
+            plans = self._blocks_memo[key] = list(self._open_block(state, inputs, axes, loop))
+        return plans
+
+    def _open_block(self, state: KernelState, inputs: tuple[int, ...], axes: tuple[str, ...], loop: str | None):
+        plan = BlockPlan(state.graph_defs, axes, loop, (), (), ())
+        g, loop_sym = plan.grid_syms(), plan.loop_sym
+        maps, tiles = [], []
+        for i in inputs:
+            t = state.tensors[i]
+            imap = tuple(self._split_dim(t.shape, c) for c in axes)
+            fmap = self._split_dim(t.shape, loop) if loop is not None else None
+            if any(d is False for d in imap) or fmap is False:
+                return
+            shape, labels = list(t.shape), [set() for _ in t.shape]
+            for a, d in enumerate(imap):
+                if d is not None:
+                    shape[d] = ddiv(shape[d], sym(g[a]))
+                    labels[d].add(a)
+            if fmap is not None:
+                shape[fmap] = ddiv(shape[fmap], sym(loop_sym))
+                labels[fmap].add(LOOP)
+            maps.append((i, imap, fmap))
+            tiles.append(Tile(tuple(shape), t.value, tuple(frozenset(x) for x in labels)))
+        if loop is not None and all(f is None for _, _, f in maps):
+            return
+        plan = BlockPlan(plan.index, axes, loop, tuple(maps), (), tuple(tiles))
+        yield from self._block_dfs(BlockState(plan, (0,) * len(tiles)))
+
+    def _block_dfs(self, state: BlockState) -> Iterator[BlockPlan]:
+        self._visit()
+        yield from self._close(state)
+        plan = state.plan
+        if len(plan.ops) >= self.preset.block_ops:
+            return
+        n = len(plan.tiles)
+        for newest in range(state.last_rank[0] if state.last_rank else 0, n):
+            for op in self.block_op_names:
+                d = OPS[op]
+                if d.kind == "accum" and plan.loop_sym is None:
+                    continue
+                if d.arity == 1:
+                    tuples: Iterator[tuple[int, ...]] = iter([(newest,)])
+                else:
+                    tuples = itertools.chain(
+                        ((i, newest) for i in range(newest + 1)), ((newest, i) for i in range(newest))
+                    )
+                for operands in tuples:
+                    if d.arity == 2 and operands[0] == operands[1] and op != "matmul":
+                        continue
+                    if op in COMMUTATIVE and operands[0] > operands[1]:
+                        continue
+                    for attrs in self._attr_choices(op, len(plan.tiles[operands[0]].shape)):
+                        rank = _rank(operands, op, attrs)
+                        if rank <= state.last_rank:
+                            continue
+                        nxt = self._add_block_op(state, op, operands, attrs, rank)
+                        if nxt is not None:
+                            yield from self._block_dfs(nxt)
+
+    def _result(self, op: str, args: tuple[Tile, ...], attrs: tuple, loop_sym: str | None) -> Tile | str:
+        """The tile `op` makes of `args`, or the counter it is pruned under; cached."""
+        key = (op, args, attrs, loop_sym)
+        hit = self._results.get(key)
+        if hit is None:
+            hit = self._results[key] = self._new_result(op, args, attrs, loop_sym)
+        return hit
+
+    def _new_result(self, op: str, args: tuple[Tile, ...], attrs: tuple, loop_sym: str | None) -> Tile | str:
+        is_accum = OPS[op].kind == "accum"
+        sides = {a.after for a in args}
+        if (is_accum and True in sides) or len(sides) > 1:
+            return "pruned_shape"  # every path passes exactly one accumulator
+        cats = [isinstance(a.value, ae.Cat) for a in args]
+        if any(cats) and op != "matmul":
+            return "pruned_shape"  # a concatenation pays off only as a matmul operand, where its parts' products add
+        if op == "concat" and (any(cats) or args[0].value == args[1].value or attrs[0][1] < len(args[0].shape) - 2):
+            return "pruned_shape"  # so: two different tiles, along a dim a matmul contracts
+        attr_dict = dict(attrs)
+        shaped = infer(op, list(args), attr_dict)
+        value = None
+        if shaped is not None:
+            loop = sym(loop_sym) if loop_sym else UNIT
+            value = ae.apply(op, tuple(a.value for a in args), ae.Ctx(tuple(a.shape for a in args), attr_dict, loop))
+        return self._check(value) or Tile(shaped[0], value, shaped[1], is_accum or args[0].after)
+
+    def _add_block_op(self, state: BlockState, op: str, operands: tuple[int, ...], attrs: tuple, rank: tuple):
+        plan = state.plan
+        tile = self._result(op, tuple(plan.tiles[i] for i in operands), attrs, plan.loop_sym)
+        if isinstance(tile, str):
+            setattr(self.counts, tile, getattr(self.counts, tile) + 1)
+            return None
+        if self.prune and tile in plan.tiles:
+            self.counts.pruned_redundant += 1  # abstractly a tile it has already (x + x, a second a @ b, ...)
+            return None
+        uses = list(state.uses)
+        for i in set(operands):
+            uses[i] += 1
+        uses.append(0)
+        dangling = sum(1 for u in uses if u == 0)
+        if dangling - self.preset.block_outputs > self.preset.block_ops - len(plan.ops) - 1:
+            self.counts.pruned_shape += 1
+            return None
+        new_plan = BlockPlan(
+            plan.index, plan.axes, plan.loop, plan.inputs, plan.ops + ((op, operands, attrs),), plan.tiles + (tile,)
+        )
+        return BlockState(new_plan, tuple(uses), rank)
+
+    def _close(self, state: BlockState) -> Iterator[BlockPlan]:
+        """The block graph with its dangling tiles as outputs, one per choice of omaps; none if it cannot close."""
+        plan = state.plan
+        if not plan.ops:
+            return
+        dangling = [k for k, u in enumerate(state.uses) if u == 0]
+        if not dangling or len(dangling) > self.preset.block_outputs:
+            return
+        if any(k < len(plan.inputs) or isinstance(plan.tiles[k].value, ae.Cat) for k in dangling):
+            return
+        if plan.loop is not None and any(not plan.tiles[k].after for k in dangling):
+            return
+        omaps = []
+        for k in dangling:
+            tile = plan.tiles[k]
+            choices = []
+            for a in range(len(plan.axes)):
+                dims = [d for d, ls in enumerate(tile.labels) if a in ls]
+                if len(dims) > 1:
+                    return
+                free = [d for d, ls in enumerate(tile.labels) if not any(x != LOOP for x in ls)]
+                choices.append(dims if dims else free)
+            omaps.append([m for m in itertools.product(*choices) if len(set(m)) == len(m)])
+        for combo in itertools.product(*omaps):
+            yield BlockPlan(
+                plan.index, plan.axes, plan.loop, plan.inputs, plan.ops, plan.tiles, tuple(zip(dangling, combo))
+            )

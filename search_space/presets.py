@@ -1,0 +1,93 @@
+"""Presets: how much of the µGraph space a search explores, and which ops it may use.
+
+Like Mirage's search configurations, a preset restricts the space to what a family of programs needs: budgets
+(kernel ops, graph-defined ops, ops per block graph, states), block inputs and outputs, grid axes, whether a
+block graph loops, whether a grid axis may split a reduced dim (partial results that a later kernel combines, as
+split-KV attention does), and the block ops tried. The wall-clock budget is search()'s `budget_s`. Function ops
+(exp, silu, sqrt, ...) are further kept only where the program computes that function, since no other tensor can
+be part of its abstract expression.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from superopt.errors import SuperoptError
+
+ELEMENTWISE = ("add", "sub", "mul", "div", "exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    kernel_ops: int  # kernel launches in a candidate
+    graph_defs: int  # graph-defined kernels among them
+    block_ops: int  # ops in one block graph (the implicit accum_sum of a loop-free block not counted)
+    block_inputs: int
+    block_outputs: int
+    grid_axes: int
+    loops: str  # "required" | "optional" | "never": whether a block graph has a forloop
+    split_reductions: bool  # a grid axis may split a reduced dim
+    block_op_names: tuple[str, ...]
+    description: str
+    max_states: int = 20_000_000  # states one process visits at most
+
+    @property
+    def allow_no_loop(self) -> bool:
+        return self.loops != "required"
+
+    @property
+    def allow_loop(self) -> bool:
+        return self.loops != "never"
+
+
+PRESETS: dict[str, Preset] = {
+    p.name: p
+    for p in (
+        Preset(
+            "mlp", 2, 1, 6, 3, 1, 1, "required", False,
+            ("matmul", "mul", "div", "add", "silu", "gelu", "relu", "sigmoid", "accum_sum", "accum_rms_last"),
+            "one graph-defined kernel: one grid axis, a loop over a reduction dim, matmuls and an epilogue",
+        ),
+        Preset(
+            "lora", 2, 1, 5, 4, 1, 1, "required", False,
+            ("matmul", "concat", "add", "accum_sum"),
+            "one graph-defined kernel over up to four inputs: matmuls, concatenation, accumulation",
+        ),
+        Preset(
+            "attention", 4, 2, 5, 3, 2, 3, "required", True,
+            ("matmul", "exp", "div", "accum_sum", "accum_sum_last"),
+            "up to two graph-defined kernels (split-KV: partial sums, then a combine kernel), three grid axes",
+        ),
+        Preset(
+            "norm", 2, 1, 5, 3, 1, 1, "never", False,
+            ("add", "sub", "mul", "div", "rms_norm"),
+            "one graph-defined kernel without a loop: whole rows per block, elementwise ops and norms",
+        ),
+        Preset(
+            "default", 3, 1, 5, 3, 1, 2, "optional", True,
+            ("matmul", *ELEMENTWISE, "rms_norm", "concat", "accum_sum", "accum_sum_last", "accum_rms_last"),
+            "one graph-defined kernel with up to two grid axes, a loop or none, any op",
+        ),
+    )
+}  # fmt: skip
+
+FUNCTION_OF = {  # op -> the function it puts in an abstract expression
+    "exp": "exp", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid",
+    "sqrt": "sqrt", "rsqrt": "sqrt", "rms_norm": "sqrt", "accum_rms_last": "sqrt",
+    "max": "max", "accum_max": "max", "accum_rescaled_sum": "max",
+}  # fmt: skip
+
+
+def get_preset(name: str | None) -> Preset:
+    preset = PRESETS.get(name or "default")
+    if preset is None:
+        raise SuperoptError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
+    return preset
+
+
+def usable(ops: tuple[str, ...], functions: set[str], program_ops: set[str]) -> tuple[str, ...]:
+    """The ops whose function, if any, the program computes; sub only where the program subtracts (abstract
+    expressions forget signs, so sub would repeat every add)."""
+    keep = functions | {""}
+    return tuple(op for op in ops if FUNCTION_OF.get(op, "") in keep and (op != "sub" or program_ops & {"sub", "neg"}))
