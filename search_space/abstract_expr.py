@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import z3
 
-from superopt.ops import OPS
 from superopt.search_space.dims import UNIT, Dim, Monomial, ddiv, divides, dmul, is_cat
 
 Atom = tuple  # ("in", name) | (fn, Poly) | ("max", size, Poly) | ("poly", Poly): a sum in a denominator
@@ -400,8 +399,3 @@ def prove_equal(a: Value, b: Value, timeout_ms: int = 2000) -> bool:
         solver.add(*model.positive, lhs != rhs)
         _PROOFS[key] = solver.check() == z3.unsat
     return _PROOFS[key]
-
-
-def missing() -> list[str]:
-    """Ops without an abstract-expression rule (graph_def is expanded by the search itself)."""
-    return [n for n in OPS if n not in RULES and n != "graph_def"]

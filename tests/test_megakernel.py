@@ -21,9 +21,10 @@ from superopt.cli.megakernel_cmd import megakernel_command
 from superopt.errors import SpecError, SuperoptError
 from superopt.interpret import run
 from superopt.kernels import taskgraph
-from superopt.kernels.cuda_codegen import emit_elementwise
+from superopt.kernels.cuda_codegen import CUDA_EXPR, emit_elementwise
 from superopt.kernels.megakernel import StaleRead, replay, source
 from superopt.model import Decoder, Model, layer_programs, load_model, load_spec, random_weights
+from superopt.ops import OPS, missing_rules
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 PROMPT = [3, 17, 42, 7, 99]
@@ -131,6 +132,10 @@ def test_elementwise_emitter_rounds_each_op() -> None:
     assert code.count("rbf(") == 2  # silu and mul, each rounded to bf16 as the interpreter's native mode does
     with pytest.raises(SuperoptError, match="not elementwise"):
         emit_elementwise(progs["attn_in"], "f")
+
+
+def test_cuda_emitter_covers_every_elementwise_op() -> None:
+    assert [n for n in missing_rules(CUDA_EXPR) if OPS[n].elementwise] == []
 
 
 # --- the task graph -----------------------------------------------------------------------------------------
