@@ -65,8 +65,9 @@ def summary(result: dict[str, Any]) -> list[str]:
         )
         best = result["best"]
         if best.get("status") == "ok":
+            where = f" ({best['checked_on']})" if best.get("checked_on") else ""
             lines.append(
-                f"the winner's Triton code ran under the interpreter: error {best['error_vs_tolerance']:.3g} "
+                f"the winner's Triton code ran under the interpreter{where}: error {best['error_vs_tolerance']:.3g} "
                 "of the dtype's tolerance against the reference interpreter"
             )
         elif best.get("message"):

@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import superopt
-from superopt import search_space
+from superopt import pipeline, search_space
 from superopt.cache import Cache
 from superopt.cli.search_cmd import search_command
 from superopt.interpret import random_inputs, run
@@ -132,9 +132,17 @@ def test_offline_miss_runs_the_unfused_program(searched, tmp_path, monkeypatch):
     assert hit.exit_code == 0 and "cache hit" in hit.output
 
 
-def test_full_size_is_not_interpreted_and_says_so(tmp_path):
+def test_full_size_runs_on_one_chunk_and_says_so(tmp_path):
     spec = Path(__file__).resolve().parent.parent / "examples" / "rmsnorm_linear_bs1.yaml"
     result = CliRunner().invoke(search_command, [str(spec), "--offline", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "timing needs a GPU" in result.output
+    assert "ran under the interpreter (one chunk: w[1] in 6144 chunks; x[0] in 2 chunks)" in result.output
+
+
+def test_too_large_to_interpret_says_so(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "INTERPRETER_MAX_STEPS", 0)
+    spec = Path(__file__).resolve().parent.parent / "examples" / "rmsnorm_linear_bs1.yaml"
+    result = CliRunner().invoke(search_command, [str(spec), "--offline", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
     assert "not run under the interpreter" in result.output and "block iterations" in result.output
