@@ -134,3 +134,20 @@ def import_fused(name: str = "examples_fused"):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+# Shrunk dims: each fused kernel still has several blocks and loop iterations, and each case runs in well under
+# a second under the reference interpreter.
+FUSED_SMALL = {
+    "rmsnorm_linear_bs1": {"B": 2, "D": 512, "N": 128},
+    "rmsnorm_linear_bs8": {"B": 5, "D": 1024, "N": 192},
+    "gated_mlp": {"B": 4, "D": 512, "N": 128},
+    "gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
+    "gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
+    "qknorm_gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
+    "qknorm_gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
+    "mqa_bs1": {"B": 1, "S": 128, "D": 8, "L": 512},
+    "lora": {"B": 4, "D": 512, "N": 128, "R": 4},
+    "ntrans_bs1": {"B": 3, "D": 64},
+    "ntrans_bs8": {"B": 6, "D": 32},
+}

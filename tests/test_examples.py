@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from graphs import import_fused
+from graphs import FUSED_SMALL, import_fused
 
 import superopt
 from superopt.serialize import graph_hash
@@ -32,22 +32,6 @@ SHAPES = {
     "lora": ({"x": (16, 256), "w": (256, 4096), "a": (256, 16), "b": (16, 4096)}, (16, 4096)),
     "ntrans_bs1": ({"h": (8, 4096), "x": (8, 4096), "alpha": (8, 4096)}, (8, 4096)),
     "ntrans_bs8": ({"h": (64, 4096), "x": (64, 4096), "alpha": (64, 4096)}, (64, 4096)),
-}
-
-# Shrunk dims: each fused kernel still has several blocks and loop iterations, and each case runs in well under
-# a second under the reference interpreter.
-SMALL = {
-    "rmsnorm_linear_bs1": {"B": 2, "D": 512, "N": 128},
-    "rmsnorm_linear_bs8": {"B": 5, "D": 1024, "N": 192},
-    "gated_mlp": {"B": 4, "D": 512, "N": 128},
-    "gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
-    "gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
-    "qknorm_gqa_bs1": {"B": 2, "S": 128, "D": 8, "L": 512},
-    "qknorm_gqa_bs8": {"B": 3, "S": 64, "D": 4, "L": 1024},
-    "mqa_bs1": {"B": 1, "S": 128, "D": 8, "L": 512},
-    "lora": {"B": 4, "D": 512, "N": 128, "R": 4},
-    "ntrans_bs1": {"B": 3, "D": 64},
-    "ntrans_bs8": {"B": 6, "D": 32},
 }
 
 
@@ -110,7 +94,7 @@ def test_spec_has_anchor_shapes(name):
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
 def test_spec_computes_the_torch_program(name):
-    g = superopt.load(EXAMPLES / f"{name}.yaml", dims=SMALL[name])
+    g = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
     inputs = superopt.random_inputs(g, seed=1, scale=0.5)
     (got,) = superopt.run(g, inputs, precision="float64")
     want = TORCH[_family(name)](*(inputs[n].double() for n in g.inputs))
@@ -123,8 +107,8 @@ def test_fused_forms_cover_the_fusable_examples():
 
 @pytest.mark.parametrize("name", sorted(fused.FUSED))
 def test_fused_equals_spec(name):
-    spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=SMALL[name])
-    graph = fused.build(name, SMALL[name])
+    spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
+    graph = fused.build(name, FUSED_SMALL[name])
     assert _signature(graph) == _signature(spec)
     blocks = [op.block for op in graph.ops if op.block is not None]
     assert blocks and all(math.prod(b.grid) > 1 for b in blocks), "a degenerate tiling"
