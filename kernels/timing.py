@@ -146,7 +146,7 @@ def run_job(job: dict[str, Any]) -> Measurement:
 
     candidate = from_json(job["candidate"])
     reference = from_json(job["reference"])
-    scale = input_scale(reference, job["seed"])
+    scale = job.get("scale") or input_scale(reference, job["seed"])
     try:
         compiled = compile(candidate, job.get("backend", "triton"))
         compiled(**random_device_inputs(candidate, job["seed"], scale))
@@ -178,9 +178,11 @@ def measure(
     seed: int = 0,
     reps: int = 100,
     backend: str = "triton",
+    scale: float | None = None,
 ) -> Measurement:
     """Compiles, checks against `reference` and times `candidate` in its own process; never raises for the
-    candidate's faults."""
+    candidate's faults. `scale`: the inputs' scale (default: `input_scale(reference)`, computed there; pass it
+    when timing several candidates of one program)."""
     from superopt.serialize import to_json
 
     job = {
@@ -189,6 +191,7 @@ def measure(
         "seed": seed,
         "reps": reps,
         "backend": backend,
+        "scale": scale,
     }
     with tempfile.TemporaryDirectory(prefix="superopt-timing-") as tmp:
         job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"

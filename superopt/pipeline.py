@@ -217,7 +217,8 @@ def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: 
     """Times torch eager, torch.compile and the candidates `tried` in this run; returns the baselines."""
     from superopt.kernels.timing import input_scale, measure, random_device_inputs
 
-    inputs = random_device_inputs(program, seed, input_scale(program, seed))
+    scale = input_scale(program, seed)
+    inputs = random_device_inputs(program, seed, scale)
     args = [inputs[n] for n in program.inputs]
     fn = eager(program)
 
@@ -230,7 +231,7 @@ def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: 
         "torch.compile": _bench_or_error(compiled, cuda_graph=True),
     }
     for c in tried:
-        m = measure(c.graph, program, seed=seed)
+        m = measure(c.graph, program, seed=seed, scale=scale)
         c.trial = {"status": m.status, "measured_us": m.median_us, "error_vs_tolerance": m.error_vs_tolerance}
         if m.message:
             c.trial["message"] = m.message
