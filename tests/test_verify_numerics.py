@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_verify import DIFFERENT, SMALL, graph
+from graphs import FUSED_SMALL
+from test_verify import DIFFERENT, VERIFIED, graph
 from test_verify_field import fused_module
 
 import superopt
@@ -35,10 +36,10 @@ def _softmax(g, q, k, shift: bool):
     return g.div(e, g.sum(e, 1, keepdim=True))
 
 
-@pytest.mark.parametrize("name", sorted(SMALL))
+@pytest.mark.parametrize("name", VERIFIED)
 def test_fused_candidates_pass_the_gate(name):
-    fused = fused_module().build(name, SMALL[name])
-    spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=SMALL[name])
+    fused = fused_module().build(name, FUSED_SMALL[name])
+    spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
     result = float_gate(fused, spec)
     assert result.passed, result.reason
     assert 0 < result.error < 1e-2 and len(result.scales) == 2
@@ -47,9 +48,9 @@ def test_fused_candidates_pass_the_gate(name):
 def test_inputs_are_scaled_until_the_reference_stays_in_range():
     """The gqa spec takes an unshifted exp: at unit inputs its float64 values leave float16's range, so the gate
     uses smaller inputs; rmsnorm_linear stays in range at unit inputs."""
-    gqa = superopt.load(EXAMPLES / "gqa_bs1.yaml", dims=SMALL["gqa_bs1"])
+    gqa = superopt.load(EXAMPLES / "gqa_bs1.yaml", dims=FUSED_SMALL["gqa_bs1"])
     assert float_gate(gqa, gqa).scales[0] < 1
-    rms = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml", dims=SMALL["rmsnorm_linear_bs1"])
+    rms = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml", dims=FUSED_SMALL["rmsnorm_linear_bs1"])
     assert float_gate(rms, rms).scales == [1.0, 0.25]
 
 
