@@ -7,13 +7,16 @@ For each workload (examples/<name>.yaml at full size, fp16, inputs N(0, 0.5^2)) 
   compile        torch.compile (default mode), replayed in a CUDA graph
   max-autotune   torch.compile(mode="max-autotune-no-cudagraphs"), replayed in a CUDA graph (while the time budget
                  allows: its autotuning takes tens of seconds a workload)
-  superopt       the hand-fused µGraph of examples/fused.py compiled by superopt's Triton backend where one exists,
-                 else the spec compiled op by op; replayed in a CUDA graph
+  superopt       with --picks (a sweep.json of benchmarks/tile_sweep.py, run before on this GPU), each workload's
+                 pick: the fastest measured of the cost model's top 5 candidates, as the pipeline picks; else the
+                 hand-fused µGraph of examples/fused.py at its default tiles. Compiled by superopt's Triton
+                 backend and replayed in a CUDA graph
 Every output is checked on the GPU against the program evaluated in float64 (error / dtype tolerance <= 1).
 The floor is max(bytes of inputs and outputs / measured copy bandwidth, FLOPs / measured matmul rate).
 
     pip install -e . --no-deps --no-build-isolation            # once: superopt.kernels maps to kernels/
-    python benchmarks/peers.py --out results/peers            # everything, under 8 minutes on an H100
+    python benchmarks/tile_sweep.py --out results --search results/search_bench.json
+    python benchmarks/peers.py --out results --picks results/sweep.json   # everything, about 2 minutes
     python benchmarks/peers.py --out /tmp/p --only lora,gqa_bs1 --max-autotune none
 
 Writes OUT/peers.md and OUT/peers.json (device, date, versions, every number) and prints the table.
@@ -40,6 +43,7 @@ from superopt.kernels.cost import floor, predict
 from superopt.kernels.device import DEVICES, DeviceSpec, detect
 from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
 from superopt.pipeline import eager, fresh_compile
+from superopt.serialize import from_json
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -95,6 +99,12 @@ def measured_device(spec: DeviceSpec) -> tuple[DeviceSpec, float, float]:
     return replace(spec, dram_bytes_per_s=bandwidth, tensor_flops=flops), bandwidth, rate
 
 
+def one_launch_us() -> float:
+    """What this timing method measures for one kernel that does nothing: its lower limit for any program."""
+    x = torch.zeros(1, device="cuda")
+    return bench(lambda: x.add_(1), reps=100).median_us
+
+
 @dataclass
 class Workload:
     name: str
@@ -105,22 +115,33 @@ class Workload:
     row: dict
 
 
-def prepare(name: str, fused, spec_device: DeviceSpec, measured: DeviceSpec) -> Workload:
+def ours(name: str, fused, picks: dict) -> tuple[superopt.KernelGraph, str]:
+    """superopt's µGraph for the workload and what it is: the sweep's pick, else the fused form, else the spec."""
+    if name in picks:
+        pick = picks[name]["pick"]
+        what = " ".join(f"{k}={v}" for k, v in pick["knobs"].items())
+        return from_json(pick["mugraph"]), f"{pick['source']} {what}"
+    if name in fused.FUSED:
+        return fused.build(name), "fused"
+    return superopt.load(EXAMPLES / f"{name}.yaml"), "spec"
+
+
+def prepare(name: str, fused, picks: dict, spec_device: DeviceSpec, measured: DeviceSpec) -> Workload:
     """Inputs, float64 reference and the row's fixed numbers: the floor at the measured rates, the cost
     model's prediction at the datasheet's (it applies its own achievable fractions)."""
     spec = superopt.load(EXAMPLES / f"{name}.yaml")
     inputs = random_device_inputs(spec, seed=0, scale=input_scale(spec))
     args = [inputs[n] for n in spec.inputs]
-    ours = fused.build(name) if name in fused.FUSED else spec
+    graph, what = ours(name, fused, picks)
     row = {
         "name": name,
-        "superopt_graph": "fused" if ours is not spec else "spec",
+        "superopt_graph": what,
         "floor_us": floor(spec, measured).us,
-        "predicted_us": predict(ours, spec_device).us,
+        "predicted_us": predict(graph, spec_device).us,
         "predicted_spec_us": predict(spec, spec_device).us,
         "results": {},
     }
-    return Workload(name, spec, ours, args, reference_outputs(spec, args), row)
+    return Workload(name, spec, graph, args, reference_outputs(spec, args), row)
 
 
 def time_peer(w: Workload, label: str, make: Callable[[], Callable], cuda_graph: bool, reps: int) -> None:
@@ -145,6 +166,7 @@ def _us(result: dict | None) -> float:
 def table(rows: list[dict]) -> str:
     head = ["workload", "floor", *PEERS, "superopt", "graph", "predicted", "best peer / superopt", "floor / superopt"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ratios = []
     for row in rows:
         res = row["results"]
         cells = [row["name"], f"{row['floor_us']:.1f}"]
@@ -157,6 +179,15 @@ def table(rows: list[dict]) -> str:
         cells.append(f"{best / ours:.2f}x" if math.isfinite(ours) and math.isfinite(best) else "")
         cells.append(f"{row['floor_us'] / ours:.2f}" if math.isfinite(ours) else "")
         lines.append("| " + " | ".join(cells) + " |")
+        if math.isfinite(ours) and math.isfinite(best):
+            ratios.append(best / ours)
+    if ratios:
+        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        wins = sum(r > 1 for r in ratios)
+        lines.append(
+            f"\nsuperopt beats the best peer on {wins} of {len(ratios)} workloads; geometric mean of best peer / "
+            f"superopt: {geomean:.2f}x."
+        )
     return "\n".join(lines)
 
 
@@ -167,6 +198,7 @@ def main() -> None:
     parser.add_argument("--max-autotune", choices=["anchors", "all", "none"], default="anchors")
     parser.add_argument("--budget-s", type=float, default=360, help="no max-autotune compile starts after this")
     parser.add_argument("--reps", type=int, default=100)
+    parser.add_argument("--picks", type=Path, help="a sweep.json from benchmarks/tile_sweep.py on this GPU")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("peers.py needs a CUDA GPU")
@@ -175,9 +207,10 @@ def main() -> None:
     device, bandwidth, rate = measured_device(spec)
     names = [n for n in args.only.split(",") if n] or WORKLOADS
     fused = load_fused()
+    picks = json.loads(args.picks.read_text())["stats"] if args.picks else {}
     workloads = []
     for name in names:  # first every peer but max-autotune, whose autotuning takes tens of seconds a workload
-        w = prepare(name, fused, spec, device)
+        w = prepare(name, fused, picks, spec, device)
         program = eager(w.spec)
         time_peer(w, "eager", lambda program=program: program, False, args.reps)
         time_peer(w, "eager+graph", lambda program=program: program, True, args.reps)
@@ -196,7 +229,12 @@ def main() -> None:
         time_peer(w, "max-autotune", lambda autotuned=autotuned: autotuned, True, args.reps)
         print(f"{w.name} max-autotune: done at {time.time() - started:.0f} s", flush=True)
     rows = [w.row for w in workloads]
-    meta = run_meta(spec, started) | {"copy_bandwidth_bytes_per_s": bandwidth, "fp16_matmul_flops": rate}
+    launch = one_launch_us()
+    meta = run_meta(spec, started) | {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "fp16_matmul_flops": rate,
+        "one_empty_kernel_us": launch,
+    }
     text = table(rows)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -204,7 +242,8 @@ def main() -> None:
         f"# superopt vs peers on {meta['device']}\n\n{meta['date']}, torch {meta['torch']}, triton {meta['triton']}; "
         f"copy bandwidth {bandwidth / 1e12:.2f} TB/s, fp16 matmul {rate / 1e12:.0f} TFLOP/s. Microseconds, median "
         "of CUDA-event-timed runs, L2 flushed; all but eager replayed in a CUDA graph. A cell that is not a number "
-        "says why (wrong: fails the float64 check). best peer / superopt > 1: superopt is faster.\n\n"
+        "says why (wrong: fails the float64 check). best peer / superopt > 1: superopt is faster. One kernel that "
+        f"does nothing measures {launch:.1f} us this way.\n\n"
     )
     (out / "peers.md").write_text(header + text + "\n")
     (out / "peers.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))

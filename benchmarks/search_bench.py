@@ -11,7 +11,8 @@ grid and loop split the same dim of an input, and a combine kernel).
     python benchmarks/search_bench.py                        # all eleven, about 20 minutes on 2 cores
     python benchmarks/search_bench.py --only lora,gqa_bs1 --budget 60 --out /tmp/s
 
-Writes OUT/search_bench.md and OUT/search_bench.json and prints the table.
+Writes OUT/search_bench.md and OUT/search_bench.json (with each workload's top 5 candidates, which
+benchmarks/tile_sweep.py --search times on a GPU) and prints the table.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ONE_KERNEL = ("rmsnorm_linear", "gated_mlp", "lora", "ntrans")
 ATTENTION = ("gqa", "qknorm_gqa", "mqa")
+TOP = 5  # candidates kept per workload, as many as the pipeline times
 
 
 def _fused():
@@ -88,6 +90,7 @@ def run(name: str, budget: float, device: str, fused) -> dict:
         "ok": all(checks.values()) and stats.seconds <= budget * 1.05,
         "stats": stats.to_json(),
         "best": best.to_json(),
+        "top": [c.to_json() for c in result.candidates[:TOP]],  # what the pipeline would time on a GPU
     }
 
 

@@ -23,14 +23,17 @@ SMS = 132  # streaming multiprocessors of an H100
 
 # Tiling rule: every tile extent is the largest power of two <= a cap that divides its dim (codegen tiles are
 # powers of two, and such a tile divides any dim, full-size or shrunk for tests); the grid is dim / tile.
-# The GEMV-like kernels take COLS output columns per block (6144 -> 384 blocks, 4096 -> 256: two or three
-# resident per SM to hide DRAM latency) and CHUNK of the reduction dim per iteration. Attention takes ROWS query
+# The GEMV-like kernels take COLS output columns per block and CHUNK of the reduction dim per iteration; with
+# SPLITS > 1, rmsnorm_linear and gated_mlp also split the reduction dim over SPLITS blocks (split-K: more blocks,
+# longer contiguous rows per block) and a second kernel sums the partial products. Attention takes ROWS query
 # rows and ATTENTION_CHUNK KV positions per iteration, and the most KV splits (a power of two) that keep the grid
 # within one wave of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
 # takes COMBINE_ROWS rows per block.
 # The values are the fastest of benchmarks/tile_sweep.py on the H100 (benchmarks/results/sweep.md): 64 fp16
-# columns make 128-byte rows, a whole DRAM segment.
-COLS, CHUNK = 64, 256  # 8 warps instead of 4 measured slower (block size 256: 52 us against 36)
+# columns make 128-byte rows, a whole DRAM segment. On the H200 split-K (SPLITS=16, COLS=128, CHUNK=32) is the
+# fastest rmsnorm_linear and one kernel still the fastest gated_mlp (benchmarks/results/sweep_h200.md); the
+# benchmarks take each workload's tiles from the sweep, not from these defaults.
+COLS, CHUNK, SPLITS = 64, 256, 1  # 8 warps instead of 4 measured slower (block size 256: 52 us against 36)
 ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 128, 2, 16
 
 
@@ -58,30 +61,67 @@ def _column_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGra
     )
 
 
+def _splits(dims: Mapping[str, int]) -> int:
+    """How many slices of the reduction dim D split-K takes: SPLITS, fewer where a slice would be under a CHUNK."""
+    chunks = dims["D"] // pow2_tile(dims["D"], CHUNK)
+    return pow2_tile(chunks, SPLITS)
+
+
+def _split_products(g: superopt.KernelGraph, x: Tensor, ws: list[Tensor], dims: Mapping[str, int]) -> list[Tensor]:
+    """Split-K: block (n, s) multiplies slice s of x's D by the same rows of each w's column block n; the partial
+    products of the slices stack along the rows, (splits * B, N) each."""
+    splits = _splits(dims)
+    b = g.block_graph(
+        grid=(dims["N"] // pow2_tile(dims["N"], COLS), splits),
+        forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK) // splits,
+    )
+    xt = b.input(x, imap=(None, 1), fmap=1)
+    for w in ws:
+        b.output(b.accum_sum(b.matmul(xt, b.input(w, imap=(1, 0), fmap=0))), omap=(1, 0))
+    return g.graph_def(b, outs=[f"partial{k}" for k in range(len(ws))])
+
+
+def _combine_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
+    """The kernel after split-K: a block per COLS output columns, a loop iteration per slice."""
+    return g.block_graph(grid=(dims["N"] // pow2_tile(dims["N"], COLS),), forloop_range=_splits(dims))
+
+
 def rmsnorm_linear(dims: Mapping[str, int]) -> superopt.KernelGraph:
-    """rms_norm(x) @ w = (x @ w) / rms(x): the sum of squares and the matmul share one loop over D."""
+    """rms_norm(x) @ w = (x @ w) / rms(x): the sum of squares and the matmul share one loop over D (split-K: the
+    combine kernel's loop over the slices takes the sum of squares of x's matching slices)."""
     g = superopt.Graph("rmsnorm_linear")
     x = g.input("x", (dims["B"], dims["D"]))
     w = g.input("w", (dims["D"], dims["N"]))
-    b = _column_blocks(g, dims)
-    xt = b.input(x, imap=(None,), fmap=1)
-    wt = b.input(w, imap=(1,), fmap=0)
-    b.output(b.div(b.accum_sum(b.matmul(xt, wt)), b.accum_rms_last(xt, eps=EPS)), omap=(1,))
+    if _splits(dims) == 1:
+        b = _column_blocks(g, dims)
+        xt = b.input(x, imap=(None,), fmap=1)
+        product = b.accum_sum(b.matmul(xt, b.input(w, imap=(1,), fmap=0)))
+    else:
+        (partial,) = _split_products(g, x, [w], dims)
+        b = _combine_blocks(g, dims)
+        product = b.accum_sum(b.input(partial, imap=(1,), fmap=0))
+        xt = b.input(x, imap=(None,), fmap=1)
+    b.output(b.div(product, b.accum_rms_last(xt, eps=EPS)), omap=(1,))
     (o,) = g.graph_def(b, outs=["o"])
     g.output(o)
     return g
 
 
 def gated_mlp(dims: Mapping[str, int]) -> superopt.KernelGraph:
-    """Both matmuls accumulate in one loop over D; silu(a) * b runs in the epilogue."""
+    """Both matmuls accumulate in one loop over D (split-K: in one kernel over slices of D, whose partial
+    products the combine kernel sums); silu(a) * b runs in the epilogue."""
     g = superopt.Graph("gated_mlp")
     x = g.input("x", (dims["B"], dims["D"]))
     w1 = g.input("w1", (dims["D"], dims["N"]))
     w2 = g.input("w2", (dims["D"], dims["N"]))
-    b = _column_blocks(g, dims)
-    xt = b.input(x, imap=(None,), fmap=1)
-    a = b.accum_sum(b.matmul(xt, b.input(w1, imap=(1,), fmap=0)))
-    c = b.accum_sum(b.matmul(xt, b.input(w2, imap=(1,), fmap=0)))
+    if _splits(dims) == 1:
+        b = _column_blocks(g, dims)
+        xt = b.input(x, imap=(None,), fmap=1)
+        a, c = (b.accum_sum(b.matmul(xt, b.input(w, imap=(1,), fmap=0))) for w in (w1, w2))
+    else:
+        partials = _split_products(g, x, [w1, w2], dims)
+        b = _combine_blocks(g, dims)
+        a, c = (b.accum_sum(b.input(p, imap=(1,), fmap=0)) for p in partials)
     b.output(b.mul(b.silu(a), c), omap=(1,))
     (o,) = g.graph_def(b, outs=["o"])
     g.output(o)

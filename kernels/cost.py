@@ -10,8 +10,8 @@ Per kernel (every kernel op, predefined ones through their lowered block graphs)
   tiles) and threads give the resident blocks per SM; a block that cannot fit makes the kernel infeasible.
 - Time: the busiest SM's work (ceil(blocks / SMs) blocks: wave quantization) at its share of each rate;
   an SM reaches its bandwidth only with bandwidth x latency bytes in flight (its resident blocks' loads,
-  NUM_STAGES iterations ahead). A kernel takes its largest term; the graph sums kernels
-  and adds one launch overhead per kernel.
+  NUM_STAGES iterations ahead, or all of an unrolled loop's). A kernel takes its largest term; the graph sums
+  kernels and adds one launch overhead per kernel.
 The floor of a program is max(bytes of its inputs and outputs / bandwidth, its FLOPs / peak rate).
 """
 
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from superopt.ir import BlockGraph, KernelGraph
 from superopt.kernels.device import DeviceSpec
-from superopt.kernels.lower import lower, padded
+from superopt.kernels.lower import lower, padded, unrolled
 from superopt.ops import ACCUMULATORS, OPS, TensorType
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -36,6 +36,7 @@ SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM band
 MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
 L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
 NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
+SPILL_EXPONENT = 2  # H200: attention tiles estimated at 353 registers (255 and spills in ptxas) ran 1.2-1.3x slower
 DRAM_SEGMENT = 128  # bytes: a tile row narrower than this wastes part of every DRAM burst it touches
 ITERATION_US = 0.3  # a loop iteration's dependent chain per matmul in it (H100: ~0.3 us in the split-KV loop)
 BASE_REGISTERS = 32  # per thread: indices, pointers, loop state
@@ -208,10 +209,15 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
         bi.name: math.prod(block.tensors[bi.name].shape) * DTYPE_BYTES[bi.source.dtype] for bi in block.inputs
     }
     loop_bytes = sum(tile_bytes[bi.name] for bi in block.inputs if bi.fmap is not None)
-    ahead = NUM_STAGES * loop_bytes if block.forloop_range > 1 else sum(tile_bytes.values())
+    if unrolled(block):  # every iteration's loads issued at once, one memory latency for the whole loop
+        ahead, chain = block.forloop_range * loop_bytes + sum(tile_bytes.values()) - loop_bytes, 1
+    else:
+        ahead = NUM_STAGES * loop_bytes if block.forloop_range > 1 else sum(tile_bytes.values())
+        chain = block.forloop_range
     in_flight = max(1, min(resident, per_sm)) * ahead
     sm_bandwidth *= min(1.0, in_flight / (sm_bandwidth * MEMORY_LATENCY_S))
-    spill = max(1.0, registers / device.max_regs_per_thread)  # registers beyond the cap go to local memory
+    # registers beyond the cap go to local memory: every access to them is a round trip through L1/L2
+    spill = max(1.0, registers / device.max_regs_per_thread) ** SPILL_EXPONENT
     dtype = block.inputs[0].source.dtype
     tensor_rate = device.tensor_flops[dtype] * TENSOR_EFFICIENCY / device.sm_count
     cuda_rate = device.cuda_core_flops["float32"] / device.sm_count
@@ -226,7 +232,7 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
         memory_us=dram * share / sm_bandwidth * spill * 1e6,
         tensor_us=tensor * share / tensor_rate * spill * 1e6,
         cuda_us=cuda * share / cuda_rate * spill * 1e6,
-        latency_us=math.ceil(per_sm / max(1, resident)) * block.forloop_range * ITERATION_US * max(1, matmuls),
+        latency_us=math.ceil(per_sm / max(1, resident)) * chain * ITERATION_US * max(1, matmuls),
     )
 
 

@@ -61,13 +61,13 @@ DEVICES: dict[str, DeviceSpec] = {
         cuda_core_flops=_H100_CUDA,
     ),
     # H200 SXM: NVIDIA H200 Tensor Core GPU datasheet: the H100 SXM's GH100 die and rates, 141 GB HBM3e at
-    # 4.8 TB/s.
+    # 4.8 TB/s; torch reports 60 MB of L2 on the lent H200 (device KINDS.md, 2026-10-28).
     "h200": DeviceSpec(
         name="h200",
         sm_count=132,
         **_SM90,
         **_COMMON,
-        l2_bytes=50 * MB,
+        l2_bytes=60 * MB,
         dram_bytes_per_s=4.8 * T,
         tensor_flops=_H100_TENSOR,
         cuda_core_flops=_H100_CUDA,

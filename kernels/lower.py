@@ -14,12 +14,20 @@ from superopt.ops import OPS, TensorType
 TILE_ELEMENTS = 4096  # elements per block for non-matmul ops: 32 fp32 registers a thread at 128 threads
 MATMUL_TILE = 64  # cap on each of a lowered matmul's M, N and K tiles
 MIN_EXTENT = 16  # codegen pads tile extents 2..15 to 16 (tl.dot's minimum)
+UNROLL_LIMIT = 16  # loops without a matmul up to this range are unrolled (see `unrolled`)
 
 
 def padded(size: int) -> int:
     """The extent a tile dim of real size `size` has in registers: a power of two (Triton's rule), at least 16
     unless it is 1 (tl.dot's minimum; size-1 dims stay 1 so that broadcasting works as in the IR)."""
     return 1 if size == 1 else max(MIN_EXTENT, 1 << (size - 1).bit_length())
+
+
+def unrolled(block: BlockGraph) -> bool:
+    """Whether codegen unrolls the block's loop. Triton software-pipelines the loads of loops that feed tl.dot;
+    a short loop without one (a split-K or split-KV combine) would otherwise wait a full memory latency per
+    iteration, while unrolled its loads are all issued before the first one is used."""
+    return 1 < block.forloop_range <= UNROLL_LIMIT and not any(op.op == "matmul" for op in block.ops)
 
 
 def pow2_tile(size: int, cap: int) -> int:

@@ -35,7 +35,7 @@ import torch
 
 from superopt.errors import SuperoptError
 from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, thread_graphs
-from superopt.kernels.lower import lower, padded
+from superopt.kernels.lower import lower, padded, unrolled
 from superopt.ops import ACCUMULATORS
 
 
@@ -614,7 +614,8 @@ def block_kernel(block: BlockGraph, name: str) -> KernelSource:
     ]
     body = [f"{pid} = tl.program_id({a})" for a, pid in enumerate(pids)]
     body += [f"{em.aranges[size]} = tl.arange(0, {block_names[size]})" for size in sorted(em.aranges)]
-    body += em.pre + [f"for {it} in range({forloop}):"] + ["    " + line for line in em.loop] + em.post
+    loop = "tl.static_range" if unrolled(block) else "range"
+    body += em.pre + [f"for {it} in {loop}({forloop}):"] + ["    " + line for line in em.loop] + em.post
 
     sources = tuple(f"in{k}" for k in range(len(block.inputs)))
     graph_text = [f"#   grid={list(block.grid)} forloop_range={block.forloop_range} block_size={block.block_size}"]

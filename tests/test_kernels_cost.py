@@ -14,6 +14,7 @@ import superopt
 from superopt.kernels import cost
 from superopt.kernels.cost import FLOPS, floor, kernel_cost, predict
 from superopt.kernels.device import DEVICES, detect, get_device, spec_for_name
+from superopt.kernels.lower import UNROLL_LIMIT
 from superopt.ops import missing_rules
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -165,6 +166,19 @@ def test_block_that_does_not_fit_is_infeasible():
     (k,) = predict(g, H100).kernels
     assert k.smem_bytes == cost.NUM_STAGES * 2 * (512 * 256 * 2) > H100.smem_per_block
     assert not k.feasible and k.us == math.inf and predict(g, H100).us == math.inf
+
+
+@pytest.mark.parametrize("splits", [16, 32])
+def test_short_loop_without_matmul_is_unrolled_into_one_latency(splits):
+    """A combine loop (sum of partials over splits) up to UNROLL_LIMIT iterations issues all its loads at once:
+    one iteration's latency; a longer one waits ITERATION_US per iteration."""
+    g = superopt.Graph("combine")
+    b = g.block_graph(grid=(1,), forloop_range=splits)
+    b.output(b.accum_sum(b.input(g.input("partials", (splits * 16, 64)), (None,), fmap=0)), omap=(None,))
+    g.output(g.graph_def(b)[0])
+    (k,) = predict(g, H100).kernels
+    chain = 1 if splits <= UNROLL_LIMIT else splits
+    assert k.latency_us == pytest.approx(chain * cost.ITERATION_US)
 
 
 def test_launches_add_overhead():
