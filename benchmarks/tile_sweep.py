@@ -1,14 +1,15 @@
 """Tile sweep: the candidates of the eleven workloads, timed on this GPU, to check the cost model and to pick.
 
 The candidates of a workload are the hand-fused µGraph of examples/fused.py at every tiling its knobs allow
-(COLS, CHUNK and split-K SPLITS for the GEMV-like forms; ROWS, ATTENTION_CHUNK, MIN_ITERS for attention), and
-with --search, the top candidates of the search (benchmarks/search_bench.py's results file, searched for this
-device). Each is a different µGraph of the same program, so the sweep checks the cost model on them: per
-workload and over all, the Spearman rank correlation between predicted and measured time, and whether the
-measured-best candidate is in the model's top 5. It also records the pipeline's pick per workload, the fastest
-measured of the model's top 5, which benchmarks/peers.py --picks times against torch, and the registers and
-spills of each compiled kernel. Each candidate is checked against the float64 reference before it is timed;
-candidates the model finds infeasible (a block that does not fit) are not compiled.
+(COLS, CHUNK and split-K SPLITS for the GEMV-like forms; ROWS, ATTENTION_CHUNK, MIN_ITERS and WAVES of KV
+splits for attention), and with --search, the top candidates of the search (benchmarks/search_bench.py's
+results file, searched for this device). Each is a different µGraph of the same program, so the sweep checks
+the cost model on them: per workload and over all, the Spearman rank correlation between predicted and
+measured time, and whether the measured-best candidate is in the model's top 5. It also records the pipeline's
+pick per workload, the fastest measured of the model's top 5, which benchmarks/peers.py --picks times against
+torch, and the registers and spills of each compiled kernel. Each candidate is checked against the float64
+reference before it is timed; candidates the model finds infeasible (a block that does not fit) are not
+compiled.
 
     python benchmarks/tile_sweep.py --out results [--only gated_mlp,gqa_bs1] [--search results/search_bench.json]
 
@@ -35,7 +36,7 @@ from superopt.serialize import from_json, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 GEMV = {"COLS": (64, 128, 256), "CHUNK": (32, 64, 128, 256), "SPLITS": (1, 4, 8, 16)}
-ATTENTION = {"ROWS": (16, 64, 128), "ATTENTION_CHUNK": (32, 64, 128), "MIN_ITERS": (1, 4), "COMBINE_ROWS": (16,)}
+ATTENTION = {"ROWS": (64, 128), "ATTENTION_CHUNK": (64, 128), "MIN_ITERS": (1, 4), "WAVES": (1, 2)}
 KNOBS = {
     "rmsnorm_linear_bs1": GEMV,
     "rmsnorm_linear_bs8": GEMV,

@@ -27,14 +27,14 @@ SMS = 132  # streaming multiprocessors of an H100
 # SPLITS > 1, rmsnorm_linear and gated_mlp also split the reduction dim over SPLITS blocks (split-K: more blocks,
 # longer contiguous rows per block) and a second kernel sums the partial products. Attention takes ROWS query
 # rows and ATTENTION_CHUNK KV positions per iteration, and the most KV splits (a power of two) that keep the grid
-# within one wave of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
+# within WAVES waves of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
 # takes COMBINE_ROWS rows per block.
 # The values are the fastest of benchmarks/tile_sweep.py on the H100 (benchmarks/results/sweep.md): 64 fp16
 # columns make 128-byte rows, a whole DRAM segment. On the H200 split-K (SPLITS=16, COLS=128, CHUNK=32) is the
 # fastest rmsnorm_linear and one kernel still the fastest gated_mlp (benchmarks/results/sweep_h200.md); the
 # benchmarks take each workload's tiles from the sweep, not from these defaults.
 COLS, CHUNK, SPLITS = 64, 256, 1  # 8 warps instead of 4 measured slower (block size 256: 52 us against 36)
-ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS = 64, 128, 2, 16
+ROWS, ATTENTION_CHUNK, MIN_ITERS, COMBINE_ROWS, WAVES = 64, 128, 2, 16, 1
 
 
 def pow2_tile(size: int, cap: int) -> int:
@@ -48,7 +48,7 @@ def pow2_tile(size: int, cap: int) -> int:
 def kv_splits(row_blocks: int, chunks: int) -> int:
     """How many blocks share one sequence's KV positions (each gets chunks / splits loop iterations)."""
     splits = 1
-    while chunks % (splits * 2) == 0 and chunks // (splits * 2) >= MIN_ITERS and row_blocks * splits * 2 <= SMS:
+    while chunks % (splits * 2) == 0 and chunks // (splits * 2) >= MIN_ITERS and row_blocks * splits * 2 <= SMS * WAVES:
         splits *= 2
     return splits
 
@@ -148,9 +148,10 @@ def lora(dims: Mapping[str, int]) -> superopt.KernelGraph:
     return g
 
 
-def attention(g: superopt.KernelGraph, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def attention(g: superopt.KernelGraph, q: Tensor, k: Tensor, v: Tensor, norm: bool = False) -> Tensor:
     """Split-KV attention in two kernels: partial exp(q @ k) @ v and row sums per (batch, KV split, row tile),
-    concatenated along the last dim; then a combine kernel sums the splits and divides."""
+    concatenated along the last dim; then a combine kernel sums the splits and divides. With `norm`, rms_norm
+    of q and v rows runs on their tiles: a tile holds whole rows (the head dim), so no kernel of its own."""
     batch, seq, _ = q.shape
     length = k.shape[2]
     rows, chunk = pow2_tile(seq, ROWS), pow2_tile(length, ATTENTION_CHUNK)
@@ -159,6 +160,8 @@ def attention(g: superopt.KernelGraph, q: Tensor, k: Tensor, v: Tensor) -> Tenso
     qt = b.input(q, imap=(0, None, 1))
     kt = b.input(k, imap=(0, 2, None), fmap=2)
     vt = b.input(v, imap=(0, 1, None), fmap=1)
+    if norm:
+        qt, vt = b.rms_norm(qt, eps=EPS), b.rms_norm(vt, eps=EPS)
     e = b.exp(b.matmul(qt, kt))
     b.output(b.accum_sum(b.matmul(e, vt)), omap=(0, 2, 1))  # (batch, seq, splits * head dim)
     b.output(b.accum_sum_last(e), omap=(0, 2, 1))  # (batch, seq, splits)
@@ -185,10 +188,9 @@ def gqa(dims: Mapping[str, int]) -> superopt.KernelGraph:
 
 
 def qknorm_gqa(dims: Mapping[str, int]) -> superopt.KernelGraph:
-    """rms_norm on q and v as predefined kernels, feeding the same attention kernels."""
+    """The attention kernels with rms_norm on the q and v tiles."""
     g = superopt.Graph("qknorm_gqa")
-    q, k, v = _attention_inputs(g, dims)
-    g.output(attention(g, g.rms_norm(q, eps=EPS), k, g.rms_norm(v, eps=EPS)))
+    g.output(attention(g, *_attention_inputs(g, dims), norm=True))
     return g
 
 
