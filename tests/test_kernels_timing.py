@@ -72,6 +72,38 @@ def test_peer_table_ratios():
     assert line == "| w | 4.0 | 40.0 |  | 20.0 | wrong | 10.0 | fused | 6.0 | 2.00x | 0.40 |"
 
 
+def test_peer_table_counts_wins_and_geometric_mean():
+    def row(name: str, peer_us: float, ours_us: float) -> dict:
+        results = {
+            "compile": {"status": "ok", "median_us": peer_us},
+            "superopt": {"status": "ok", "median_us": ours_us},
+        }
+        return {"name": name, "floor_us": 1.0, "superopt_graph": "fused", "predicted_us": 1.0, "results": results}
+
+    last = peers.table([row("a", 40.0, 10.0), row("b", 10.0, 20.0)]).splitlines()[-1]
+    assert last == "superopt beats the best peer on 1 of 2 workloads; geometric mean of best peer / superopt: 1.41x."
+
+
+def test_sweep_picks_the_fastest_of_the_models_top_five():
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # tile_sweep imports its neighbour peers.py
+    try:
+        sweep = _import(ROOT / "benchmarks" / "tile_sweep.py", "benchmarks_tile_sweep")
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    # (predicted, measured): the model's top 5 are the first five; the fastest of all is the sixth
+    times = [(1, 9.0), (2, 8.0), (3, 7.0), (4, 9.5), (5, 7.5), (6, 5.0), (7, 30.0)]
+    rows = [
+        {"workload": "w", "source": "fused", "knobs": {"k": i}, "status": "ok", "floor_us": 1.0}
+        | {"predicted_us": p, "measured_us": m, "hash": str(i)}
+        for i, (p, m) in enumerate(times)
+    ]
+    text, stats = sweep.summary(rows)
+    assert stats["w"]["pick"]["hash"] == "2" and stats["w"]["best_us"] == 5.0 and not stats["w"]["best_in_top5"]
+    # measured ranks 4 3 1 5 2 0 6 against predicted 0..6: sum of squared differences 54, 1 - 6 * 54 / (7 * 48)
+    assert stats["w"]["spearman"] == pytest.approx(1 - 6 * 54 / (7 * 48))
+    assert "Measured-best in the model's top 5: 0 of 1 workloads." in text
+
+
 @gpu
 @needs_gpu
 def test_bench_orders_work():
