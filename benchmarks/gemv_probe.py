@@ -3,8 +3,8 @@
 rmsnorm_linear and gated_mlp are x (B, D) @ w (D, N) with B of 2 to 16 rows: all weight stream. This times
 hand-written Triton kernels for x @ w (B=2 and 16, D=4096, N=6144, fp16) that differ in one choice each (tile
 sizes, warps, pipeline stages, tensor cores or CUDA cores, split-K), beside torch (cuBLAS) and a plain read of
-w, the same way benchmarks/peers.py times (CUDA-graph replay, L2 flushed, median). What it finds decides the
-code generator's choices for GEMV-shaped matmuls (kernels/triton_codegen.py).
+w, the same way benchmarks/peers.py times (CUDA-graph replay, L2 flushed, median): how close superopt's
+generated GEMVs (benchmarks/results/sweep_h200.md) come to what Triton can do, and which choices matter.
 
     python benchmarks/gemv_probe.py --out results
 """
@@ -40,13 +40,14 @@ def gemv(
     K_PER_SPLIT: tl.constexpr,
     DOT: tl.constexpr,
     NCOLS: tl.constexpr,
+    KTOTAL: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BN
     k0 = tl.program_id(1) * K_PER_SPLIT
     rb, rk, rn = tl.arange(0, BB), tl.arange(0, BK), tl.arange(0, BN)
     acc = tl.zeros((BB, BN), tl.float32)
     for k in range(k0, k0 + K_PER_SPLIT, BK):
-        x = tl.load(x_ptr + rb[:, None] * 4096 + (k + rk)[None, :], mask=(rb < B)[:, None], other=0.0)
+        x = tl.load(x_ptr + rb[:, None] * KTOTAL + (k + rk)[None, :], mask=(rb < B)[:, None], other=0.0)
         w = tl.load(w_ptr + (k + rk)[:, None] * NCOLS + (n0 + rn)[None, :])
         if DOT:
             acc += tl.dot(x, w)
@@ -73,7 +74,6 @@ def variants(batch: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True)
-    parser.add_argument("--limit", type=int, default=400, help="variants per batch at most")
     args = parser.parse_args()
     started = time.time()
     rows = []
@@ -86,7 +86,7 @@ def main() -> None:
         x = torch.randn(batch, D, dtype=torch.float16, device="cuda")
         ref = (x.double() @ w.double()).float()
         rows.append({"batch": batch, "what": "torch x @ w", "us": bench(lambda x=x: x @ w).median_us})
-        for v in list(variants(batch))[: args.limit]:
+        for v in variants(batch):
             splits = v["splits"]
             out = torch.empty(splits * batch, N, dtype=torch.float32 if splits > 1 else torch.float16, device="cuda")
             grid = (N // v["BN"], splits)
@@ -103,6 +103,7 @@ def main() -> None:
                     D // v["splits"],
                     v["dot"],
                     N,
+                    D,
                     num_warps=v["warps"],
                     num_stages=v["stages"],
                 )
