@@ -60,6 +60,11 @@ PRESETS: dict[str, Preset] = {
             "up to two graph-defined kernels (split-KV: partial sums, then a combine kernel), three grid axes",
         ),
         Preset(
+            "attention_norm", 4, 2, 7, 3, 2, 3, "required", True,
+            ("matmul", "exp", "div", "rms_norm", "accum_sum", "accum_sum_last"),
+            "attention whose operands are rms-normalized (qk-norm): the norms on the tiles, up to seven block ops",
+        ),
+        Preset(
             "norm", 2, 1, 5, 3, 1, 1, "never", False,
             ("add", "sub", "mul", "div", "rms_norm"),
             "one graph-defined kernel without a loop: whole rows per block, elementwise ops and norms",

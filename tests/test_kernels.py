@@ -105,8 +105,7 @@ def test_spec_matches_reference(name):
 
 @pytest.mark.parametrize("name", sorted(SMALL))
 def test_search_winner_matches_the_program(name):
-    """Each example's best candidate, searched at small dims, compiled and run under the interpreter (10 s of
-    search leaves qknorm_gqa's winner the program itself: the forms the search finds need four kernels)."""
+    """Each example's best candidate, searched at small dims, compiled and run under the interpreter."""
     spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=SMALL[name])
     best = superopt.search(spec, budget_s=10, workers=1, progress="none").best
     assert_matches_reference(best.graph, seed=2, reference=spec)
