@@ -53,28 +53,27 @@ def kv_splits(row_blocks: int, chunks: int) -> int:
     return splits
 
 
+def _column_blocks_and_chunks(dims: Mapping[str, int]) -> tuple[int, int]:
+    """How many blocks of COLS output columns and how many CHUNKs of the reduction dim D a GEMV form has."""
+    return dims["N"] // pow2_tile(dims["N"], COLS), dims["D"] // pow2_tile(dims["D"], CHUNK)
+
+
 def _column_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
     """A block graph over the N output columns that loops over the D reduction dim."""
-    return g.block_graph(
-        grid=(dims["N"] // pow2_tile(dims["N"], COLS),),
-        forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK),
-    )
+    columns, chunks = _column_blocks_and_chunks(dims)
+    return g.block_graph(grid=(columns,), forloop_range=chunks)
 
 
 def _splits(dims: Mapping[str, int]) -> int:
     """How many slices of the reduction dim D split-K takes: SPLITS, fewer where a slice would be under a CHUNK."""
-    chunks = dims["D"] // pow2_tile(dims["D"], CHUNK)
-    return pow2_tile(chunks, SPLITS)
+    return pow2_tile(_column_blocks_and_chunks(dims)[1], SPLITS)
 
 
 def _split_products(g: superopt.KernelGraph, x: Tensor, ws: list[Tensor], dims: Mapping[str, int]) -> list[Tensor]:
     """Split-K: block (n, s) multiplies slice s of x's D by the same rows of each w's column block n; the partial
     products of the slices stack along the rows, (splits * B, N) each."""
-    splits = _splits(dims)
-    b = g.block_graph(
-        grid=(dims["N"] // pow2_tile(dims["N"], COLS), splits),
-        forloop_range=dims["D"] // pow2_tile(dims["D"], CHUNK) // splits,
-    )
+    (columns, chunks), splits = _column_blocks_and_chunks(dims), _splits(dims)
+    b = g.block_graph(grid=(columns, splits), forloop_range=chunks // splits)
     xt = b.input(x, imap=(None, 1), fmap=1)
     for w in ws:
         b.output(b.accum_sum(b.matmul(xt, b.input(w, imap=(1, 0), fmap=0))), omap=(1, 0))
@@ -83,7 +82,7 @@ def _split_products(g: superopt.KernelGraph, x: Tensor, ws: list[Tensor], dims: 
 
 def _combine_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
     """The kernel after split-K: a block per COLS output columns, a loop iteration per slice."""
-    return g.block_graph(grid=(dims["N"] // pow2_tile(dims["N"], COLS),), forloop_range=_splits(dims))
+    return g.block_graph(grid=(_column_blocks_and_chunks(dims)[0],), forloop_range=_splits(dims))
 
 
 def rmsnorm_linear(dims: Mapping[str, int]) -> superopt.KernelGraph:

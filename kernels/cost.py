@@ -210,7 +210,7 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     }
     loop_bytes = sum(tile_bytes[bi.name] for bi in block.inputs if bi.fmap is not None)
     if unrolled(block):  # every iteration's loads issued at once, one memory latency for the whole loop
-        ahead, chain = block.forloop_range * loop_bytes + sum(tile_bytes.values()) - loop_bytes, 1
+        ahead, chain = sum(tile_bytes.values()) + (block.forloop_range - 1) * loop_bytes, 1
     else:
         ahead = NUM_STAGES * loop_bytes if block.forloop_range > 1 else sum(tile_bytes.values())
         chain = block.forloop_range
