@@ -11,7 +11,7 @@ torch, and the registers and spills of each compiled kernel. Each candidate is c
 reference before it is timed; candidates the model finds infeasible (a block that does not fit) are not
 compiled.
 
-    python benchmarks/tile_sweep.py --out results [--only gated_mlp,gqa_bs1] [--search results/search_bench.json]
+    python benchmarks/tile_sweep.py --out results [--only gated_mlp,gqa_bs1] [--search results/search_bench.json ...]
 
 Writes OUT/sweep.md and OUT/sweep.json (device, date, versions, every number).
 """
@@ -130,14 +130,12 @@ def time_candidates(name: str, candidates, device, reps: int) -> list[dict]:
     return rows
 
 
-def searched(path: Path | None, name: str):
-    """The search's top candidates of `name` from a search_bench.json, as (source, knobs, graph)."""
-    if path is None:
-        return
-    for row in json.loads(path.read_text())["rows"]:
-        if row["workload"] == name:
-            for rank, c in enumerate(row.get("top", [])):
-                yield "search", {"rank": rank}, from_json(c["mugraph"])
+def searched(paths: list[Path], name: str):
+    """The search's top candidates of `name` as (source, knobs, graph), from the last of the search_bench.json
+    files that has the workload (a later search of some workloads, with another preset, replaces their rows)."""
+    rows = [row for path in paths for row in json.loads(path.read_text())["rows"] if row["workload"] == name]
+    for rank, c in enumerate(rows[-1].get("top", []) if rows else []):
+        yield "search", {"rank": rank}, from_json(c["mugraph"])
 
 
 def summary(rows: list[dict]) -> tuple[str, dict]:
@@ -186,7 +184,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--only", default="")
-    parser.add_argument("--search", type=Path, help="a search_bench.json whose top candidates to time too")
+    parser.add_argument(
+        "--search", type=Path, nargs="*", default=[], help="search_bench.json files whose top candidates to time too"
+    )
     parser.add_argument("--reps", type=int, default=50)
     args = parser.parse_args()
     started = time.time()

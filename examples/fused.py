@@ -30,7 +30,7 @@ SMS = 132  # streaming multiprocessors of an H100
 # within WAVES waves of SMS blocks while each block still iterates at least MIN_ITERS times; its combine kernel
 # takes COMBINE_ROWS rows per block.
 # The values are the fastest of benchmarks/tile_sweep.py on the H100 (benchmarks/results/sweep.md): 64 fp16
-# columns make 128-byte rows, a whole DRAM segment. On the H200 split-K (SPLITS=16, COLS=128, CHUNK=32) is the
+# columns make 128-byte rows, a whole DRAM segment. On the H200 split-K (SPLITS=8, COLS=128, CHUNK=32) is the
 # fastest rmsnorm_linear and one kernel still the fastest gated_mlp (benchmarks/results/sweep_h200.md); the
 # benchmarks take each workload's tiles from the sweep, not from these defaults.
 COLS, CHUNK, SPLITS = 64, 256, 1  # 8 warps instead of 4 measured slower (block size 256: 52 us against 36)
@@ -69,15 +69,20 @@ def _splits(dims: Mapping[str, int]) -> int:
     return pow2_tile(_column_blocks_and_chunks(dims)[1], SPLITS)
 
 
-def _split_products(g: superopt.KernelGraph, x: Tensor, ws: list[Tensor], dims: Mapping[str, int]) -> list[Tensor]:
+def _split_products(
+    g: superopt.KernelGraph, x: Tensor, ws: list[Tensor], dims: Mapping[str, int], squares: bool = False
+) -> list[Tensor]:
     """Split-K: block (n, s) multiplies slice s of x's D by the same rows of each w's column block n; the partial
-    products of the slices stack along the rows, (splits * B, N) each."""
+    products of the slices stack along the rows, (splits * B, N) each. With `squares`, also the sums of squares
+    of x's rows over slice s, (splits * B, column blocks)."""
     (columns, chunks), splits = _column_blocks_and_chunks(dims), _splits(dims)
     b = g.block_graph(grid=(columns, splits), forloop_range=chunks // splits)
     xt = b.input(x, imap=(None, 1), fmap=1)
     for w in ws:
         b.output(b.accum_sum(b.matmul(xt, b.input(w, imap=(1, 0), fmap=0))), omap=(1, 0))
-    return g.graph_def(b, outs=[f"partial{k}" for k in range(len(ws))])
+    if squares:
+        b.output(b.accum_sum_last(b.square(xt)), omap=(1, 0))
+    return g.graph_def(b, outs=[f"partial{k}" for k in range(len(ws))] + ["squares"] * squares)
 
 
 def _combine_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
@@ -86,8 +91,9 @@ def _combine_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGr
 
 
 def rmsnorm_linear(dims: Mapping[str, int]) -> superopt.KernelGraph:
-    """rms_norm(x) @ w = (x @ w) / rms(x): the sum of squares and the matmul share one loop over D (split-K: the
-    combine kernel's loop over the slices takes the sum of squares of x's matching slices)."""
+    """rms_norm(x) @ w = (x @ w) / rms(x): the sum of squares and the matmul share one loop over D. Split-K:
+    block (n, s) also sums the squares of x's slice s, and writes them for its column block n (every column block
+    its own copy, so no two blocks write one place); the combine kernel sums products and squares over slices."""
     g = superopt.Graph("rmsnorm_linear")
     x = g.input("x", (dims["B"], dims["D"]))
     w = g.input("w", (dims["D"], dims["N"]))
@@ -95,12 +101,14 @@ def rmsnorm_linear(dims: Mapping[str, int]) -> superopt.KernelGraph:
         b = _column_blocks(g, dims)
         xt = b.input(x, imap=(None,), fmap=1)
         product = b.accum_sum(b.matmul(xt, b.input(w, imap=(1,), fmap=0)))
+        rms = b.accum_rms_last(xt, eps=EPS)
     else:
-        (partial,) = _split_products(g, x, [w], dims)
+        partial, squares = _split_products(g, x, [w], dims, squares=True)
         b = _combine_blocks(g, dims)
         product = b.accum_sum(b.input(partial, imap=(1,), fmap=0))
-        xt = b.input(x, imap=(None,), fmap=1)
-    b.output(b.div(product, b.accum_rms_last(xt, eps=EPS)), omap=(1,))
+        mean_square = b.mul_scalar(b.accum_sum(b.input(squares, imap=(1,), fmap=0)), c=1 / dims["D"])
+        rms = b.sqrt(b.add_scalar(mean_square, c=EPS))
+    b.output(b.div(product, rms), omap=(1,))
     (o,) = g.graph_def(b, outs=["o"])
     g.output(o)
     return g

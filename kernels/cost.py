@@ -10,8 +10,9 @@ Per kernel (every kernel op, predefined ones through their lowered block graphs)
   tiles) and threads give the resident blocks per SM; a block that cannot fit makes the kernel infeasible.
 - Time: the busiest SM's work (ceil(blocks / SMs) blocks: wave quantization) at its share of each rate;
   an SM reaches its bandwidth only with bandwidth x latency bytes in flight (its resident blocks' loads,
-  NUM_STAGES iterations ahead, or all of an unrolled loop's). A kernel takes its largest term; the graph sums
-  kernels and adds one launch overhead per kernel.
+  NUM_STAGES iterations ahead, or all of an unrolled loop's), and a block streams each tile input at no more
+  than BLOCK_STREAM_BYTES_PER_S. A kernel takes its largest term plus one memory latency per round of resident
+  blocks (the pipeline filling); the graph sums kernels and adds one launch overhead per kernel.
 The floor of a program is max(bytes of its inputs and outputs / bandwidth, its FLOPs / peak rate).
 """
 
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 
 from superopt.ir import BlockGraph, KernelGraph
 from superopt.kernels.device import DeviceSpec
-from superopt.kernels.lower import lower, padded, unrolled
+from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
 from superopt.ops import ACCUMULATORS, OPS, TensorType
 
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
@@ -34,8 +35,13 @@ DRAM_EFFICIENCY = 0.9
 TENSOR_EFFICIENCY = 0.8
 SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM bandwidth
 MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
+# One block draws at most this from DRAM per tile it streams (an input loaded every iteration that no other
+# block reads): H200, rmsnorm_linear's one-kernel GEMV, 96 blocks of 4 warps on 96 SMs, ran at 15-23 GB/s a
+# block where their share of the bandwidth is 45 (benchmarks/results/sweep_h200.md): why split-K wins there.
+BLOCK_STREAM_BYTES_PER_S = 20e9
 L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
 NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
+LAST_DIM_SUMS = ("accum_sum_last", "accum_mean_last", "accum_rms_last")
 SPILL_EXPONENT = 2  # H200: attention tiles estimated at 353 registers (255 and spills in ptxas) ran 1.2-1.3x slower
 DRAM_SEGMENT = 128  # bytes: a tile row narrower than this wastes part of every DRAM burst it touches
 ITERATION_US = 0.3  # a loop iteration's dependent chain per matmul in it (H100: ~0.3 us in the split-KV loop)
@@ -114,6 +120,7 @@ class KernelCost:
     tensor_us: float
     cuda_us: float
     latency_us: float  # the busiest SM's loop iterations, each a dependent chain
+    fill_us: float  # a memory latency per round of resident blocks before their first tiles arrive
 
     @property
     def feasible(self) -> bool:
@@ -121,7 +128,9 @@ class KernelCost:
 
     @property
     def us(self) -> float:
-        return max(self.memory_us, self.tensor_us, self.cuda_us, self.latency_us) if self.feasible else math.inf
+        if not self.feasible:
+            return math.inf
+        return max(self.memory_us, self.tensor_us, self.cuda_us, self.latency_us) + self.fill_us
 
 
 @dataclass(frozen=True)
@@ -164,7 +173,9 @@ def _work(block: BlockGraph) -> tuple[float, float, int, int]:
                 stages = NUM_STAGES if name in loaded and name in varying else 1
                 smem += stages * _numel(ty.shape, True) * DTYPE_BYTES[ty.dtype]
         if op.op in ACCUMULATORS:
-            state += _numel(out.shape, True) * (2 if op.op == "accum_rescaled_sum" else 1)
+            elementwise = op.op in LAST_DIM_SUMS and sums_after_loop(ins[0].shape, block.block_size)
+            kept = ins[0].shape if elementwise else out.shape
+            state += _numel(kept, True) * (2 if op.op == "accum_rescaled_sum" else 1)
         live = max(live, _numel(out.shape, True) + sum(_numel(t.shape, True) for t in ins))
     return tensor, cuda, smem, state + live
 
@@ -182,10 +193,11 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     """The predicted cost of one kernel running `block`."""
     blocks = math.prod(block.grid)
     dram = 0.0
+    replication = {bi.name: math.prod(g for g, dim in zip(block.grid, bi.imap) if dim is None) for bi in block.inputs}
     for bi in block.inputs:
         size = math.prod(bi.source.shape) * DTYPE_BYTES[bi.source.dtype]
-        replication = math.prod(g for g, dim in zip(block.grid, bi.imap) if dim is None)
-        size = size if replication == 1 or size <= L2_SHARE * device.l2_bytes else size * replication
+        copies = replication[bi.name]
+        size = size if copies == 1 or size <= L2_SHARE * device.l2_bytes else size * copies
         dram += size * _burst_waste(block.tensors[bi.name].shape, bi.source)
     dram += sum(math.prod(block.output_type(o).shape) * DTYPE_BYTES[block.tensors[o.name].dtype] for o in block.outputs)
     tensor, cuda, smem, live = _work(block)
@@ -201,6 +213,7 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     resident = min(limits)
 
     per_sm = math.ceil(blocks / device.sm_count)  # blocks on the busiest SM
+    rounds = math.ceil(per_sm / max(1, resident))  # of resident blocks, one after another
     share = per_sm / blocks  # of the kernel's work
     active = min(blocks, device.sm_count)
     bandwidth = device.dram_bytes_per_s * DRAM_EFFICIENCY
@@ -214,8 +227,10 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     else:
         ahead = NUM_STAGES * loop_bytes if block.forloop_range > 1 else sum(tile_bytes.values())
         chain = block.forloop_range
-    in_flight = max(1, min(resident, per_sm)) * ahead
-    sm_bandwidth *= min(1.0, in_flight / (sm_bandwidth * MEMORY_LATENCY_S))
+    concurrent = max(1, min(resident, per_sm))  # blocks at once on the busiest SM
+    streams = sum(bi.fmap is not None and replication[bi.name] == 1 for bi in block.inputs)
+    sm_bandwidth = min(sm_bandwidth, concurrent * max(1, streams) * BLOCK_STREAM_BYTES_PER_S)
+    sm_bandwidth *= min(1.0, concurrent * ahead / (sm_bandwidth * MEMORY_LATENCY_S))
     # registers beyond the cap go to local memory: every access to them is a round trip through L1/L2
     spill = max(1.0, registers / device.max_regs_per_thread) ** SPILL_EXPONENT
     dtype = block.inputs[0].source.dtype
@@ -232,7 +247,8 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
         memory_us=dram * share / sm_bandwidth * spill * 1e6,
         tensor_us=tensor * share / tensor_rate * spill * 1e6,
         cuda_us=cuda * share / cuda_rate * spill * 1e6,
-        latency_us=math.ceil(per_sm / max(1, resident)) * chain * ITERATION_US * max(1, matmuls),
+        latency_us=rounds * chain * ITERATION_US * max(1, matmuls),
+        fill_us=rounds * MEMORY_LATENCY_S * 1e6,
     )
 
 

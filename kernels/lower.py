@@ -15,6 +15,7 @@ TILE_ELEMENTS = 4096  # elements per block for non-matmul ops: 32 fp32 registers
 MATMUL_TILE = 64  # cap on each of a lowered matmul's M, N and K tiles
 MIN_EXTENT = 16  # codegen pads tile extents 2..15 to 16 (tl.dot's minimum)
 UNROLL_LIMIT = 16  # loops without a matmul up to this range are unrolled (see `unrolled`)
+LAST_STATE_PER_THREAD = 32  # fp32 values per thread an accum_*_last may keep to sum after its loop
 
 
 def padded(size: int) -> int:
@@ -28,6 +29,14 @@ def unrolled(block: BlockGraph) -> bool:
     a short loop without one (a split-K or split-KV combine) would otherwise wait a full memory latency per
     iteration, while unrolled its loads are all issued before the first one is used."""
     return 1 < block.forloop_range <= UNROLL_LIMIT and not any(op.op == "matmul" for op in block.ops)
+
+
+def sums_after_loop(tile: tuple[int, ...], block_size: int) -> bool:
+    """Whether an accum_*_last over `tile` keeps a tile-shaped sum in the loop and reduces its last dim once
+    after it: a sum across threads in every iteration costs a barrier that stalls the pipelined loads
+    (H200: rmsnorm_linear's one-kernel form, benchmarks/results/pipeline_probe.md), so where its registers
+    are few, it is done once."""
+    return math.prod(map(padded, tile)) <= LAST_STATE_PER_THREAD * block_size
 
 
 def pow2_tile(size: int, cap: int) -> int:

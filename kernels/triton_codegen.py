@@ -35,7 +35,7 @@ import torch
 
 from superopt.errors import SuperoptError
 from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, thread_graphs
-from superopt.kernels.lower import lower, padded, unrolled
+from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
 from superopt.ops import ACCUMULATORS
 
 
@@ -434,14 +434,22 @@ def _accum_elementwise(em: Emitter, op: Op, args: list[Value]) -> Value:
 
 
 def _accum_last(em: Emitter, op: Op, args: list[Value]) -> Value:
-    """accum_sum_last / accum_mean_last / accum_rms_last: a sum over the iterations and the tile's last dim."""
+    """accum_sum_last / accum_mean_last / accum_rms_last: a sum over the iterations and the tile's last dim
+    (elementwise in the loop and over the last dim after it, where `sums_after_loop`)."""
     (x,) = args
     last = len(x.shape) - 1
     if op.op == "accum_rms_last":
         x = _square(em, x)
-    total = _reduce_value(em, "sum", x, last, True)
-    acc = _state(em, total.shape, "0.0", op.outputs[0] + ("_sum" if op.op != "accum_sum_last" else ""))
-    em.loop.append(f"{acc} += {total.expr}")
+    base = op.outputs[0] + ("_sum" if op.op != "accum_sum_last" else "")
+    if isinstance(x, Tile) and sums_after_loop(x.shape, em.block.block_size):
+        terms = _state(em, x.shape, "0.0", op.outputs[0] + "_terms")
+        em.loop.append(f"{terms} += {x.expr}")
+        total = em.bind(_reduce_tile(em, "sum", Tile(terms, x.shape, x.zero_pads), last, True), base)
+        acc = total.expr
+    else:
+        total = _reduce_value(em, "sum", x, last, True)
+        acc = _state(em, total.shape, "0.0", base)
+        em.loop.append(f"{acc} += {total.expr}")
     count = em.block.forloop_range * x.shape[last]
     if op.op == "accum_sum_last":
         return Tile(acc, total.shape, total.zero_pads)
