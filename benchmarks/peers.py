@@ -15,7 +15,8 @@ Every output is checked on the GPU against the program evaluated in float64 (err
 The floor is max(bytes of inputs and outputs / measured copy bandwidth, FLOPs / measured matmul rate).
 
     pip install -e . --no-deps --no-build-isolation            # once: superopt.kernels maps to kernels/
-    python benchmarks/tile_sweep.py --out results --search results/search_bench.json results/attention_norm/search_bench.json
+    python benchmarks/tile_sweep.py --out results \
+        --search results/search_bench.json results/attention_norm/search_bench.json
     python benchmarks/peers.py --out results --picks results/sweep.json   # everything, about 2 minutes
     python benchmarks/peers.py --out /tmp/p --only lora,gqa_bs1 --max-autotune none
 
