@@ -30,15 +30,17 @@ from superopt.ops import ACCUMULATORS, OPS, TensorType
 DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
 
 # Achievable fractions of the datasheet peaks: on the lent H100, copies reach 3.0 of 3.35 TB/s and a bf16
-# matmul about 800 of 989 TFLOP/s (shared/ANCHORS.md).
-DRAM_EFFICIENCY = 0.9
+# matmul about 800 of 989 TFLOP/s (shared/ANCHORS.md); on the H200 copies reach 4.19 of 4.8 TB/s, and the
+# fastest weight-streaming GEMVs less (benchmarks/results/gemv_probe.md): 0.8 ranks the 235 candidates of
+# sweep_h200.md best among 0.6-0.9.
+DRAM_EFFICIENCY = 0.8
 TENSOR_EFFICIENCY = 0.8
 SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM bandwidth
 MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
 # One block draws at most this from DRAM per tile it streams (an input loaded every iteration that no other
 # block reads): H200, rmsnorm_linear's one-kernel GEMV, 96 blocks of 4 warps on 96 SMs, ran at 15-23 GB/s a
-# block where their share of the bandwidth is 45 (benchmarks/results/sweep_h200.md): why split-K wins there.
-BLOCK_STREAM_BYTES_PER_S = 20e9
+# block where their share of the bandwidth is 40 (benchmarks/results/sweep_h200.md): why split-K wins there.
+BLOCK_STREAM_BYTES_PER_S = 25e9
 L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
 NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
 LAST_DIM_SUMS = ("accum_sum_last", "accum_mean_last", "accum_rms_last")
