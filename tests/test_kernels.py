@@ -17,7 +17,7 @@ from graphs import FUSED_SMALL, import_fused
 
 import superopt
 from superopt.kernels import compile
-from superopt.kernels.lower import lower, padded
+from superopt.kernels.lower import LAST_STATE_PER_THREAD, lower, padded
 from superopt.kernels.timing import TOLERANCE, relative_error
 from superopt.kernels.triton_codegen import ACCUMULATE, EMIT, CodegenError, interpreting
 from superopt.ops import OPS, missing_rules
@@ -96,6 +96,20 @@ def test_split_k_form_computes_the_program(name):
     assert len(graph.ops) == 2 and "in tl.static_range(FORLOOP)" in compile(graph).source
     assert_matches_reference(graph, reference=spec)
     assert superopt.verify(spec, graph, seed=0).equivalent
+
+
+@pytest.mark.parametrize("rows", [8, 64])
+def test_last_dim_sums_after_the_loop_or_in_it(rows):
+    """accum_rms_last over a tile of at most LAST_STATE_PER_THREAD values a thread keeps a tile-shaped sum and
+    reduces it after the loop (8 rows: 16 x 256 padded); a larger tile (64 rows) reduces in every iteration.
+    Both equal the program."""
+    g = superopt.Graph("row_rms")
+    b = g.block_graph(grid=(1,), forloop_range=8)
+    b.output(b.accum_rms_last(b.input(g.input("x", (rows, 2048)), (None,), fmap=1), eps=1e-6), omap=(None,))
+    g.output(g.graph_def(b)[0])
+    after = padded(rows) * 256 <= LAST_STATE_PER_THREAD * b.block_size
+    assert after == (rows == 8) and ("accum_rms_last_terms +=" in compile(g).source) == after
+    assert_matches_reference(g)
 
 
 @pytest.mark.parametrize("name", sorted(SMALL))

@@ -157,6 +157,38 @@ def test_large_copy_runs_at_bandwidth():
     assert k.memory_us == pytest.approx(k.dram_bytes / (H100.dram_bytes_per_s * cost.DRAM_EFFICIENCY) * 1e6, rel=0.01)
 
 
+def _gemv(blocks: int, chunks: int) -> superopt.KernelGraph:
+    """x (16, 4096) @ w (4096, 64 * blocks): block n streams w's 64 columns n in `chunks` iterations."""
+    g = superopt.Graph("gemv")
+    x, w = g.input("x", (16, 4096)), g.input("w", (4096, 64 * blocks))
+    b = g.block_graph(grid=(blocks,), forloop_range=chunks)
+    b.output(b.accum_sum(b.matmul(b.input(x, (None,), fmap=1), b.input(w, (1,), fmap=0))), omap=(1,))
+    g.output(g.graph_def(b)[0])
+    return g
+
+
+def test_a_block_streams_its_tiles_at_a_limited_rate():
+    """96 blocks of a GEMV, one an SM: w's tiles (the stream only its block reads; x, which every block reads,
+    comes from L2) arrive at BLOCK_STREAM_BYTES_PER_S, under the 96 SMs' share of the bandwidth."""
+    (k,) = predict(_gemv(96, 16), H100).kernels
+    w_bytes = 4096 * 64 * 2
+    assert H100.dram_bytes_per_s * cost.DRAM_EFFICIENCY / 96 > cost.BLOCK_STREAM_BYTES_PER_S
+    assert k.memory_us == pytest.approx(k.dram_bytes / 96 / cost.BLOCK_STREAM_BYTES_PER_S * 1e6)
+    assert k.dram_bytes == 96 * w_bytes + 16 * 4096 * 2 + 16 * 64 * 96 * 2
+
+
+def test_each_round_of_resident_blocks_fills_its_pipeline():
+    """A memory latency per round of blocks an SM runs one after another: 132 blocks fit in one round,
+    but more blocks than fit at once on the busiest SM take another."""
+    (one,) = predict(_gemv(132, 64), H100).kernels
+    assert one.resident_blocks >= 1 and one.fill_us == pytest.approx(cost.MEMORY_LATENCY_S * 1e6)
+    blocks = 132 * (one.resident_blocks + 1)
+    (two,) = predict(_gemv(blocks, 64), H100).kernels
+    assert two.resident_blocks == one.resident_blocks
+    assert two.fill_us == pytest.approx(2 * cost.MEMORY_LATENCY_S * 1e6)
+    assert two.us == pytest.approx(max(two.memory_us, two.tensor_us, two.cuda_us, two.latency_us) + two.fill_us)
+
+
 def test_block_that_does_not_fit_is_infeasible():
     g = superopt.Graph("huge")
     x, w = g.input("x", (512, 4096)), g.input("w", (4096, 512))

@@ -4,6 +4,7 @@ CPU-side pieces."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import math
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import torch
 
 import superopt
 from superopt.kernels.timing import Measurement, bench, measure, relative_error
+from superopt.serialize import to_json
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -84,12 +86,35 @@ def test_peer_table_counts_wins_and_geometric_mean():
     assert last == "superopt beats the best peer on 1 of 2 workloads; geometric mean of best peer / superopt: 1.41x."
 
 
-def test_sweep_picks_the_fastest_of_the_models_top_five():
+def _tile_sweep():
     sys.path.insert(0, str(ROOT / "benchmarks"))  # tile_sweep imports its neighbour peers.py
     try:
-        sweep = _import(ROOT / "benchmarks" / "tile_sweep.py", "benchmarks_tile_sweep")
+        return _import(ROOT / "benchmarks" / "tile_sweep.py", "benchmarks_tile_sweep")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
+
+
+def test_sweep_takes_each_workloads_candidates_from_the_last_search_file_that_has_it(tmp_path):
+    def graph(name: str, n: int) -> superopt.KernelGraph:
+        g = superopt.Graph(name)
+        g.output(g.exp(g.input("x", (n, 16))))
+        return g
+
+    def results(path: Path, rows: dict[str, list[int]]) -> Path:
+        tops = [{"workload": w, "top": [{"mugraph": to_json(graph(w, n))} for n in ns]} for w, ns in rows.items()]
+        path.write_text(json.dumps({"rows": tops}))
+        return path
+
+    first = results(tmp_path / "a.json", {"a": [1, 2], "b": [3]})
+    later = results(tmp_path / "b.json", {"b": [4, 5]})
+    sweep = _tile_sweep()
+    shapes = {w: [g.tensors["x"].shape[0] for _, _, g in sweep.searched([first, later], w)] for w in "abc"}
+    assert shapes == {"a": [1, 2], "b": [4, 5], "c": []}
+    assert [k for _, k, _ in sweep.searched([first], "a")] == [{"rank": 0}, {"rank": 1}]
+
+
+def test_sweep_picks_the_fastest_of_the_models_top_five():
+    sweep = _tile_sweep()
     # (predicted, measured): the model's top 5 are the first five; the fastest of all is the sixth
     times = [(1, 9.0), (2, 8.0), (3, 7.0), (4, 9.5), (5, 7.5), (6, 5.0), (7, 30.0)]
     rows = [
