@@ -213,6 +213,22 @@ def test_short_loop_without_matmul_is_unrolled_into_one_latency(splits):
     assert k.latency_us == pytest.approx(chain * cost.ITERATION_US)
 
 
+@pytest.mark.parametrize("rows", [8, 256])
+def test_a_thread_with_more_registers_runs_a_longer_chain(rows):
+    """A 32-iteration loop (not unrolled) of exp and accum_sum over (rows, 128) tiles: its latency is 32 iteration
+    chains, each longer by registers / CHAIN_REGISTERS where the estimate exceeds it (a thread holds the sum's
+    state and exp's operand and result: 3 x 128 values a row over 128 threads; 800 registers at 256 rows)."""
+    g = superopt.Graph("sum_exp")
+    b = g.block_graph(grid=(1,), forloop_range=32)
+    b.output(b.accum_sum(b.exp(b.input(g.input("x", (rows, 128 * 32)), (None,), fmap=1))), omap=(None,))
+    g.output(g.graph_def(b)[0])
+    (k,) = predict(g, H100).kernels
+    assert k.registers == cost.BASE_REGISTERS + 3 * max(16, rows)
+    stretch = max(1.0, k.registers / cost.CHAIN_REGISTERS)
+    assert (stretch > 1) == (rows == 256)
+    assert k.latency_us == pytest.approx(32 * cost.ITERATION_US * stretch)
+
+
 def test_launches_add_overhead():
     g = superopt.Graph("chain")
     x = g.input("x", (8, 64))
