@@ -47,9 +47,9 @@ LAST_DIM_SUMS = ("accum_sum_last", "accum_mean_last", "accum_rms_last")
 SPILL_EXPONENT = 2  # H200: attention tiles estimated at 353 registers (255 and spills in ptxas) ran 1.2-1.3x slower
 DRAM_SEGMENT = 128  # bytes: a tile row narrower than this wastes part of every DRAM burst it touches
 ITERATION_US = 0.3  # a loop iteration's dependent chain per matmul in it (H100: ~0.3 us in the split-KV loop)
-# ... for a thread of up to this many registers; a thread holding more runs a proportionally longer chain (H200:
-# attention with 128-row tiles, ~255 registers, ran 5-15% slower than with 64-row tiles, and mqa_bs1's fastest
-# form entered the model's top 5 in three sweeps for any value from 128 to 240).
+# ITERATION_US holds for a thread of up to this many registers; one holding more runs a proportionally longer
+# chain (H200: attention with 128-row tiles, ~255 registers, ran 5-15% slower than with 64-row tiles; with any
+# value from 128 to 240, mqa_bs1's fastest form is in the model's top 5 in each of three sweeps).
 CHAIN_REGISTERS = 192
 BASE_REGISTERS = 32  # per thread: indices, pointers, loop state
 FLOPS_PER_INSTRUCTION = 2  # CUDA-core FLOP/s count an FMA as 2
