@@ -82,7 +82,7 @@ def _split_products(
         b.output(b.accum_sum(b.matmul(xt, b.input(w, imap=(1, 0), fmap=0))), omap=(1, 0))
     if squares:
         b.output(b.accum_sum_last(b.square(xt)), omap=(1, 0))
-    return g.graph_def(b, outs=[f"partial{k}" for k in range(len(ws))] + ["squares"] * squares)
+    return g.graph_def(b, outs=[f"partial{k}" for k in range(len(ws))] + (["squares"] if squares else []))
 
 
 def _combine_blocks(g: superopt.KernelGraph, dims: Mapping[str, int]) -> BlockGraph:
