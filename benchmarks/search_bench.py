@@ -28,13 +28,13 @@ from pathlib import Path
 import superopt
 from superopt.kernels.cost import predict
 from superopt.kernels.device import get_device
+from superopt.pipeline import TOP_K
 from superopt.search_space import search
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 ONE_KERNEL = ("rmsnorm_linear", "gated_mlp", "lora", "ntrans")
 ATTENTION = ("gqa", "qknorm_gqa", "mqa")
-TOP = 5  # candidates kept per workload, as many as the pipeline times
 
 
 def _fused():
@@ -90,7 +90,7 @@ def run(name: str, budget: float, device: str, fused) -> dict:
         "ok": all(checks.values()) and stats.seconds <= budget * 1.05,
         "stats": stats.to_json(),
         "best": best.to_json(),
-        "top": [c.to_json() for c in result.candidates[:TOP]],  # what the pipeline would time on a GPU
+        "top": [c.to_json() for c in result.candidates[:TOP_K]],  # what the pipeline would time on a GPU
     }
 
 

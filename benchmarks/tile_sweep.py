@@ -32,6 +32,7 @@ from superopt.kernels import compile
 from superopt.kernels.cost import floor, predict
 from superopt.kernels.device import DEVICES, detect
 from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
+from superopt.pipeline import TOP_K
 from superopt.serialize import from_json, to_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,6 @@ KNOBS = {
     "ntrans_bs1": {},
     "ntrans_bs8": {},
 }
-TOP = 5  # the pipeline times the model's top 5 and keeps the fastest
 
 
 def spearman(xs: list[float], ys: list[float]) -> float:
@@ -152,7 +152,7 @@ def summary(rows: list[dict]) -> tuple[str, dict]:
             lines.append(f"| {name} | 0 ok | | | | | | | |")
             continue
         best = min(mine, key=lambda r: r["measured_us"])
-        top = sorted(mine, key=lambda r: r["predicted_us"])[:TOP]
+        top = sorted(mine, key=lambda r: r["predicted_us"])[:TOP_K]  # as the pipeline
         pick = min(top, key=lambda r: r["measured_us"])
         rho = spearman([r["predicted_us"] for r in mine], [r["measured_us"] for r in mine]) if len(mine) > 2 else 1.0
         stats[name] = {"best_in_top5": best in top, "spearman": rho, "best_us": best["measured_us"], "pick": pick}
