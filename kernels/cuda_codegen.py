@@ -111,17 +111,16 @@ __device__ __forceinline__ u64 ldcg64(const u64* p) {
   return v;
 }
 
-// Dependency counters: acquire loads to spin on, release adds to signal (asm volatile: never hoisted).
+// Dependency counters: acquire loads to spin on, release adds to signal (asm volatile: never hoisted). A task
+// signals after a CTA barrier, from one thread: the barrier orders the CTA's writes before that thread's release
+// (release is cumulative). A separate fence.acq_rel.gpu before relaxed adds cost 4-5% a step on the H200.
 __device__ __forceinline__ u64 ld_acquire(const u64* p) {
   u64 v;
   asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
   return v;
 }
-// Release: a CTA barrier, then one thread's acq_rel fence at GPU scope (ordering the CTA's writes before it),
-// then relaxed adds.
-__device__ __forceinline__ void release_fence() { asm volatile("fence.acq_rel.gpu;" ::: "memory"); }
 __device__ __forceinline__ void signal(u64* p) {
-  asm volatile("red.relaxed.gpu.global.add.u64 [%0], 1;" :: "l"(p) : "memory");
+  asm volatile("red.release.gpu.global.add.u64 [%0], 1;" :: "l"(p) : "memory");
 }
 __device__ __forceinline__ u64 globaltimer() {
   u64 t;
@@ -149,9 +148,16 @@ __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
       "{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n"
       :: "r"(smem_addr(bar)), "r"(parity) : "memory");
 }
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];"
-               :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)) : "memory");
+// A bulk copy with an L2 eviction policy (createpolicy).
+__device__ __forceinline__ void bulk_load(void* dst, const void* src, u32 bytes, u64* bar, u64 policy) {
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;"
+      :: "r"(smem_addr(dst)), "l"(src), "r"(bytes), "r"(smem_addr(bar)), "l"(policy) : "memory");
+}
+__device__ __forceinline__ u64 l2_evict_first() {
+  u64 p;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(p));
+  return p;
 }
 __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
@@ -274,62 +280,114 @@ __device__ void copy_to_smem(const u16* x, u16* xs) {
   consumers_sync();
 }
 // The split-KV combine: attention output a[h * HD + d] = sum_j o_j e^(m_j - M) / sum_j l_j e^(m_j - M), in bf16.
+// A thread takes 4 outputs at a time, so a warp reads whole 32-byte sectors; every split's partials are loaded
+// (__ldcg: L2, after the barrier that follows the acquire) before any is used: one L2 round trip.
 __device__ void combine_to_smem(const float* part, u16* xs) {
-  for (int idx = threadIdx.x; idx < NH * HD / 8; idx += NCONSUMERS) {
-    const int e = idx * 8, h = e / HD, d0 = e % HD, kv = h / GRP, hh = h % GRP;
-    float m[SPLITS], w[SPLITS], top = -3.0e38f, total = 0.f, acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  constexpr int QUADS = NH * HD / 4, PER = (QUADS + NCONSUMERS - 1) / NCONSUMERS;
+  float2 ml[PER][SPLITS];
+  float4 o[PER][SPLITS];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int e = (threadIdx.x + i * NCONSUMERS) * 4, h = min(e, NH * HD - 1) / HD, d0 = e % HD;
 #pragma unroll
     for (int j = 0; j < SPLITS; ++j) {
-      m[j] = ldcgf(part + ((j * NKV + kv) * GRP + hh) * (HD + 2));
-      top = fmaxf(top, m[j]);
+      const float* p = part + ((j * NKV + h / GRP) * GRP + h % GRP) * (PART_HEAD + HD);
+      ml[i][j] = __ldcg((const float2*)p);
+      o[i][j] = __ldcg((const float4*)(p + PART_HEAD + d0));
     }
+  }
+#pragma unroll
+  for (int i = 0; i < PER; ++i) {
+    const int e = (threadIdx.x + i * NCONSUMERS) * 4;
+    float top = -3.0e38f, total = 0.f;
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int j = 0; j < SPLITS; ++j) top = fmaxf(top, ml[i][j].x);
 #pragma unroll
     for (int j = 0; j < SPLITS; ++j) {
-      const float* p = part + ((j * NKV + kv) * GRP + hh) * (HD + 2);
-      w[j] = expf(m[j] - top);
-      total += ldcgf(p + 1) * w[j];
-      for (int k = 0; k < 8; ++k) acc[k] += ldcgf(p + 2 + d0 + k) * w[j];
+      const float w = expf(ml[i][j].x - top);
+      total += ml[i][j].y * w;
+      acc.x += o[i][j].x * w;
+      acc.y += o[i][j].y * w;
+      acc.z += o[i][j].z * w;
+      acc.w += o[i][j].w * w;
     }
-    V4 o;
-    u32* oe = &o.x;
-    for (int k = 0; k < 4; ++k) oe[k] = (u32)f2bf(acc[2 * k] / total) | ((u32)f2bf(acc[2 * k + 1] / total) << 16);
-    ((V4*)xs)[idx] = o;
+    if (e < NH * HD)
+      ((uint2*)xs)[e / 4] = make_uint2((u32)f2bf(acc.x / total) | ((u32)f2bf(acc.y / total) << 16),
+                                       (u32)f2bf(acc.z / total) | ((u32)f2bf(acc.w / total) << 16));
   }
   consumers_sync();
 }
 
 // ---- attention for one KV head and one split of the positions 0..pos (split-KV decode).
-// q heads and this position's k are normed (Qwen3) and rotated (RoPE, from the bf16 cos/sin table, rounded
-// as HF rounds: bf16(bf16(x cos) + bf16(rotate_half(x) sin))); split 0 appends k and v to the cache. Each warp
-// runs an online softmax over its positions; the warps are combined into (max, sum, unnormalized output).
+// The split's cached positions were written by earlier steps, so attention_prefetch copies the first KV_CAP of
+// them into shared memory (cp.async) before the task waits for this step's q, k and v; attention then norms
+// (Qwen3) and rotates q and this position's k (RoPE, from the bf16 cos/sin table, rounded as HF rounds:
+// bf16(bf16(x cos) + bf16(rotate_half(x) sin))), split 0 appends k and v to the cache, and each chunk of at
+// most KV_CAP positions takes three passes: a thread per (q head, position) score, a warp per q head for the
+// online softmax, a thread per (q head, dim) output. It writes (max, sum, unnormalized output) per q head.
+constexpr int KS = HD + 8;  // a cached row in shared memory, padded so a warp's 16-byte reads of 8 rows differ in bank
+__device__ __forceinline__ void cp_async16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void kv_range(int j, int pos, int& p0, int& p1) {
+  const int n = pos + 1, per = (n + SPLITS - 1) / SPLITS;
+  p0 = min(n, j * per);
+  p1 = min(n, p0 + per);
+}
+// Positions c0..c0+cn of the cache into kb/vb, all but `pos` (this step's, which comes from q, k, v).
+__device__ void load_kv(const u16* kc, const u16* vc, int c0, int cn, int pos, u16* kb, u16* vb) {
+  for (int idx = threadIdx.x; idx < cn * (HD / 8); idx += NCONSUMERS) {
+    const int q = idx / (HD / 8), e = (idx % (HD / 8)) * 8;
+    if (c0 + q != pos) {
+      cp_async16(kb + q * KS + e, kc + (u64)(c0 + q) * HD + e);
+      cp_async16(vb + q * KS + e, vc + (u64)(c0 + q) * HD + e);
+    }
+  }
+}
+__device__ __forceinline__ u16* attn_kbuf(float* sm) { return (u16*)sm; }
+__device__ __forceinline__ u16* attn_vbuf(float* sm) { return (u16*)sm + KV_CAP * KS; }
+__device__ void attention_prefetch(unsigned char* ws, int layer, int kv, int j, int pos, float* sm) {
+  int p0, p1;
+  kv_range(j, pos, p0, p1);
+  load_kv(ws_kcache(ws, layer, kv), ws_vcache(ws, layer, kv), p0, min(p1 - p0, KV_CAP), pos, attn_kbuf(sm),
+          attn_vbuf(sm));
+}
 __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, float* sm) {
+  u16* kb = attn_kbuf(sm);
+  u16* vb = attn_vbuf(sm);
+  float* x = (float*)(vb + KV_CAP * KS);  // GRP q heads, then k, then v
+  float* sc = x + (GRP + 2) * HD;          // scores, then probabilities, per q head and position
+  float* run = sc + GRP * KV_CAP;          // per q head: running max, running sum, this chunk's correction
   const u16* qkv = ws_qkv(ws, layer);
   for (int e = threadIdx.x; e < (GRP + 2) * HD; e += NCONSUMERS) {
     const int hh = e / HD, d = e % HD;
     const int src = hh < GRP ? (kv * GRP + hh) * HD + d : ((hh == GRP ? NH : NH + NKV) + kv) * HD + d;
-    sm[e] = ldcgbf(qkv + src);  // sm: GRP q heads, then k, then v
+    x[e] = ldcgbf(qkv + src);
   }
+  if (threadIdx.x < GRP) { run[3 * threadIdx.x] = -1.0e30f; run[3 * threadIdx.x + 1] = 0.f; }
   consumers_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int hh = warp; hh <= GRP; hh += NCONSUMERS / 32) {
-    float* x = sm + hh * HD;
+    float* r = x + hh * HD;
     if (QK_NORM) {
       float ss = 0.f;
-      for (int d = lane; d < HD; d += 32) ss += x[d] * x[d];
+      for (int d = lane; d < HD; d += 32) ss += r[d] * r[d];
       const float inv = rsqrtf(warp_sum(ss) / HD + EPS);
       const u16* g = hh < GRP ? ws_gq(ws, layer) : ws_gk(ws, layer);
-      for (int d = lane; d < HD; d += 32) x[d] = rbf(bf2f(g[d]) * rbf(x[d] * inv));
+      for (int d = lane; d < HD; d += 32) r[d] = rbf(bf2f(g[d]) * rbf(r[d] * inv));
     }
     const u16* cs = ws_cos(ws) + pos * (HD / 2);
     const u16* sn = ws_sin(ws) + pos * (HD / 2);
     for (int d = lane; d < HD / 2; d += 32) {
-      const float c = bf2f(cs[d]), s = bf2f(sn[d]), x1 = x[d], x2 = x[d + HD / 2];
-      x[d] = rbf(rbf(x1 * c) - rbf(x2 * s));
-      x[d + HD / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
+      const float c = bf2f(cs[d]), s = bf2f(sn[d]), x1 = r[d], x2 = r[d + HD / 2];
+      r[d] = rbf(rbf(x1 * c) - rbf(x2 * s));
+      r[d + HD / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
     }
   }
   consumers_sync();
-  const float* kn = sm + GRP * HD;
+  const float* kn = x + GRP * HD;
   const float* vn = kn + HD;
   u16* kc = ws_kcache(ws, layer, kv);
   u16* vc = ws_vcache(ws, layer, kv);
@@ -338,73 +396,75 @@ __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, 
       kc[pos * HD + d] = f2bf(kn[d]);
       vc[pos * HD + d] = f2bf(vn[d]);
     }
-  const int n = pos + 1, per = (n + SPLITS - 1) / SPLITS, p0 = j * per, p1 = min(n, p0 + per);
-  constexpr int DL = HD / 32;
-  float m[GRP], l[GRP], o[GRP][DL];
+  int p0, p1;
+  kv_range(j, pos, p0, p1);
+  constexpr int OPT = (GRP * HD + NCONSUMERS - 1) / NCONSUMERS;  // outputs a thread accumulates
+  float o[OPT];
 #pragma unroll
-  for (int h = 0; h < GRP; ++h) {
-    m[h] = -1.0e30f;
-    l[h] = 0.f;
-    for (int e = 0; e < DL; ++e) o[h][e] = 0.f;
-  }
-  float* st = sm + (GRP + 2) * HD;  // per warp and q head: max, sum, output
-  u16* kbuf = (u16*)(st + (NCONSUMERS / 32) * GRP * (HD + 2));  // KV_CHUNK cached positions of k, then of v
-  u16* vbuf = kbuf + KV_CHUNK * HD;
-  for (int c0 = p0; c0 < p1; c0 += KV_CHUNK) {
-    // All threads load the chunk's cached k and v at once (one memory round trip), then each warp takes
-    // positions of it; this position's k and v come from registers above, not the cache.
-    const int cn = min(KV_CHUNK, p1 - c0);
-    for (int idx = threadIdx.x; idx < cn * HD / 8; idx += NCONSUMERS) {
-      const int p = c0 + idx / (HD / 8), e = idx % (HD / 8);
-      if (p != pos) {
-        ((V4*)kbuf)[idx] = ldcg4(kc + p * HD + e * 8);
-        ((V4*)vbuf)[idx] = ldcg4(vc + p * HD + e * 8);
+  for (int i = 0; i < OPT; ++i) o[i] = 0.f;
+  for (int c0 = p0; c0 < p1; c0 += KV_CAP) {
+    const int cn = min(KV_CAP, p1 - c0);
+    if (c0 > p0) load_kv(kc, vc, c0, cn, pos, kb, vb);  // the first chunk was prefetched before the wait
+    cp_async_wait_all();
+    if (pos >= c0 && pos < c0 + cn)
+      for (int d = threadIdx.x; d < HD; d += NCONSUMERS) {
+        kb[(pos - c0) * KS + d] = f2bf(kn[d]);
+        vb[(pos - c0) * KS + d] = f2bf(vn[d]);
+      }
+    consumers_sync();
+    for (int idx = threadIdx.x; idx < GRP * cn; idx += NCONSUMERS) {
+      const int h = idx / cn, q = idx % cn;
+      const V4* k4 = (const V4*)(kb + q * KS);
+      const float* qh = x + h * HD;
+      float s = 0.f;
+      for (int v = 0; v < HD / 8; ++v) {
+        const V4 w = k4[v];
+        const u32* we = &w.x;
+        for (int k = 0; k < 4; ++k) s = fmaf(lo(we[k]), qh[8 * v + 2 * k], fmaf(hi(we[k]), qh[8 * v + 2 * k + 1], s));
+      }
+      sc[h * KV_CAP + q] = s * SCALE;
+    }
+    consumers_sync();
+    for (int h = warp; h < GRP; h += NCONSUMERS / 32) {
+      float* s = sc + h * KV_CAP;
+      float top = run[3 * h];
+      for (int q = lane; q < cn; q += 32) top = fmaxf(top, s[q]);
+      for (int off = 16; off; off >>= 1) top = fmaxf(top, __shfl_xor_sync(0xffffffffu, top, off));
+      float sum = 0.f;
+      for (int q = lane; q < cn; q += 32) {
+        s[q] = expf(s[q] - top);
+        sum += s[q];
+      }
+      sum = warp_sum(sum);
+      if (lane == 0) {
+        const float corr = expf(run[3 * h] - top);
+        run[3 * h] = top;
+        run[3 * h + 1] = run[3 * h + 1] * corr + sum;
+        run[3 * h + 2] = corr;
       }
     }
     consumers_sync();
-    for (int q = warp; q < cn; q += NCONSUMERS / 32) {
-      const int p = c0 + q;
-      float kd[DL], vd[DL];
 #pragma unroll
-      for (int e = 0; e < DL; ++e) {
-        const int d = lane + 32 * e;
-        kd[e] = p == pos ? kn[d] : bf2f(kbuf[q * HD + d]);
-        vd[e] = p == pos ? vn[d] : bf2f(vbuf[q * HD + d]);
-      }
-#pragma unroll
-      for (int h = 0; h < GRP; ++h) {
-        float s = 0.f;
-        for (int e = 0; e < DL; ++e) s += sm[h * HD + lane + 32 * e] * kd[e];
-        s = warp_sum(s) * SCALE;
-        const float top = fmaxf(m[h], s), corr = expf(m[h] - top), pr = expf(s - top);
-        l[h] = l[h] * corr + pr;
-        for (int e = 0; e < DL; ++e) o[h][e] = o[h][e] * corr + pr * vd[e];
-        m[h] = top;
+    for (int i = 0; i < OPT; ++i) {
+      const int e = threadIdx.x + i * NCONSUMERS, h = e / HD, d = e % HD;
+      if (e < GRP * HD) {
+        const float* p = sc + h * KV_CAP;
+        float acc = o[i] * run[3 * h + 2];
+        for (int q = 0; q < cn; ++q) acc = fmaf(p[q], bf2f(vb[q * KS + d]), acc);
+        o[i] = acc;
       }
     }
-    consumers_sync();  // the next chunk overwrites the buffers
+    consumers_sync();  // the next chunk overwrites the buffers and scores
   }
-#pragma unroll
-  for (int h = 0; h < GRP; ++h) {
-    float* row = st + (warp * GRP + h) * (HD + 2);
-    if (lane == 0) { row[0] = m[h]; row[1] = l[h]; }
-    for (int e = 0; e < DL; ++e) row[2 + lane + 32 * e] = o[h][e];
-  }
-  consumers_sync();
   float* out = ws_part(ws, layer);
-  for (int e = threadIdx.x; e < GRP * HD; e += NCONSUMERS) {
-    const int h = e / HD, d = e % HD;
-    float top = -3.0e38f, total = 0.f, acc = 0.f;
-    for (int w = 0; w < NCONSUMERS / 32; ++w) top = fmaxf(top, st[(w * GRP + h) * (HD + 2)]);
-    for (int w = 0; w < NCONSUMERS / 32; ++w) {
-      const float* row = st + (w * GRP + h) * (HD + 2);
-      const float f = expf(row[0] - top);
-      total += row[1] * f;
-      acc += row[2 + d] * f;
+#pragma unroll
+  for (int i = 0; i < OPT; ++i) {
+    const int e = threadIdx.x + i * NCONSUMERS, h = e / HD, d = e % HD;
+    if (e < GRP * HD) {
+      float* dst = out + ((j * NKV + kv) * GRP + h) * (PART_HEAD + HD);
+      dst[PART_HEAD + d] = o[i];
+      if (d == 0) { dst[0] = run[3 * h]; dst[1] = run[3 * h + 1]; }
     }
-    float* dst = out + ((j * NKV + kv) * GRP + h) * (HD + 2);
-    dst[2 + d] = acc;
-    if (d == 0) { dst[0] = top; dst[1] = total; }
   }
 }
 """

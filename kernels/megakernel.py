@@ -4,15 +4,17 @@ One CTA per SM (grid = SM count; the compiled kernel's registers and shared memo
 per SM, so every CTA is resident and no spinner waits on a CTA that cannot start). Each CTA has 8 consumer warps
 that run its task list (kernels/taskgraph.py) in topological order, N decode steps per launch, and one loader
 warp that streams the weights of its upcoming tasks through a ring of shared-memory slots with the bulk copy
-engine (cp.async.bulk, completing on mbarriers). Weights depend on nothing, so the loader runs ahead across
-tasks and steps while the consumers wait on their dependency counters: the next tasks' weights are in flight
-during every wait.
+engine (cp.async.bulk, completing on mbarriers, evict-first in L2). Weights depend on nothing, so the loader runs
+ahead across tasks and steps while the consumers wait on their dependency counters: the next tasks' weights are
+in flight during every wait. Likewise an attention task copies the KV cache of earlier positions into shared
+memory (cp.async) before it waits for this step's q, k and v.
 
-Counters are u64, only ever incremented (after the CTA's barrier, one thread's fence.acq_rel.gpu, then
-red.relaxed.gpu adds) and waited on with ld.acquire.gpu in asm volatile spins; activations other SMs wrote are
-read with ld.global.cg (L2, never a stale L1 line). Targets scale with the global step, which lives on the device
-(state: steps run so far, position, prompt length) and which the last task of a launch advances: nothing is
-reset inside a launch or between launches, so a CUDA-graph replay continues where the last launch stopped.
+Counters are u64, only ever incremented (after the CTA's barrier, one thread's red.release.gpu adds) and waited
+on with ld.acquire.gpu in asm volatile spins; a task leaves out the waits its SM already met earlier in the step.
+Activations other SMs wrote are read with ld.global.cg (L2, never a stale L1 line). Targets scale with the
+global step, which lives on the device (state: steps run so far, position, prompt length) and which the last task
+of a launch advances: nothing is reset inside a launch or between launches, so a CUDA-graph replay continues
+where the last launch stopped.
 Prefill runs as decode steps whose argmax is not written while the next position is still inside the prompt;
 the argmax task writes the greedy token, so N steps need no host round trip.
 
@@ -26,8 +28,9 @@ adversarial order by default: the latest runnable task first), each task body in
 and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read.
 
 On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with
-trace=True each task's wait and run times in the last step are recorded); `benchmark` checks it against HF
-transformers and the bf16 reference decoder and times it beside them (benchmarks/megakernel_bench.py).
+trace=True each task's start, dependencies-met, prologue-done and done times in the last step are recorded);
+`benchmark` checks it against HF transformers and the bf16 reference decoder and times it beside them
+(benchmarks/megakernel_bench.py).
 """
 
 from __future__ import annotations
@@ -49,11 +52,10 @@ from superopt.model import Decoder, Model, inv_freq, layer_programs, rope_table
 from superopt.serialize import graph_hash
 
 NCONSUMERS = 256  # 8 consumer warps; one more warp loads weights
-KV_CHUNK = 16  # cached positions attention loads into shared memory at a time
 SMEM_PER_BLOCK = 227 * 1024  # H100/H200 opt-in limit; the runtime reads the device's
 OP_CODES = {op: i for i, op in enumerate(taskgraph.OPS)}
 # A task descriptor: op, layer, tile, row0, nrows, head, split, wait_off, wait_cnt, sig0, sig1, nchunks, chunk_bytes,
-# pad, and the weight tile's address (low and high 32 bits).
+# early (the waits to meet before the op's prefetch), and the weight tile's address (low and high 32 bits).
 DESC_INTS = 16
 
 
@@ -97,28 +99,49 @@ def workspace_layout(tg: TaskGraph, max_seq: int, logit_slots: int) -> dict[str,
     return out
 
 
-def smem_plan(tg: TaskGraph) -> dict[str, int]:
-    """Shared memory: the weight ring, its barriers, x (the widest GEMV input), row partial sums, reduction
-    scratch, and attention scratch; as many ring slots as fit (at most 8)."""
+def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[str, int]:
+    """Shared memory: the weight ring and its barriers, reduction scratch, then one region that a GEMV task uses
+    for x (the widest input) and row partial sums and an attention task for q, k, v, scores and KV_CAP cached
+    positions. As many ring slots as fit (at most 8) with room for 16 positions; then as many positions as fit
+    (at most 64, and no more than a split can have), unless `kv_cap` says how many."""
     c = tg.config
-    xs = 2 * max(g.k for g in tg.gemv.values())
-    part = 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())
-    attn = (
-        4 * ((c.group + 2) * c.head_dim + (NCONSUMERS // 32) * c.group * (c.head_dim + 2)) + 4 * KV_CHUNK * c.head_dim
-    )
-    fixed = xs + part + 4 * 64 + attn + 16 * 8
-    slots = min(8, (SMEM_PER_BLOCK - fixed - 1024) // taskgraph.SLOT_BYTES)
+    gemv = 2 * max(g.k for g in tg.gemv.values()) + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())
+    attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group)
+    per_position = 2 * 2 * (c.head_dim + 8) + 4 * c.group  # padded k and v rows, a score per q head
+    fixed = 16 * 8 + 256
+    slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // taskgraph.SLOT_BYTES)
     if slots < 2:
         raise SuperoptError("megakernel: shared memory leaves fewer than 2 ring slots")
-    return {"slots": slots, "xs_elems": xs // 2, "part_elems": part // 4, "bytes": slots * taskgraph.SLOT_BYTES + fixed}
+    room = SMEM_PER_BLOCK - 1024 - fixed - slots * taskgraph.SLOT_BYTES - attn
+    split_len = -(-max_seq // tg.kv_splits)
+    kv_cap = kv_cap or min(64, room // per_position, -(-split_len // 8) * 8) // 8 * 8
+    if kv_cap % 8 or kv_cap * per_position > room:
+        raise SuperoptError(f"megakernel: {kv_cap} cached positions in shared memory: not a multiple of 8 or too many")
+    region = max(gemv, attn + kv_cap * per_position)
+    xs_elems = max(g.k for g in tg.gemv.values())
+    return {
+        "slots": slots,
+        "kv_cap": kv_cap,
+        "xs_elems": xs_elems,
+        "bytes": slots * taskgraph.SLOT_BYTES + fixed + region,
+    }
 
 
-def source(tg: TaskGraph, name: str, max_seq: int, logit_slots: int, trace: bool = False) -> str:
+def source(
+    tg: TaskGraph,
+    name: str,
+    max_seq: int,
+    logit_slots: int,
+    trace: bool = False,
+    kv_cap: int | None = None,
+) -> str:
     """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
-    `trace` records each task's start, dependencies-met and done times (%globaltimer, ns) in the last step."""
+    `trace` records each task's start, dependencies-met, prologue-done and done times (%globaltimer, ns) in the
+    last step;
+    attention holds `kv_cap` cached positions in shared memory (None: as many as fit, see smem_plan)."""
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
-    sp = smem_plan(tg)
+    sp = smem_plan(tg, max_seq, kv_cap)
     progs = layer_programs(c)
     consts = {
         "HID": c.hidden,
@@ -135,11 +158,11 @@ def source(tg: TaskGraph, name: str, max_seq: int, logit_slots: int, trace: bool
         "LOGIT_SLOTS": logit_slots,
         "LM_TILES": tg.gemv["lmhead"].tiles,
         "NCONSUMERS": NCONSUMERS,
-        "KV_CHUNK": KV_CHUNK,
+        "KV_CAP": sp["kv_cap"],
+        "PART_HEAD": taskgraph.PART_HEAD,
         "SLOT": taskgraph.SLOT_BYTES,
         "NSLOTS": sp["slots"],
         "XS_ELEMS": sp["xs_elems"],
-        "PART_ELEMS": sp["part_elems"],
     }
     consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
     lines = [f"// superopt megakernel: {name} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
@@ -189,7 +212,7 @@ def source(tg: TaskGraph, name: str, max_seq: int, logit_slots: int, trace: bool
 KERNEL = r"""
 enum { OP_QKV, OP_ATTN, OP_OPROJ, OP_GATEUP, OP_DOWN, OP_LMHEAD, OP_ARGMAX };
 enum { D_OP, D_LAYER, D_TILE, D_ROW0, D_NROWS, D_HEAD, D_SPLIT, D_WAIT_OFF, D_WAIT_CNT, D_SIG0, D_SIG1, D_NCHUNKS,
-       D_CHUNK_BYTES, D_PAD, D_WLO, D_WHI };
+       D_CHUNK_BYTES, D_EARLY, D_WLO, D_WHI };
 
 // The residual stream entering a layer: the token's embedding row for layer 0.
 __device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* embed, int layer, int pos) {
@@ -198,23 +221,36 @@ __device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* 
   return embed + (u64)tok * HID;
 }
 
-// The loader: every chunk of every task's weights, in the order the consumers use them, one ring slot each.
-// (Also prefetching 8 more chunks into L2 with cp.async.bulk.prefetch.L2 made a step 40% slower on an H100.)
+// The loader: every chunk of every task's weights, in the order the consumers use them, one ring slot each,
+// marked evict-first in L2: read once a step, they should not push out the activations, KV cache and counters
+// (2% a step on the H200). Prefetching the chunks past the ring into L2 as well (cp.async.bulk.prefetch.L2), a
+// fixed distance ahead or only while attention and the O projection wait, evict-last or not, cost 4-50% instead.
+__device__ __forceinline__ const unsigned char* weight_chunk(const int* d, int c) {
+  const unsigned char* w = (const unsigned char*)((u64)(u32)d[D_WLO] | ((u64)(u32)d[D_WHI] << 32));
+  return w + (u64)c * (u32)d[D_CHUNK_BYTES];
+}
 __device__ void load_weights(const int* tasks, int first, int last, int steps, unsigned char* ring, u64* full,
                              u64* empty) {
+  const u64 policy = l2_evict_first();
   u32 chunk = 0;
   for (int s = 0; s < steps; ++s)
     for (int t = first; t < last; ++t) {
       const int* d = tasks + t * 16;
-      const u32 bytes = d[D_CHUNK_BYTES];
-      const unsigned char* w = (const unsigned char*)((u64)(u32)d[D_WLO] | ((u64)(u32)d[D_WHI] << 32));
       for (int c = 0; c < d[D_NCHUNKS]; ++c, ++chunk) {
         const int slot = chunk % NSLOTS;
         if (chunk >= NSLOTS) mbar_wait(&empty[slot], (chunk / NSLOTS - 1) & 1);
-        mbar_expect_tx(&full[slot], bytes);
-        bulk_load(ring + slot * SLOT, w + (u64)c * bytes, bytes, &full[slot]);
+        mbar_expect_tx(&full[slot], d[D_CHUNK_BYTES]);
+        bulk_load(ring + slot * SLOT, weight_chunk(d, c), d[D_CHUNK_BYTES], &full[slot], policy);
       }
     }
+}
+
+// Waits (the consumer threads, one entry each) for entries lo..hi of a task's wait list at global step g.
+__device__ __forceinline__ void wait_for(const u64* counters, const int* w, int lo, int hi, u64 g) {
+  for (int i = lo + threadIdx.x; i < hi; i += NCONSUMERS) {
+    const u64 target = (g + 1 - (u64)w[4 * i + 2]) * (u64)w[4 * i + 1];
+    while (ld_acquire(counters + w[4 * i]) < target) {}
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(NCONSUMERS + 32, 1)
@@ -227,10 +263,10 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
   unsigned char* ring = smem;
   u64* full = (u64*)(smem + NSLOTS * SLOT);
   u64* empty = full + NSLOTS;
-  u16* xs = (u16*)(empty + NSLOTS);
+  float* red = (float*)(empty + NSLOTS);
+  u16* xs = (u16*)(red + 64);  // one region: a GEMV's x and partial sums, or attention's scratch
   float* part = (float*)(xs + XS_ELEMS);
-  float* red = part + PART_ELEMS;
-  float* scratch = red + 64;
+  float* scratch = (float*)xs;
   if (threadIdx.x == 0) {
     for (int i = 0; i < NSLOTS; ++i) { mbar_init(&full[i], 1); mbar_init(&empty[i], NCONSUMERS / 32); }
     fence_barrier_init();
@@ -252,20 +288,23 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
     for (int t = first; t < last; ++t) {
       const int* d = tasks + t * 16;
       const bool traced = TRACE && s == steps - 1 && tid == 0;  // the launch's last step: wait, run, done times
-      if (traced) trace[3 * t] = globaltimer();
-      for (int i = tid; i < d[D_WAIT_CNT]; i += NCONSUMERS) {
-        const int* w = waits + 4 * (d[D_WAIT_OFF] + i);
-        const u64 target = (g + 1 - (u64)w[2]) * (u64)w[1];
-        while (ld_acquire(counters + w[0]) < target) {}
+      if (traced) trace[4 * t] = globaltimer();
+      const int early = d[D_EARLY];
+      wait_for(counters, waits + 4 * d[D_WAIT_OFF], 0, early, g);
+      if (d[D_OP] == OP_ATTN) {  // the KV cache earlier steps wrote is ready: fetch it while q, k, v are not
+        consumers_sync();
+        attention_prefetch(ws, d[D_LAYER], d[D_HEAD], d[D_SPLIT], pos, scratch);
       }
+      wait_for(counters, waits + 4 * d[D_WAIT_OFF], early, d[D_WAIT_CNT], g);
       consumers_sync();
-      if (traced) trace[3 * t + 1] = globaltimer();
+      if (traced) trace[4 * t + 1] = trace[4 * t + 2] = globaltimer();
       const int layer = d[D_LAYER], row0 = d[D_ROW0], nrows = d[D_NROWS], nchunks = d[D_NCHUNKS];
       const bool fresh = d[D_OP] * 1024 + layer != prev;
       prev = d[D_OP] * 1024 + layer;
       switch (d[D_OP]) {
         case OP_QKV: {
           if (fresh) norm_to_smem<HID>(layer_input(ws, embed, layer, pos), ws_gin(ws, layer), xs, red);
+          if (traced) trace[4 * t + 2] = globaltimer();
           gemv<HID, RC_QKV>(xs, ring, full, empty, chunk, nchunks, part);
           for (int r = tid; r < nrows; r += NCONSUMERS)
             ws_qkv(ws, layer)[row0 + r] = f2bf(gemv_row<HID, RC_QKV>(part, r));
@@ -275,6 +314,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         case OP_OPROJ: {
           const float res = tid < nrows ? ldcgbf(layer_input(ws, embed, layer, pos) + row0 + tid) : 0.f;
           if (fresh) combine_to_smem(ws_part(ws, layer), xs);
+          if (traced) trace[4 * t + 2] = globaltimer();
           gemv<NH * HD, RC_OPROJ>(xs, ring, full, empty, chunk, nchunks, part);
           if (tid < nrows)
             ws_hattn(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<NH * HD, RC_OPROJ>(part, tid))));
@@ -282,6 +322,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         }
         case OP_GATEUP: {
           if (fresh) norm_to_smem<HID>(ws_hattn(ws, layer), ws_gpost(ws, layer), xs, red);
+          if (traced) trace[4 * t + 2] = globaltimer();
           gemv<HID, RC_GATEUP>(xs, ring, full, empty, chunk, nchunks, part);
           for (int r = tid; r < nrows; r += NCONSUMERS) {
             const float gate = rbf(gemv_row<HID, RC_GATEUP>(part, r));
@@ -293,6 +334,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         case OP_DOWN: {
           const float res = tid < nrows ? ldcgbf(ws_hattn(ws, layer) + row0 + tid) : 0.f;
           if (fresh) copy_to_smem<INTER>(ws_act(ws, layer), xs);
+          if (traced) trace[4 * t + 2] = globaltimer();
           gemv<INTER, RC_DOWN>(xs, ring, full, empty, chunk, nchunks, part);
           if (tid < nrows)
             ws_hmlp(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<INTER, RC_DOWN>(part, tid))));
@@ -300,6 +342,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         }
         case OP_LMHEAD: {
           if (fresh) norm_to_smem<HID>(ws_hmlp(ws, NLAYER - 1), ws_gfinal(ws), xs, red);
+          if (traced) trace[4 * t + 2] = globaltimer();
           gemv<HID, RC_LMHEAD>(xs, ring, full, empty, chunk, nchunks, part);
           float* logits = ws_logits(ws) + (u64)(pos % LOGIT_SLOTS) * VOCAB;
           float best = -3.0e38f;
@@ -334,10 +377,9 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
       }
       consumers_sync();
       if (tid == 0) {
-        release_fence();
         if (d[D_SIG0] >= 0) signal(counters + d[D_SIG0]);
         if (d[D_SIG1] >= 0) signal(counters + d[D_SIG1]);
-        if (traced) trace[3 * t + 2] = globaltimer();
+        if (traced) trace[4 * t + 3] = globaltimer();
       }
     }
   }
@@ -378,9 +420,13 @@ def build_report(tg: TaskGraph) -> list[str]:
 
 
 def tables(tg: TaskGraph, weight_ptr: Callable[[taskgraph.Task], int]) -> tuple[list[int], list[int], list[int]]:
-    """The device tables: task descriptors in SM order, each SM's first task, and wait entries."""
+    """The device tables: task descriptors in SM order, each SM's first task, and wait entries. An attention
+    task's waits on earlier steps come first, so it can prefetch the KV cache before waiting for this step. A task
+    leaves out the waits the SM's earlier tasks of the step already met (the next tile of an op waits for
+    nothing): under load each acquire load costs a microsecond."""
     descs, starts, waits = [], [0], []
     for ids in tg.sm_tasks:
+        met: set[tuple[int, int]] = set()
         for i in ids:
             t = tg.tasks[i]
             if len(t.signals) > 2:
@@ -388,11 +434,14 @@ def tables(tg: TaskGraph, weight_ptr: Callable[[taskgraph.Task], int]) -> tuple[
             sig = t.signals + [-1] * (2 - len(t.signals))
             plan = tg.gemv.get(t.op)
             ptr = weight_ptr(t) if plan else 0
-            row = [OP_CODES[t.op], t.layer, t.tile, t.row0, t.nrows, t.head, t.split, len(waits) // 4, len(t.waits)]
-            row += sig + [plan.chunks if plan else 0, plan.chunk_bytes if plan else 0, 0]
+            order = sorted(set(t.waits) - met, key=lambda w: (w[1] == 0, w))
+            met |= set(t.waits)
+            early = sum(offset > 0 for _, offset in order) if t.op == "attn" else 0
+            row = [OP_CODES[t.op], t.layer, t.tile, t.row0, t.nrows, t.head, t.split, len(waits) // 4, len(order)]
+            row += sig + [plan.chunks if plan else 0, plan.chunk_bytes if plan else 0, early]
             row += [_i32(ptr & 0xFFFFFFFF), _i32(ptr >> 32)]
             descs += row
-            for c, offset in t.waits:
+            for c, offset in order:
                 waits += [c, len(tg.counters[c].producers), offset, 0]
         starts.append(len(descs) // DESC_INTS)
     return descs, starts, waits
@@ -533,19 +582,19 @@ def replay(
             p0, p1 = t.split * per, min(n, t.split * per + per)
             keys = torch.cat([kcache[i, kv, :pos], k[None]])[p0:p1]
             vals = torch.cat([vcache[i, kv, :pos], v[None]])[p0:p1]
-            out = torch.zeros(grp, d + 2)
+            out = torch.zeros(grp, taskgraph.PART_HEAD + d)  # max, sum, pad, outputs
+            out[:, 0] = -1e30
             if p1 > p0:
                 s = (q @ keys.T) * (1 / math.sqrt(d))
-                m = s.amax(-1, keepdim=True)
-                e = torch.exp(s - m)
-                out = torch.cat([m, e.sum(-1, keepdim=True), e @ vals], -1)
-            else:
-                out[:, 0] = -1e30
-            write(f"part.{i}", (t.split * c.kv_heads + kv) * grp * (d + 2), out.reshape(-1), g)
+                out[:, 0] = s.amax(-1)
+                e = torch.exp(s - out[:, :1])
+                out[:, 1], out[:, taskgraph.PART_HEAD :] = e.sum(-1), e @ vals
+            write(f"part.{i}", (t.split * c.kv_heads + kv) * out.numel(), out.reshape(-1), g)
         elif t.op == "oproj":
-            part = buf[f"part.{i}"].view(tg.kv_splits, c.heads, d + 2)
+            part = buf[f"part.{i}"].view(tg.kv_splits, c.heads, taskgraph.PART_HEAD + d)
             w = torch.exp(part[:, :, 0] - part[:, :, 0].amax(0))
-            a = rbf((part[:, :, 2:] * w[..., None]).sum(0) / (part[:, :, 1] * w).sum(0)[:, None]).reshape(-1)
+            outs = part[:, :, taskgraph.PART_HEAD :]
+            a = rbf((outs * w[..., None]).sum(0) / (part[:, :, 1] * w).sum(0)[:, None]).reshape(-1)
             x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
             res = x[t.row0 : t.row0 + t.nrows]
             write(f"hattn.{i}", t.row0, epilogue("residual", res, rbf(tile_rows(t, a))), g)
@@ -594,6 +643,22 @@ def replay(
     return Generation(tokens, logits)
 
 
+def agrees_with_replay(gpu: Generation, cpu: Generation, prompt_len: int) -> dict[str, Any]:
+    """The GPU's tokens and logits against the CPU replay's: logits within a bf16 ulp of the largest up to and at
+    the first token that differs (both computed from the same sequence), and there the replay's own margin between
+    the two tokens within twice the largest logit difference, a bf16 near tie that float summation order decides;
+    after it the sequences differ, so nothing after it is compared."""
+    n = len(cpu.logits)
+    flip = next((i for i in range(n) if gpu.tokens[prompt_len + i] != cpu.tokens[prompt_len + i]), None)
+    upto = n if flip is None else flip + 1
+    diff = float((gpu.logits[:upto] - cpu.logits[:upto]).abs().max())
+    ok = diff <= 2**-6 * float(cpu.logits[:upto].abs().max())
+    if flip is not None:
+        mine, theirs = gpu.tokens[prompt_len + flip], cpu.tokens[prompt_len + flip]
+        ok = ok and float(cpu.logits[flip, theirs] - cpu.logits[flip, mine]) <= 2 * diff
+    return {"ok": ok, "first_flip": flip, "max_logit_diff": diff}
+
+
 # --- the GPU runtime (CuPy, NVRTC) --------------------------------------------------------------------------
 
 
@@ -601,7 +666,12 @@ class GpuMegakernel:
     """The megakernel compiled for the current CUDA device, with the model's weights and a workspace on it."""
 
     def __init__(
-        self, model: Model, kv_splits: int | None = None, logit_slots: int | None = None, trace: bool = False
+        self,
+        model: Model,
+        kv_splits: int | None = None,
+        logit_slots: int | None = None,
+        trace: bool = False,
+        kv_cap: int | None = None,
     ) -> None:
         import cupy
         import numpy as np
@@ -613,8 +683,8 @@ class GpuMegakernel:
         self.model = model
         self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits)
         self.logit_slots = logit_slots or model.max_seq
-        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace)
-        self.plan = smem_plan(self.tg)
+        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap)
+        self.plan = smem_plan(self.tg, model.max_seq, kv_cap)
         dev = torch.device("cuda")
         self.weights = {k: v.to(dev) for k, v in packed_weights(model, self.tg).items()}
         self.embed = model.w("model.embed_tokens.weight").to(dev)
@@ -634,7 +704,7 @@ class GpuMegakernel:
         self.starts = torch.tensor(starts, dtype=torch.int32, device=dev)
         self.waits = torch.tensor(waits or [0], dtype=torch.int32, device=dev)
         self.counters = torch.zeros(len(self.tg.counters), dtype=torch.int64, device=dev)
-        self.trace = torch.zeros(3 * len(self.tg.tasks) if trace else 1, dtype=torch.int64, device=dev)
+        self.trace = torch.zeros(4 * len(self.tg.tasks) if trace else 1, dtype=torch.int64, device=dev)
         module = cupy.RawModule(code=self.src, options=("-std=c++17",))
         self.fn = module.get_function("megakernel")
         self.fn.max_dynamic_shared_size_bytes = self.plan["bytes"]
@@ -690,24 +760,36 @@ class GpuMegakernel:
         with stream:
             self.fn((self.tg.n_sms,), (NCONSUMERS + 32,), args, shared_mem=self.plan["bytes"])
 
-    def trace_summary(self) -> dict[str, Any]:
-        """From a traced launch: per op, the mean wait for dependencies and run time (us); the step's span; and
-        each layer's span from its first QKV task starting to run to its last down task done."""
-        tr = self.trace.view(-1, 3).cpu().double() / 1e3
+    def trace_rows(self) -> list[list[Any]]:
+        """From a traced launch, per task of the last step: id, SM, op, layer, and its start, dependencies-met,
+        prologue-done (a GEMV's input vector in shared memory; else as met) and done times (us from the step's
+        first start)."""
+        tr = self.trace.view(-1, 4).cpu().double()
+        t0 = float(tr[:, 0].min())
         order = [i for ids in self.tg.sm_tasks for i in ids]  # trace rows are in descriptor (SM) order
-        tasks = [self.tg.tasks[i] for i in order]
-        out: dict[str, Any] = {"step_us": float(tr[:, 2].max() - tr[:, 0].min())}
+        rows = []
+        for k, i in enumerate(order):
+            t = self.tg.tasks[i]
+            rows.append([i, t.sm, t.op, t.layer] + [round((float(v) - t0) / 1e3, 3) for v in tr[k]])
+        return sorted(rows)
+
+    def trace_summary(self) -> dict[str, Any]:
+        """From a traced launch: per op, the mean wait for dependencies, prologue and run (prologue included)
+        times (us); the step's span; and each layer's span from its first QKV task starting to run to its last
+        down task done."""
+        rows = self.trace_rows()
+        out: dict[str, Any] = {"step_us": max(r[7] for r in rows)}
         for op in taskgraph.OPS:
-            rows = [k for k, t in enumerate(tasks) if t.op == op]
+            mine = [r for r in rows if r[2] == op]
             out[op] = {
-                "wait_us": round(float((tr[rows, 1] - tr[rows, 0]).mean()), 2),
-                "run_us": round(float((tr[rows, 2] - tr[rows, 1]).mean()), 2),
+                name: round(sum(r[b] - r[a] for r in mine) / len(mine), 2)
+                for name, a, b in (("wait_us", 4, 5), ("prologue_us", 5, 6), ("run_us", 5, 7))
             }
         spans = []
         for layer in range(self.tg.config.layers):
-            first = [k for k, t in enumerate(tasks) if t.op == "qkv" and t.layer == layer]
-            last = [k for k, t in enumerate(tasks) if t.op == "down" and t.layer == layer]
-            spans.append(round(float(tr[last, 2].max() - tr[first, 1].min()), 1))
+            first = min(r[5] for r in rows if r[2] == "qkv" and r[3] == layer)
+            last = max(r[7] for r in rows if r[2] == "down" and r[3] == layer)
+            spans.append(round(last - first, 1))
         out["layer_span_us"] = spans
         return out
 

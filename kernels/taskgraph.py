@@ -29,6 +29,7 @@ MAX_TILE_ROWS = 256  # a GEMV task's outputs, at most one a consumer thread
 SLOT_BYTES = 32 * 1024  # one ring chunk of shared memory
 TASK_OVERHEAD_BYTES = 16 * 1024  # a task's fixed cost (waits, prologue, barriers) in bytes of weight streaming
 VECTOR = 256  # a GEMV row is read by 32 lanes x 8 bf16: its length must be a multiple of this
+PART_HEAD = 4  # an attention partial: max, sum and two unused floats, so the outputs after them are 16-byte aligned
 
 GEMV_OPS = ("qkv", "oproj", "gateup", "down", "lmhead")
 OPS = ("qkv", "attn", "oproj", "gateup", "down", "lmhead", "argmax")
@@ -76,26 +77,27 @@ class Gemv:
 
 
 def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int) -> Gemv:
-    """The largest power-of-two tile that divides `rows`, leaves at least half the SMs a task and streams at
-    most TILE_BYTES (a task's fixed latency, not bandwidth, is what bounds small tiles); chunks as large as a
-    ring slot allows."""
+    """The tile that spreads the op's weights most evenly over the SMs: fewest bytes on the busiest SM, counting
+    each of its tasks' fixed cost (TASK_OVERHEAD_BYTES); ties to fewer, larger tasks. A tile divides `rows`,
+    streams at most TILE_BYTES, and holds whole chunks, each the most rows (a power of two) a ring slot takes."""
     if k % VECTOR:
         raise SuperoptError(f"megakernel: {op} reduces over {k} elements, not a multiple of {VECTOR}")
     row_bytes = 2 * k
     if row_bytes > SLOT_BYTES:
         raise SuperoptError(f"megakernel: {op} rows of {k} elements do not fit a {SLOT_BYTES}-byte ring slot")
-    tile = 1
-    while (
-        rows % (2 * tile) == 0
-        and 2 * tile * unit * row_bytes <= TILE_BYTES
-        and 2 * tile <= MAX_TILE_ROWS
-        and rows // (2 * tile) >= max(1, n_sms // 2)
-    ):
-        tile *= 2
-    chunk = 1
-    while 2 * chunk <= tile * unit and 2 * chunk * row_bytes <= SLOT_BYTES:
-        chunk *= 2
-    return Gemv(op, k, rows, unit, tile, chunk)
+    chunk = 1 << (SLOT_BYTES // row_bytes).bit_length() - 1
+    best = None
+    for tile in range(1, min(rows, MAX_TILE_ROWS) + 1):
+        weight_rows = tile * unit
+        if rows % tile or weight_rows * row_bytes > TILE_BYTES or weight_rows % min(chunk, weight_rows):
+            continue
+        rounds = -(-(rows // tile) // n_sms)
+        key = (rounds * (weight_rows * row_bytes + TASK_OVERHEAD_BYTES), -tile)
+        best = min(best or key, key)
+    if best is None:
+        raise SuperoptError(f"megakernel: {op} has no tile of whole {chunk}-row chunks within {TILE_BYTES} bytes")
+    tile = -best[1]
+    return Gemv(op, k, rows, unit, tile, min(chunk, tile * unit))
 
 
 @dataclass
@@ -199,7 +201,7 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGra
         "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms),
         "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms),
     }
-    part = splits * nkv * g * (d + 2)  # per (split, kv head, q head): max, sum, then d unnormalized outputs
+    part = splits * nkv * g * (PART_HEAD + d)  # per (split, kv head, q head): max, sum, pad, d unnormalized outputs
     buffers = {"token": 1, "logits": cfg.vocab, "lmpart": 2 * gemv["lmhead"].tiles}  # (value, index) a tile
     for i in range(L):
         buffers |= {f"qkv.{i}": cfg.qkv_rows, f"part.{i}": part, f"kv.{i}": nkv}
@@ -238,7 +240,8 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGra
             for j in range(splits):
                 # Split 0 appends this position's K and V; every split reads earlier positions only (this one
                 # comes from qkv), so the append and the reads touch different elements of the cache.
-                out = Region(f"part.{i}", (j * nkv + kv) * g * (d + 2), (j * nkv + kv + 1) * g * (d + 2))
+                row = g * (PART_HEAD + d)
+                out = Region(f"part.{i}", (j * nkv + kv) * row, (j * nkv + kv + 1) * row)
                 writes = [out] + ([Region(f"kv.{i}", kv, kv + 1)] if j == 0 else [])
                 add(
                     "attn",
@@ -338,14 +341,22 @@ def _plan_counters(tg: TaskGraph) -> None:
 
 
 def _schedule(tg: TaskGraph) -> None:
-    """Each task, in topological order, to the SM with the least work so far (ties: the lowest SM)."""
+    """Each op instance (an op's tasks in one layer, which its consumers wait for together) in rounds of one task
+    an SM, each round to the SMs with the least work so far (ties: the lowest SM): no SM runs a second task of an
+    instance while another runs none, and the work evens out over the instances."""
     load = [0] * tg.n_sms
     tg.sm_tasks = [[] for _ in range(tg.n_sms)]
+    instances: dict[tuple[str, int], list[Task]] = defaultdict(list)
     for t in tg.tasks:
-        sm = min(range(tg.n_sms), key=lambda s: (load[s], s))
-        t.sm = sm
-        load[sm] += t.cost
-        tg.sm_tasks[sm].append(t.id)
+        instances[(t.op, t.layer)].append(t)
+    for tasks in instances.values():
+        for k in range(0, len(tasks), tg.n_sms):
+            batch = tasks[k : k + tg.n_sms]
+            for t, sm in zip(batch, sorted(range(tg.n_sms), key=lambda s: (load[s], s))):
+                t.sm = sm
+                load[sm] += t.cost
+    for t in tg.tasks:
+        tg.sm_tasks[t.sm].append(t.id)
 
 
 def ancestors(tg: TaskGraph, task: int) -> set[int]:

@@ -1,0 +1,116 @@
+"""Megakernel tuning probe: variants of each model's megakernel (KV splits) built and timed in one run, each checked
+against the bf16 reference decoder, and one traced step per model with every task's wait, prologue and run times.
+
+First the tiny models on the GPU against the CPU replay (megakernel_bench.tiny_check).
+
+    python benchmarks/megakernel_probe.py --out results/megakernel_probe
+
+Writes OUT/probe.json (timings, token agreement, trace summaries), OUT/trace_MODEL.json (per task: id, SM, op,
+layer, start, dependencies met, prologue done, done, in us) and OUT/probe.md (the table, printed last).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from megakernel_bench import tiny_check
+
+from superopt.kernels.megakernel import (
+    Generation,
+    GpuMegakernel,
+    Hang,
+    compare,
+    prompt_tokens,
+    time_megakernel,
+)
+from superopt.model import Decoder, load_model
+
+MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
+VARIANTS = {"default": {}, "splits1": {"kv_splits": 1}, "splits2": {"kv_splits": 2}, "splits8": {"kv_splits": 8}}
+
+
+def generate(mk: GpuMegakernel, prompt: list[int], new_tokens: int) -> Generation:
+    mk.reset(prompt)
+    mk.launch(len(prompt) - 1)
+    mk.launch(new_tokens)
+    mk.wait(timeout_s=30)
+    return mk.result(len(prompt), new_tokens)
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="llama-3.2-1b,qwen3-0.6b")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"{time.time() - t0:6.1f}s {msg}", flush=True)
+
+    doc = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "tiny": {},
+        "results": [],
+    }
+    try:
+        doc["tiny"] = tiny_check(log)
+        for name in args.models.split(","):
+            model = load_model(MODELS / f"{name}.yaml", device="cuda")
+            prompt = prompt_tokens(model.config.vocab, args.prompt_len, seed=0)
+            n = args.prompt_len
+            for label in args.variants.split(","):
+                mk = GpuMegakernel(model, **VARIANTS[label])
+                out = generate(mk, prompt, args.new_tokens)
+                us = time_megakernel(mk, prompt, args.new_tokens)
+                forced = Decoder(model, "bfloat16", "cuda").generate(prompt, args.new_tokens, forced=out.tokens[n:])
+                vs = compare(out.tokens, out.logits, forced[1], n)
+                row = {"model": name, "variant": label, "us_per_step": us, "vs_reference_bf16": vs}
+                row["resources"] = mk.resources
+                doc["results"].append(row)
+                log(
+                    f"[{name}] {label}: {us:.1f} us/step, argmax agrees {vs['argmax_agree']}/{vs['steps']}, flips "
+                    f"explained {vs['all_explained']}, {mk.resources}"
+                )
+                del mk
+            mk = GpuMegakernel(model, trace=True)
+            generate(mk, prompt, args.new_tokens)
+            summary = mk.trace_summary()
+            doc[f"trace_{name}"] = summary
+            (args.out / f"trace_{name}.json").write_text(json.dumps(mk.trace_rows()))
+            log(f"[{name}] trace: {json.dumps(summary)}")
+            del mk, model
+            torch.cuda.empty_cache()
+    except Hang as e:
+        log(str(e))
+        (args.out / "probe.json").write_text(json.dumps(doc, indent=1))
+        os._exit(3)
+    (args.out / "probe.json").write_text(json.dumps(doc, indent=1))
+    lines = ["| model | variant | us/step | argmax = bf16 reference | flips near ties |", "|---|---|---|---|---|"]
+    for r in doc["results"]:
+        vs = r["vs_reference_bf16"]
+        row = [r["model"], r["variant"], f"{r['us_per_step']:.1f}", f"{vs['argmax_agree']}/{vs['steps']}"]
+        lines.append("| " + " | ".join(row + [str(vs["all_explained"])]) + " |")
+    table = f"{doc['device']}, {doc['date']}, torch {doc['torch']}\n\n" + "\n".join(lines)
+    (args.out / "probe.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
