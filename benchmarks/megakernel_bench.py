@@ -31,7 +31,9 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,7 +52,34 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
 
 
-def tiny_check(log: callable) -> dict:
+def run_arguments(doc: str) -> argparse.ArgumentParser:
+    """The arguments every megakernel benchmark takes: where to write, which models, prompt and decode lengths."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--models", default="llama-3.2-1b,qwen3-0.6b")
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    return ap
+
+
+def start(out: Path) -> tuple[Callable[[str], None], dict[str, Any]]:
+    """Makes the output folder; a log that prints seconds since now; the results document's header."""
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    def log(msg: str) -> None:
+        print(f"{time.time() - t0:6.1f}s {msg}", flush=True)
+
+    doc = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "results": [],
+    }
+    return log, doc
+
+
+def tiny_check(log: Callable[[str], None]) -> dict:
     """The tiny models on the GPU against the CPU replay of the same task list (same SM count), as built and with
     one KV split over cached positions 8 at a time (attention's chunk loop): tokens equal up to the first bf16
     near tie, logits within bf16 rounding (megakernel.agrees_with_replay)."""
@@ -75,11 +104,7 @@ def tiny_check(log: callable) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--models", default="llama-3.2-1b,qwen3-0.6b")
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
+    ap = run_arguments(__doc__)
     ap.add_argument("--no-peers", action="store_true", help="time only the megakernel")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compile is slow)")
     ap.add_argument("--no-tiny", action="store_true")
@@ -88,18 +113,7 @@ def main(argv: list[str]) -> int:
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"{time.time() - t0:6.1f}s {msg}", flush=True)
-
-    doc = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "results": [],
-    }
+    log, doc = start(args.out)
     try:
         import transformers
 

@@ -11,75 +11,45 @@ layer, start, dependencies met, prologue done, done, in us) and OUT/probe.md (th
 
 from __future__ import annotations
 
-import argparse
-import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
-from megakernel_bench import tiny_check
+from megakernel_bench import run_arguments, start, tiny_check
 
 from superopt.kernels.megakernel import (
-    Generation,
     GpuMegakernel,
     Hang,
-    compare,
     prompt_tokens,
     time_megakernel,
+    versus_reference_bf16,
 )
-from superopt.model import Decoder, load_model
+from superopt.model import load_model
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 VARIANTS = {"default": {}, "splits1": {"kv_splits": 1}, "splits2": {"kv_splits": 2}, "splits8": {"kv_splits": 8}}
 
 
-def generate(mk: GpuMegakernel, prompt: list[int], new_tokens: int) -> Generation:
-    mk.reset(prompt)
-    mk.launch(len(prompt) - 1)
-    mk.launch(new_tokens)
-    mk.wait(timeout_s=30)
-    return mk.result(len(prompt), new_tokens)
-
-
 def main(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--models", default="llama-3.2-1b,qwen3-0.6b")
+    ap = run_arguments(__doc__)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device", file=sys.stderr)
         return 2
-    args.out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-
-    def log(msg: str) -> None:
-        print(f"{time.time() - t0:6.1f}s {msg}", flush=True)
-
-    doc = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "tiny": {},
-        "results": [],
-    }
+    log, doc = start(args.out)
     try:
         doc["tiny"] = tiny_check(log)
         for name in args.models.split(","):
             model = load_model(MODELS / f"{name}.yaml", device="cuda")
             prompt = prompt_tokens(model.config.vocab, args.prompt_len, seed=0)
-            n = args.prompt_len
             for label in args.variants.split(","):
                 mk = GpuMegakernel(model, **VARIANTS[label])
-                out = generate(mk, prompt, args.new_tokens)
+                out = mk.generate(prompt, args.new_tokens)
                 us = time_megakernel(mk, prompt, args.new_tokens)
-                forced = Decoder(model, "bfloat16", "cuda").generate(prompt, args.new_tokens, forced=out.tokens[n:])
-                vs = compare(out.tokens, out.logits, forced[1], n)
+                vs = versus_reference_bf16(model, out, args.prompt_len)
                 row = {"model": name, "variant": label, "us_per_step": us, "vs_reference_bf16": vs}
                 row["resources"] = mk.resources
                 doc["results"].append(row)
@@ -89,7 +59,7 @@ def main(argv: list[str]) -> int:
                 )
                 del mk
             mk = GpuMegakernel(model, trace=True)
-            generate(mk, prompt, args.new_tokens)
+            mk.generate(prompt, args.new_tokens)
             summary = mk.trace_summary()
             doc[f"trace_{name}"] = summary
             (args.out / f"trace_{name}.json").write_text(json.dumps(mk.trace_rows()))

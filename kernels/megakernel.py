@@ -105,10 +105,11 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
     positions. As many ring slots as fit (at most 8) with room for 16 positions; then as many positions as fit
     (at most 64, and no more than a split can have), unless `kv_cap` says how many."""
     c = tg.config
-    gemv = 2 * max(g.k for g in tg.gemv.values()) + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())
+    xs_elems = max(g.k for g in tg.gemv.values())
+    gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
     attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group)
     per_position = 2 * 2 * (c.head_dim + 8) + 4 * c.group  # padded k and v rows, a score per q head
-    fixed = 16 * 8 + 256
+    fixed = 16 * 8 + 256  # two mbarriers a slot (8 slots at most), reduction scratch
     slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // taskgraph.SLOT_BYTES)
     if slots < 2:
         raise SuperoptError("megakernel: shared memory leaves fewer than 2 ring slots")
@@ -118,7 +119,6 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
     if kv_cap % 8 or kv_cap * per_position > room:
         raise SuperoptError(f"megakernel: {kv_cap} cached positions in shared memory: not a multiple of 8 or too many")
     region = max(gemv, attn + kv_cap * per_position)
-    xs_elems = max(g.k for g in tg.gemv.values())
     return {
         "slots": slots,
         "kv_cap": kv_cap,
@@ -137,8 +137,7 @@ def source(
 ) -> str:
     """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
     `trace` records each task's start, dependencies-met, prologue-done and done times (%globaltimer, ns) in the
-    last step;
-    attention holds `kv_cap` cached positions in shared memory (None: as many as fit, see smem_plan)."""
+    last step; attention holds `kv_cap` cached positions in shared memory (None: as many as fit, see smem_plan)."""
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
     sp = smem_plan(tg, max_seq, kv_cap)
@@ -909,6 +908,14 @@ def compare(tokens: list[int], logits: torch.Tensor, ref_logits: torch.Tensor, p
     }
 
 
+def versus_reference_bf16(model: Model, out: Generation, prompt_len: int) -> dict[str, Any]:
+    """`compare` against the bf16 reference decoder (superopt/model.py) teacher-forced on the generated tokens."""
+    forced = Decoder(model, "bfloat16", "cuda").generate(
+        out.tokens[:prompt_len], len(out.logits), forced=out.tokens[prompt_len:]
+    )
+    return compare(out.tokens, out.logits, forced[1], prompt_len)
+
+
 def first_divergence(a: list[int], b: list[int], prompt_len: int) -> int | None:
     """The first generated step where two token sequences differ, or None."""
     for k, (x, y) in enumerate(zip(a[prompt_len:], b[prompt_len:])):
@@ -1053,9 +1060,7 @@ def benchmark(
             raise SuperoptError("megakernel logits are not all finite")
 
     def reference() -> None:
-        dec = Decoder(model, "bfloat16", "cuda")
-        forced = dec.generate(prompt, new_tokens, forced=state["out"].tokens[prompt_len:])
-        res["vs_reference_bf16"] = compare(state["out"].tokens, state["out"].logits, forced[1], prompt_len)
+        res["vs_reference_bf16"] = versus_reference_bf16(model, state["out"], prompt_len)
 
     def hf() -> None:
         state["hf"] = hf_model(model)
