@@ -63,7 +63,11 @@ def run_arguments(doc: str) -> argparse.ArgumentParser:
 
 
 def start(out: Path) -> tuple[Callable[[str], None], dict[str, Any]]:
-    """Makes the output folder; a log that prints seconds since now; the results document's header."""
+    """Exits (status 2) without a CUDA device; makes the output folder; a log that prints seconds since now; the
+    results document's header."""
+    if not torch.cuda.is_available():
+        print("no CUDA device", file=sys.stderr)
+        raise SystemExit(2)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
 
@@ -110,9 +114,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-tiny", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also run a traced kernel: per-op wait and run times")
     args = ap.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("no CUDA device", file=sys.stderr)
-        return 2
     log, doc = start(args.out)
     try:
         import transformers
