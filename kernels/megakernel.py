@@ -19,9 +19,10 @@ Prefill runs as decode steps whose argmax is not written while the next position
 the argmax task writes the greedy token, so N steps need no host round trip.
 
 Task bodies: the GEMV tiles, attention, combine and argmax are hand-written templates (kernels/cuda_codegen.py:
-the search has no cached winners for them yet, and RoPE, the KV append and argmax have no IR op); the
-elementwise epilogues (residual add, silu(gate) * up) are generated from the layer programs of
-superopt/model.py. `build_report` says which, per task kind.
+its emitter lowers elementwise programs, not searched block graphs, so a search result for a layer's block is
+not used yet; RoPE, the KV append and argmax have no IR op); the elementwise epilogues (residual add,
+silu(gate) * up) are generated from the layer programs of superopt/model.py. `build_report` says which, per task
+kind.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body in torch with the kernel's rounding,
@@ -394,7 +395,7 @@ def build_report(tg: TaskGraph) -> list[str]:
     def ref(*names: str) -> str:
         return ", ".join(f"{n} ({graph_hash(progs[n])[:12]})" for n in names if n in progs)
 
-    template = "hand-written template (no search result cached)"
+    template = "hand-written GEMV template (the CUDA emitter lowers elementwise programs, not searched block graphs)"
     kinds = {
         "qkv": (ref("attn_in"), template),
         "attn": (
