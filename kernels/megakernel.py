@@ -223,8 +223,8 @@ __device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* 
 
 // The loader: every chunk of every task's weights, in the order the consumers use them, one ring slot each,
 // marked evict-first in L2: read once a step, they should not push out the activations, KV cache and counters
-// (2% a step on the H200). Prefetching the chunks past the ring into L2 as well (cp.async.bulk.prefetch.L2), a
-// fixed distance ahead or only while attention and the O projection wait, evict-last or not, cost 4-50% instead.
+// (1-2% a step on the H200). Prefetching the chunks past the ring into L2 as well (cp.async.bulk.prefetch.L2), a
+// fixed distance ahead or only while attention and the O projection wait, evict-last or not, cost 4-52% instead.
 __device__ __forceinline__ const unsigned char* weight_chunk(const int* d, int c) {
   const unsigned char* w = (const unsigned char*)((u64)(u32)d[D_WLO] | ((u64)(u32)d[D_WHI] << 32));
   return w + (u64)c * (u32)d[D_CHUNK_BYTES];
