@@ -89,10 +89,10 @@ def tiny_check(log: Callable[[str], None]) -> dict:
     near tie, logits within bf16 rounding (megakernel.agrees_with_replay)."""
     out = {}
     for name in ("tiny-llama", "tiny-qwen3"):
+        model = load_model(MODELS / f"{name}.yaml")
+        prompt = prompt_tokens(model.config.vocab, 6, seed=1)
         for label, kw in {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}.items():
             try:
-                model = load_model(MODELS / f"{name}.yaml")
-                prompt = prompt_tokens(model.config.vocab, 6, seed=1)
                 mk = GpuMegakernel(model, **kw)
                 gpu = mk.generate(prompt, 20)
                 out[f"{name}/{label}"] = agrees_with_replay(gpu, replay(model, mk.tg, prompt, 20), len(prompt))

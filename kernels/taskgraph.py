@@ -308,12 +308,18 @@ def _analyse(tg: TaskGraph) -> None:
         t.deps, t.prev_deps = sorted(deps), sorted(prev)
 
 
+def op_instances(tg: TaskGraph) -> dict[tuple[str, int], list[Task]]:
+    """The tasks of each (op, layer), in id order: an op instance, whose consumers wait for all of it together."""
+    out: dict[tuple[str, int], list[Task]] = defaultdict(list)
+    for t in tg.tasks:
+        out[(t.op, t.layer)].append(t)
+    return out
+
+
 def _plan_counters(tg: TaskGraph) -> None:
     """Aggregate counters where a consumer reads all tiles of an op, per-tile counters elsewhere; earlier-step
     reads wait for the previous step's sink."""
-    instance: dict[tuple[str, int], list[int]] = defaultdict(list)
-    for t in tg.tasks:
-        instance[(t.op, t.layer)].append(t.id)
+    instance = {key: [t.id for t in tasks] for key, tasks in op_instances(tg).items()}
     counters: dict[tuple, Counter] = {}
 
     def counter(key: tuple, producers: list[int], name: str) -> int:
@@ -346,10 +352,7 @@ def _schedule(tg: TaskGraph) -> None:
     instance while another runs none, and the work evens out over the instances."""
     load = [0] * tg.n_sms
     tg.sm_tasks = [[] for _ in range(tg.n_sms)]
-    instances: dict[tuple[str, int], list[Task]] = defaultdict(list)
-    for t in tg.tasks:
-        instances[(t.op, t.layer)].append(t)
-    for tasks in instances.values():
+    for tasks in op_instances(tg).values():
         for k in range(0, len(tasks), tg.n_sms):
             batch = tasks[k : k + tg.n_sms]
             for t, sm in zip(batch, sorted(range(tg.n_sms), key=lambda s: (load[s], s))):
