@@ -143,6 +143,9 @@ __device__ __forceinline__ void mbar_expect_tx(u64* bar, u32 bytes) {
 __device__ __forceinline__ void mbar_arrive(u64* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem_addr(bar)) : "memory");
 }
+__device__ __forceinline__ void mbar_arrive_count(u64* bar, u32 n) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0], %1;" :: "r"(smem_addr(bar)), "r"(n) : "memory");
+}
 __device__ __forceinline__ void mbar_wait(u64* bar, u32 parity) {
   asm volatile(
       "{\n .reg .pred p;\n WAIT:\n mbarrier.try_wait.parity.shared::cta.b64 p, [%0], %1;\n @!p bra WAIT;\n}\n"
@@ -200,32 +203,56 @@ __device__ __forceinline__ void block_argmax(float& v, int& i, float* red) {
 TEMPLATES = r"""
 // ---- GEMV over the weight ring: a task's rows stream through shared memory in chunks of RC rows of K.
 // A warp takes whole rows when a chunk has at least as many rows as there are warps, else WPR warps share a
-// row; lanes read 16 bytes of weights and of x at a time. part[row * WPR + segment] holds partial sums.
+// row; lanes read 16 bytes of weights at a time, and keep their part of x in registers for the whole task.
+// part[row * WPR + segment] holds partial sums. Each row's dot product runs in four independent FMA chains, and a
+// warp with two rows in a chunk loads and reduces both at once: one dependent chain per row left small GEMVs
+// (Qwen3's K = 1024) bound by latency. `keep`: leave the chunks' slots to the caller to free. `tr` (tracing): when
+// the first chunk arrived and when the sums are done.
 __host__ __device__ constexpr int wpr(int k, int rc) {
   int w = rc >= NCONSUMERS / 32 ? 1 : (NCONSUMERS / 32) / rc;
-  while (w > 1 && k / 8 < 32 * w) w /= 2;
+  while (w > 1 && (k / 8) % (32 * w)) w /= 2;
   return w;
 }
+__device__ __forceinline__ void stamp(u64* tr, int k) {
+  if (TRACE && tr) tr[k] = globaltimer();
+}
 template <int K, int RC>
-__device__ void gemv(const u16* xs, unsigned char* ring, u64* full, u64* empty, u32& chunk, int nchunks, float* part) {
-  constexpr int VEC = K / 8, WPR = wpr(K, RC), RPP = (NCONSUMERS / 32) / WPR;
+__device__ void gemv(const u16* xs, unsigned char* ring, u64* full, u64* empty, u32& chunk, int nchunks, bool keep,
+                     float* part, u64* tr) {
+  constexpr int VEC = K / 8, WPR = wpr(K, RC), RPP = (NCONSUMERS / 32) / WPR, PER = VEC / (32 * WPR);
+  constexpr int RB = RC >= 2 * RPP ? 2 : 1;  // rows a warp takes at once
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, seg = warp % WPR, sub = warp / WPR;
-  const V4* x4 = (const V4*)xs;
+  const int v0 = seg * 32 + lane;
+  V4 x[PER];
+#pragma unroll
+  for (int i = 0; i < PER; ++i) x[i] = ((const V4*)xs)[v0 + i * 32 * WPR];
   for (int c = 0; c < nchunks; ++c, ++chunk) {
     const int slot = chunk % NSLOTS;
     mbar_wait(&full[slot], (chunk / NSLOTS) & 1);
+    if (c == 0) stamp(tr, 3);
     const V4* w4 = (const V4*)(ring + slot * SLOT);
-    for (int r = sub; r < RC; r += RPP) {
-      float acc = 0.f;
-#pragma unroll 4
-      for (int v = seg * 32 + lane; v < VEC; v += 32 * WPR) acc = dot8(w4[r * VEC + v], x4[v], acc);
-      acc = warp_sum(acc);
-      if (lane == 0) part[(c * RC + r) * WPR + seg] = acc;
+    for (int r = sub; r < RC; r += RPP * RB) {
+      V4 w[RB][PER];
+#pragma unroll
+      for (int b = 0; b < RB; ++b)
+#pragma unroll
+        for (int i = 0; i < PER; ++i) w[b][i] = w4[(r + b * RPP) * VEC + v0 + i * 32 * WPR];
+      float acc[RB][4] = {};
+#pragma unroll
+      for (int b = 0; b < RB; ++b)
+#pragma unroll
+        for (int i = 0; i < PER; ++i) acc[b][i % 4] = dot8(w[b][i], x[i], acc[b][i % 4]);
+#pragma unroll
+      for (int b = 0; b < RB; ++b) {
+        const float s = warp_sum((acc[b][0] + acc[b][1]) + (acc[b][2] + acc[b][3]));
+        if (lane == 0) part[(c * RC + r + b * RPP) * WPR + seg] = s;
+      }
     }
     __syncwarp();
-    if (lane == 0) mbar_arrive(&empty[slot]);
+    if (!keep && lane == 0) mbar_arrive(&empty[slot]);
   }
   consumers_sync();
+  stamp(tr, 4);
 }
 template <int K, int RC>
 __device__ __forceinline__ float gemv_row(const float* part, int r) {
@@ -321,7 +348,8 @@ __device__ void combine_to_smem(const float* part, u16* xs) {
 
 // ---- attention for one KV head and one split of the positions 0..pos (split-KV decode).
 // The split's cached positions were written by earlier steps, so attention_prefetch copies the first KV_CAP of
-// them into shared memory (cp.async) before the task waits for this step's q, k and v; attention then norms
+// them into shared memory (cp.async) before the task waits for this step's q, k and v, and before them (a group
+// of its own) this position's RoPE row and the layer's q/k norm weights; attention then norms
 // (Qwen3) and rotates q and this position's k (RoPE, from the bf16 cos/sin table, rounded as HF rounds:
 // bf16(bf16(x cos) + bf16(rotate_half(x) sin))), split 0 appends k and v to the cache, and each chunk of at
 // most KV_CAP positions takes three passes: a thread per (q head, position) score, a warp per q head for the
@@ -331,6 +359,8 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(smem_addr(dst)), "l"(src) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+__device__ __forceinline__ void cp_async_wait_older() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 __device__ __forceinline__ void kv_range(int j, int pos, int& p0, int& p1) {
   const int n = pos + 1, per = (n + SPLITS - 1) / SPLITS;
   p0 = min(n, j * per);
@@ -346,27 +376,45 @@ __device__ void load_kv(const u16* kc, const u16* vc, int c0, int cn, int pos, u
     }
   }
 }
+// Attention's scratch: cached k rows, v rows, then cos, sin (HD / 2 each), q norm and k norm weights (HD each).
 __device__ __forceinline__ u16* attn_kbuf(float* sm) { return (u16*)sm; }
 __device__ __forceinline__ u16* attn_vbuf(float* sm) { return (u16*)sm + KV_CAP * KS; }
+__device__ __forceinline__ u16* attn_consts(float* sm) { return (u16*)sm + 2 * KV_CAP * KS; }
 __device__ void attention_prefetch(unsigned char* ws, int layer, int kv, int j, int pos, float* sm) {
+  u16* cst = attn_consts(sm);
+  for (int i = threadIdx.x; i < (QK_NORM ? 3 : 1) * HD / 8; i += NCONSUMERS) {  // 16-byte pieces
+    const int row = i / (HD / 16);  // cos, sin, then (two pieces a row of HD) q and k norm weights
+    const u16* src = row == 0 ? ws_cos(ws) + pos * (HD / 2) : row == 1 ? ws_sin(ws) + pos * (HD / 2)
+                   : row < 4 ? ws_gq(ws, layer) + (row - 2) * (HD / 2) : ws_gk(ws, layer) + (row - 4) * (HD / 2);
+    cp_async16(cst + i * 8, src + (i % (HD / 16)) * 8);
+  }
+  cp_async_commit();
   int p0, p1;
   kv_range(j, pos, p0, p1);
   load_kv(ws_kcache(ws, layer, kv), ws_vcache(ws, layer, kv), p0, min(p1 - p0, KV_CAP), pos, attn_kbuf(sm),
           attn_vbuf(sm));
+  cp_async_commit();
 }
 __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, float* sm) {
   u16* kb = attn_kbuf(sm);
   u16* vb = attn_vbuf(sm);
-  float* x = (float*)(vb + KV_CAP * KS);  // GRP q heads, then k, then v
+  const u16* cst = attn_consts(sm);
+  float* x = (float*)(cst + 3 * HD);  // GRP q heads, then k, then v
   float* sc = x + (GRP + 2) * HD;          // scores, then probabilities, per q head and position
   float* run = sc + GRP * KV_CAP;          // per q head: running max, running sum, this chunk's correction
   const u16* qkv = ws_qkv(ws, layer);
-  for (int e = threadIdx.x; e < (GRP + 2) * HD; e += NCONSUMERS) {
-    const int hh = e / HD, d = e % HD;
-    const int src = hh < GRP ? (kv * GRP + hh) * HD + d : ((hh == GRP ? NH : NH + NKV) + kv) * HD + d;
-    x[e] = ldcgbf(qkv + src);
+  constexpr int XN = ((GRP + 2) * HD + NCONSUMERS - 1) / NCONSUMERS;
+  float xv[XN];
+#pragma unroll
+  for (int k = 0; k < XN; ++k) {  // every load issued before any is used: one L2 round trip
+    const int e = min(threadIdx.x + k * NCONSUMERS, (GRP + 2) * HD - 1), hh = e / HD, d = e % HD;
+    xv[k] = ldcgbf(qkv + (hh < GRP ? (kv * GRP + hh) * HD + d : ((hh == GRP ? NH : NH + NKV) + kv) * HD + d));
   }
+#pragma unroll
+  for (int k = 0; k < XN; ++k)
+    if (threadIdx.x + k * NCONSUMERS < (GRP + 2) * HD) x[threadIdx.x + k * NCONSUMERS] = xv[k];
   if (threadIdx.x < GRP) { run[3 * threadIdx.x] = -1.0e30f; run[3 * threadIdx.x + 1] = 0.f; }
+  cp_async_wait_older();  // the RoPE row and norm weights (the KV cache may still be in flight)
   consumers_sync();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   for (int hh = warp; hh <= GRP; hh += NCONSUMERS / 32) {
@@ -375,13 +423,11 @@ __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, 
       float ss = 0.f;
       for (int d = lane; d < HD; d += 32) ss += r[d] * r[d];
       const float inv = rsqrtf(warp_sum(ss) / HD + EPS);
-      const u16* g = hh < GRP ? ws_gq(ws, layer) : ws_gk(ws, layer);
+      const u16* g = cst + (hh < GRP ? HD : 2 * HD);
       for (int d = lane; d < HD; d += 32) r[d] = rbf(bf2f(g[d]) * rbf(r[d] * inv));
     }
-    const u16* cs = ws_cos(ws) + pos * (HD / 2);
-    const u16* sn = ws_sin(ws) + pos * (HD / 2);
     for (int d = lane; d < HD / 2; d += 32) {
-      const float c = bf2f(cs[d]), s = bf2f(sn[d]), x1 = r[d], x2 = r[d + HD / 2];
+      const float c = bf2f(cst[d]), s = bf2f(cst[HD / 2 + d]), x1 = r[d], x2 = r[d + HD / 2];
       r[d] = rbf(rbf(x1 * c) - rbf(x2 * s));
       r[d + HD / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
     }

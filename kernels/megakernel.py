@@ -4,10 +4,10 @@ One CTA per SM (grid = SM count; the compiled kernel's registers and shared memo
 per SM, so every CTA is resident and no spinner waits on a CTA that cannot start). Each CTA has 8 consumer warps
 that run its task list (kernels/taskgraph.py) in topological order, N decode steps per launch, and one loader
 warp that streams the weights of its upcoming tasks through a ring of shared-memory slots with the bulk copy
-engine (cp.async.bulk, completing on mbarriers, evict-first in L2). Weights depend on nothing, so the loader runs
-ahead across tasks and steps while the consumers wait on their dependency counters: the next tasks' weights are
-in flight during every wait. Likewise an attention task copies the KV cache of earlier positions into shared
-memory (cp.async) before it waits for this step's q, k and v.
+engine (cp.async.bulk, completing on mbarriers, evict-first in L2), one chunk in flight at a time. Weights depend
+on nothing, so the loader runs ahead across tasks and steps while the consumers wait on their dependency
+counters: the next tasks' weights arrive during every wait. Likewise an attention task copies the KV cache of
+earlier positions into shared memory (cp.async) before it waits for this step's q, k and v.
 
 Counters are u64, only ever incremented (after the CTA's barrier, one thread's red.release.gpu adds) and waited
 on with ld.acquire.gpu in asm volatile spins; a task leaves out the waits its SM already met earlier in the step.
@@ -29,7 +29,7 @@ adversarial order by default: the latest runnable task first), each task body in
 and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read.
 
 On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with
-trace=True each task's start, dependencies-met, prologue-done and done times in the last step are recorded);
+trace=True each task's STAMP_NAMES times in the last step are recorded);
 `benchmark` checks it against HF transformers and the bf16 reference decoder and times it beside them
 (benchmarks/megakernel_bench.py).
 """
@@ -58,6 +58,8 @@ OP_CODES = {op: i for i, op in enumerate(taskgraph.OPS)}
 # A task descriptor: op, layer, tile, row0, nrows, head, split, wait_off, wait_cnt, sig0, sig1, nchunks, chunk_bytes,
 # early (the waits to meet before the op's prefetch), and the weight tile's address (low and high 32 bits).
 DESC_INTS = 16
+# What a traced launch records per task (%globaltimer, ns): see the kernel's `stamp` calls.
+STAMP_NAMES = ("start", "met", "prologue", "weights", "computed", "done")
 
 
 def rbf(x: torch.Tensor) -> torch.Tensor:
@@ -108,7 +110,7 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
     c = tg.config
     xs_elems = max(g.k for g in tg.gemv.values())
     gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
-    attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group)
+    attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group) + 2 * 3 * c.head_dim  # and cos, sin, q/k norm weights
     per_position = 2 * 2 * (c.head_dim + 8) + 4 * c.group  # padded k and v rows, a score per q head
     fixed = 16 * 8 + 256  # two mbarriers a slot (8 slots at most), reduction scratch
     slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // taskgraph.SLOT_BYTES)
@@ -137,8 +139,8 @@ def source(
     kv_cap: int | None = None,
 ) -> str:
     """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
-    `trace` records each task's start, dependencies-met, prologue-done and done times (%globaltimer, ns) in the
-    last step; attention holds `kv_cap` cached positions in shared memory (None: as many as fit, see smem_plan)."""
+    `trace` records each task's STAMP_NAMES times (%globaltimer, ns) in the last step; attention holds `kv_cap`
+    cached positions in shared memory (None: as many as fit, see smem_plan)."""
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
     sp = smem_plan(tg, max_seq, kv_cap)
@@ -163,6 +165,7 @@ def source(
         "SLOT": taskgraph.SLOT_BYTES,
         "NSLOTS": sp["slots"],
         "XS_ELEMS": sp["xs_elems"],
+        "STAMPS": len(STAMP_NAMES),
     }
     consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
     lines = [f"// superopt megakernel: {name} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
@@ -225,6 +228,12 @@ __device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* 
 // marked evict-first in L2: read once a step, they should not push out the activations, KV cache and counters
 // (1-2% a step on the H200). Prefetching the chunks past the ring into L2 as well (cp.async.bulk.prefetch.L2), a
 // fixed distance ahead or only while attention and the O projection wait, evict-last or not, cost 4-52% instead.
+// One chunk in flight an SM (the next is issued when the last has landed) still streams at the copy bandwidth,
+// and keeps the memory system's queues short: a task's release fence waits for the SM's loads in flight, and
+// every counter and activation crosses those queues. Likewise a task whose chunks all fit the ring frees their
+// slots only after its signal, so the loader has nothing in flight during the fence. On the H200, one in flight
+// instead of up to six took 6% off a step; freeing after the signal 2-5% more (two in flight: Llama 1% better
+// and Qwen3 7% worse).
 __device__ __forceinline__ const unsigned char* weight_chunk(const int* d, int c) {
   const unsigned char* w = (const unsigned char*)((u64)(u32)d[D_WLO] | ((u64)(u32)d[D_WHI] << 32));
   return w + (u64)c * (u32)d[D_CHUNK_BYTES];
@@ -239,6 +248,7 @@ __device__ void load_weights(const int* tasks, int first, int last, int steps, u
       for (int c = 0; c < d[D_NCHUNKS]; ++c, ++chunk) {
         const int slot = chunk % NSLOTS;
         if (chunk >= NSLOTS) mbar_wait(&empty[slot], (chunk / NSLOTS - 1) & 1);
+        if (chunk >= 1) mbar_wait(&full[(chunk - 1) % NSLOTS], ((chunk - 1) / NSLOTS) & 1);  // one load in flight
         mbar_expect_tx(&full[slot], d[D_CHUNK_BYTES]);
         bulk_load(ring + slot * SLOT, weight_chunk(d, c), d[D_CHUNK_BYTES], &full[slot], policy);
       }
@@ -287,8 +297,11 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
     int prev = -1;  // the previous task's (op, layer) this step: same input vector, so x in smem is still valid
     for (int t = first; t < last; ++t) {
       const int* d = tasks + t * 16;
-      const bool traced = TRACE && s == steps - 1 && tid == 0;  // the launch's last step: wait, run, done times
-      if (traced) trace[4 * t] = globaltimer();
+      const u32 chunk0 = chunk;
+      // The launch's last step is traced: start, dependencies met, prologue done, weights in shared memory,
+      // computed, done.
+      u64* const tr = TRACE && s == steps - 1 && tid == 0 ? trace + STAMPS * t : nullptr;
+      stamp(tr, 0);
       const int early = d[D_EARLY];
       wait_for(counters, waits + 4 * d[D_WAIT_OFF], 0, early, g);
       if (d[D_OP] == OP_ATTN) {  // the KV cache earlier steps wrote is ready: fetch it while q, k, v are not
@@ -297,33 +310,37 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
       }
       wait_for(counters, waits + 4 * d[D_WAIT_OFF], early, d[D_WAIT_CNT], g);
       consumers_sync();
-      if (traced) trace[4 * t + 1] = trace[4 * t + 2] = globaltimer();
+      if (TRACE && tr) tr[1] = tr[2] = tr[3] = tr[4] = globaltimer();
       const int layer = d[D_LAYER], row0 = d[D_ROW0], nrows = d[D_NROWS], nchunks = d[D_NCHUNKS];
+      const bool keep = nchunks <= NSLOTS;  // free the task's slots after its signal (see the loader)
       const bool fresh = d[D_OP] * 1024 + layer != prev;
       prev = d[D_OP] * 1024 + layer;
       switch (d[D_OP]) {
         case OP_QKV: {
           if (fresh) norm_to_smem<HID>(layer_input(ws, embed, layer, pos), ws_gin(ws, layer), xs, red);
-          if (traced) trace[4 * t + 2] = globaltimer();
-          gemv<HID, RC_QKV>(xs, ring, full, empty, chunk, nchunks, part);
+          stamp(tr, 2);
+          gemv<HID, RC_QKV>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
           for (int r = tid; r < nrows; r += NCONSUMERS)
             ws_qkv(ws, layer)[row0 + r] = f2bf(gemv_row<HID, RC_QKV>(part, r));
           break;
         }
-        case OP_ATTN: attention(ws, layer, d[D_HEAD], d[D_SPLIT], pos, scratch); break;
+        case OP_ATTN:
+          attention(ws, layer, d[D_HEAD], d[D_SPLIT], pos, scratch);
+          stamp(tr, 4);
+          break;
         case OP_OPROJ: {
           const float res = tid < nrows ? ldcgbf(layer_input(ws, embed, layer, pos) + row0 + tid) : 0.f;
           if (fresh) combine_to_smem(ws_part(ws, layer), xs);
-          if (traced) trace[4 * t + 2] = globaltimer();
-          gemv<NH * HD, RC_OPROJ>(xs, ring, full, empty, chunk, nchunks, part);
+          stamp(tr, 2);
+          gemv<NH * HD, RC_OPROJ>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
           if (tid < nrows)
             ws_hattn(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<NH * HD, RC_OPROJ>(part, tid))));
           break;
         }
         case OP_GATEUP: {
           if (fresh) norm_to_smem<HID>(ws_hattn(ws, layer), ws_gpost(ws, layer), xs, red);
-          if (traced) trace[4 * t + 2] = globaltimer();
-          gemv<HID, RC_GATEUP>(xs, ring, full, empty, chunk, nchunks, part);
+          stamp(tr, 2);
+          gemv<HID, RC_GATEUP>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
           for (int r = tid; r < nrows; r += NCONSUMERS) {
             const float gate = rbf(gemv_row<HID, RC_GATEUP>(part, r));
             const float up = rbf(gemv_row<HID, RC_GATEUP>(part, nrows + r));
@@ -334,16 +351,16 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         case OP_DOWN: {
           const float res = tid < nrows ? ldcgbf(ws_hattn(ws, layer) + row0 + tid) : 0.f;
           if (fresh) copy_to_smem<INTER>(ws_act(ws, layer), xs);
-          if (traced) trace[4 * t + 2] = globaltimer();
-          gemv<INTER, RC_DOWN>(xs, ring, full, empty, chunk, nchunks, part);
+          stamp(tr, 2);
+          gemv<INTER, RC_DOWN>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
           if (tid < nrows)
             ws_hmlp(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<INTER, RC_DOWN>(part, tid))));
           break;
         }
         case OP_LMHEAD: {
           if (fresh) norm_to_smem<HID>(ws_hmlp(ws, NLAYER - 1), ws_gfinal(ws), xs, red);
-          if (traced) trace[4 * t + 2] = globaltimer();
-          gemv<HID, RC_LMHEAD>(xs, ring, full, empty, chunk, nchunks, part);
+          stamp(tr, 2);
+          gemv<HID, RC_LMHEAD>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
           float* logits = ws_logits(ws) + (u64)(pos % LOGIT_SLOTS) * VOCAB;
           float best = -3.0e38f;
           int arg = 0x7fffffff;
@@ -359,11 +376,18 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         case OP_ARGMAX: {
           float best = -3.0e38f;
           int arg = 0x7fffffff;
-          for (int i = tid; i < LM_TILES; i += NCONSUMERS) {
-            const float v = ldcgf(ws_lmval(ws) + i);
-            const int a = ldcgi(ws_lmidx(ws) + i);
-            if (better(v, a, best, arg)) { best = v; arg = a; }
+          constexpr int PER = (LM_TILES + NCONSUMERS - 1) / NCONSUMERS;
+          float v[PER];
+          int a[PER];
+#pragma unroll
+          for (int k = 0; k < PER; ++k) {  // every load issued before any is used: one L2 round trip
+            const int i = min(tid + k * NCONSUMERS, LM_TILES - 1);
+            v[k] = ldcgf(ws_lmval(ws) + i);
+            a[k] = ldcgi(ws_lmidx(ws) + i);
           }
+#pragma unroll
+          for (int k = 0; k < PER; ++k)
+            if (better(v[k], a[k], best, arg)) { best = v[k]; arg = a[k]; }
           block_argmax(best, arg, red);
           if (tid == 0) {
             if (pos + 1 >= prompt_len) ws_tokens(ws)[pos + 1] = arg;
@@ -379,7 +403,9 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
       if (tid == 0) {
         if (d[D_SIG0] >= 0) signal(counters + d[D_SIG0]);
         if (d[D_SIG1] >= 0) signal(counters + d[D_SIG1]);
-        if (traced) trace[4 * t + 3] = globaltimer();
+        if (keep)  // the slots the task's GEMV kept, freed only now: see the loader
+          for (u32 c = chunk0; c < chunk; ++c) mbar_arrive_count(&empty[c % NSLOTS], NCONSUMERS / 32);
+        stamp(tr, 5);
       }
     }
   }
@@ -704,7 +730,7 @@ class GpuMegakernel:
         self.starts = torch.tensor(starts, dtype=torch.int32, device=dev)
         self.waits = torch.tensor(waits or [0], dtype=torch.int32, device=dev)
         self.counters = torch.zeros(len(self.tg.counters), dtype=torch.int64, device=dev)
-        self.trace = torch.zeros(4 * len(self.tg.tasks) if trace else 1, dtype=torch.int64, device=dev)
+        self.trace = torch.zeros(len(STAMP_NAMES) * len(self.tg.tasks) if trace else 1, dtype=torch.int64, device=dev)
         module = cupy.RawModule(code=self.src, options=("-std=c++17",))
         self.fn = module.get_function("megakernel")
         self.fn.max_dynamic_shared_size_bytes = self.plan["bytes"]
@@ -761,10 +787,9 @@ class GpuMegakernel:
             self.fn((self.tg.n_sms,), (NCONSUMERS + 32,), args, shared_mem=self.plan["bytes"])
 
     def trace_rows(self) -> list[list[Any]]:
-        """From a traced launch, per task of the last step: id, SM, op, layer, and its start, dependencies-met,
-        prologue-done (a GEMV's input vector in shared memory; else as met) and done times (us from the step's
-        first start)."""
-        tr = self.trace.view(-1, 4).cpu().double()
+        """From a traced launch, per task of the last step: id, SM, op, layer, then its STAMP_NAMES times (us from
+        the step's first start; a stamp a task does not have equals the one before it)."""
+        tr = self.trace.view(-1, len(STAMP_NAMES)).cpu().double()
         t0 = float(tr[:, 0].min())
         order = [i for ids in self.tg.sm_tasks for i in ids]  # trace rows are in descriptor (SM) order
         rows = []
@@ -774,21 +799,23 @@ class GpuMegakernel:
         return sorted(rows)
 
     def trace_summary(self) -> dict[str, Any]:
-        """From a traced launch: per op, the mean wait for dependencies, prologue and run (prologue included)
-        times (us); the step's span; and each layer's span from its first QKV task starting to run to its last
-        down task done."""
+        """From a traced launch: per op, the mean time (us) from each stamp to the next (wait: start to
+        dependencies met; prologue: to the GEMV's input in shared memory; weights: to its first weight chunk in
+        shared memory; compute: to the sums done; epilogue: to done); the step's span; and each layer's span from
+        its first QKV task's dependencies met to its last down task done."""
         rows = self.trace_rows()
-        out: dict[str, Any] = {"step_us": max(r[7] for r in rows)}
+        col = {name: 4 + k for k, name in enumerate(STAMP_NAMES)}
+        out: dict[str, Any] = {"step_us": max(r[col["done"]] for r in rows)}
+        phases = ("wait", "prologue", "weights", "compute", "epilogue")
         for op in taskgraph.OPS:
             mine = [r for r in rows if r[2] == op]
             out[op] = {
-                name: round(sum(r[b] - r[a] for r in mine) / len(mine), 2)
-                for name, a, b in (("wait_us", 4, 5), ("prologue_us", 5, 6), ("run_us", 5, 7))
+                f"{p}_us": round(sum(r[5 + k] - r[4 + k] for r in mine) / len(mine), 2) for k, p in enumerate(phases)
             }
         spans = []
         for layer in range(self.tg.config.layers):
-            first = min(r[5] for r in rows if r[2] == "qkv" and r[3] == layer)
-            last = max(r[7] for r in rows if r[2] == "down" and r[3] == layer)
+            first = min(r[col["met"]] for r in rows if r[2] == "qkv" and r[3] == layer)
+            last = max(r[col["done"]] for r in rows if r[2] == "down" and r[3] == layer)
             spans.append(round(last - first, 1))
         out["layer_span_us"] = spans
         return out

@@ -24,7 +24,9 @@ from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import CUDA_EXPR, emit_elementwise
 from superopt.kernels.megakernel import (
     SMEM_PER_BLOCK,
+    STAMP_NAMES,
     Generation,
+    GpuMegakernel,
     StaleRead,
     agrees_with_replay,
     replay,
@@ -230,10 +232,11 @@ def test_tables_leave_out_only_waits_met_earlier_in_the_step() -> None:
 def test_shared_memory_plan() -> None:
     """Llama-3.2-1B by hand: 6 ring slots of 32 KB, barriers and reduction scratch (384 B), and one region, the
     larger of a GEMV's (x of 8192 bf16 and partial sums of 64 rows x 8 warps, 18432 B) and attention's (q, k, v and
-    3 floats a q head, 1584 B, plus 64 cached positions of 304 B: 21040 B): 218032 B, what the H200 reported."""
+    3 floats a q head, 1584 B, the RoPE row and q/k norm weights, 3 x 64 bf16, plus 64 cached positions of 304 B:
+    21424 B): 218416 B."""
     tg = taskgraph.build(load_spec(MODELS / "llama-3.2-1b.yaml").config, 132)
     plan = smem_plan(tg, 256)
-    assert (plan["slots"], plan["kv_cap"], plan["bytes"]) == (6, 64, 6 * 32768 + 384 + 21040)
+    assert (plan["slots"], plan["kv_cap"], plan["bytes"]) == (6, 64, 6 * 32768 + 384 + 21424)
     assert smem_plan(tg, 256, 16)["bytes"] == 6 * 32768 + 384 + 18432
     assert smem_plan(tg, 40)["kv_cap"] == 16  # a split never holds more than ceil(40 / 4) positions
     with pytest.raises(SuperoptError, match="multiple of 8"):
@@ -241,6 +244,32 @@ def test_shared_memory_plan() -> None:
     with pytest.raises(SuperoptError, match="too many"):
         smem_plan(tg, 256, 4096)
     assert plan["bytes"] <= SMEM_PER_BLOCK
+
+
+def test_trace_summary_splits_each_task_into_phases() -> None:
+    """A hand-made trace of the tiny model's last step (ns, in descriptor order): every task starts at 1000 ns
+    times its id and spends 100 ns waiting, 200 in its prologue, 300 for weights, 400 computing, 500 in its
+    epilogue; the summary's per-op means are those, and a layer spans its first QKV task's met to its last down
+    task's done."""
+    mk = GpuMegakernel.__new__(GpuMegakernel)  # the trace arithmetic needs no GPU: only the graph and the stamps
+    mk.tg = taskgraph.build(load_spec(MODELS / "tiny-llama.yaml").config, 4)
+    order = [i for ids in mk.tg.sm_tasks for i in ids]
+    steps = [0, 100, 200, 300, 400, 500]
+    mk.trace = torch.tensor([1000 * (i + 1) + sum(steps[: k + 1]) for i in order for k in range(len(STAMP_NAMES))])
+    summary = mk.trace_summary()
+    for op in taskgraph.OPS:
+        assert summary[op] == {
+            "wait_us": 0.1,
+            "prologue_us": 0.2,
+            "weights_us": 0.3,
+            "compute_us": 0.4,
+            "epilogue_us": 0.5,
+        }
+    assert summary["step_us"] == pytest.approx((1000 * (len(order) - 1) + 1500) / 1e3)
+    for layer, span in enumerate(summary["layer_span_us"]):
+        first = min(t.id for t in mk.tg.by_op("qkv", layer))
+        last = max(t.id for t in mk.tg.by_op("down", layer))
+        assert span == pytest.approx(round((1000 * (last - first) + 1400) / 1e3, 1))
 
 
 def test_agreement_with_the_replay_allows_only_near_ties() -> None:
