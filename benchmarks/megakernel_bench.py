@@ -151,10 +151,8 @@ def main(argv: list[str]) -> int:
                     f"[{r['model']}] {key}: argmax agrees {v['argmax_agree']}/{v['steps']}, flips explained "
                     f"{v['all_explained']}, logits rel error {v['logits_rel_error']:.2e}, flips {v['flips'][:3]}"
                 )
-        if "first_divergence_vs_hf_eager" in r:
-            log(
-                f"[{r['model']}] free-running vs HF eager: first divergence at step {r['first_divergence_vs_hf_eager']}"
-            )
+        if "first_divergence_vs_hf" in r:
+            log(f"[{r['model']}] free-running vs HF greedy: first divergence at step {r['first_divergence_vs_hf']}")
         if r.get("trace"):
             log(f"[{r['model']}] trace: {json.dumps(r['trace'])}")
         for phase, err in r.get("errors", {}).items():
