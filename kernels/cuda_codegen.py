@@ -203,11 +203,12 @@ __device__ __forceinline__ void block_argmax(float& v, int& i, float* red) {
 TEMPLATES = r"""
 // ---- GEMV over the weight ring: a task's rows stream through shared memory in chunks of RC rows of K.
 // A warp takes whole rows when a chunk has at least as many rows as there are warps, else WPR warps share a
-// row; lanes read 16 bytes of weights at a time, and keep their part of x in registers for the whole task.
-// part[row * WPR + segment] holds partial sums. Each row's dot product runs in four independent FMA chains, and a
-// warp with two rows in a chunk loads and reduces both at once: one dependent chain per row left small GEMVs
-// (Qwen3's K = 1024) bound by latency. `keep`: leave the chunks' slots to the caller to free. `tr` (tracing): when
-// the first chunk arrived and when the sums are done.
+// row (WPR: a divisor of the row's 16-byte vectors over 32 lanes); lanes read 16 bytes of weights at a time and
+// keep their part of x in registers for the whole task. part[row * WPR + segment] holds partial sums. A row's dot
+// product runs in four independent FMA chains, and a warp with two rows in a chunk loads and reduces both at once
+// (Qwen3's K = 1024 is four loads a lane: one chain a row is mostly latency; ~1% of a Qwen3 step on the H200,
+// nothing measurable for Llama). `keep`: leave the chunks' slots to the caller to free. `tr` (tracing): when the
+// first chunk arrived and when the sums are done.
 __host__ __device__ constexpr int wpr(int k, int rc) {
   int w = rc >= NCONSUMERS / 32 ? 1 : (NCONSUMERS / 32) / rc;
   while (w > 1 && (k / 8) % (32 * w)) w /= 2;
@@ -221,6 +222,7 @@ __device__ void gemv(const u16* xs, unsigned char* ring, u64* full, u64* empty, 
                      float* part, u64* tr) {
   constexpr int VEC = K / 8, WPR = wpr(K, RC), RPP = (NCONSUMERS / 32) / WPR, PER = VEC / (32 * WPR);
   constexpr int RB = RC >= 2 * RPP ? 2 : 1;  // rows a warp takes at once
+  static_assert(VEC % (32 * WPR) == 0, "a row's vectors split evenly over its lanes");
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, seg = warp % WPR, sub = warp / WPR;
   const int v0 = seg * 32 + lane;
   V4 x[PER];
@@ -383,10 +385,13 @@ __device__ __forceinline__ u16* attn_consts(float* sm) { return (u16*)sm + 2 * K
 __device__ void attention_prefetch(unsigned char* ws, int layer, int kv, int j, int pos, float* sm) {
   u16* cst = attn_consts(sm);
   for (int i = threadIdx.x; i < (QK_NORM ? 3 : 1) * HD / 8; i += NCONSUMERS) {  // 16-byte pieces
-    const int row = i / (HD / 16);  // cos, sin, then (two pieces a row of HD) q and k norm weights
-    const u16* src = row == 0 ? ws_cos(ws) + pos * (HD / 2) : row == 1 ? ws_sin(ws) + pos * (HD / 2)
-                   : row < 4 ? ws_gq(ws, layer) + (row - 2) * (HD / 2) : ws_gk(ws, layer) + (row - 4) * (HD / 2);
-    cp_async16(cst + i * 8, src + (i % (HD / 16)) * 8);
+    const int half = i / (HD / 16), at = (i % (HD / 16)) * 8;  // rows of HD / 2: cos, sin, gq (2), gk (2)
+    const u16* src;
+    if (half == 0) src = ws_cos(ws) + pos * (HD / 2);
+    else if (half == 1) src = ws_sin(ws) + pos * (HD / 2);
+    else if (half < 4) src = ws_gq(ws, layer) + (half - 2) * (HD / 2);
+    else src = ws_gk(ws, layer) + (half - 4) * (HD / 2);
+    cp_async16(cst + i * 8, src + at);
   }
   cp_async_commit();
   int p0, p1;
@@ -406,7 +411,7 @@ __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, 
   constexpr int XN = ((GRP + 2) * HD + NCONSUMERS - 1) / NCONSUMERS;
   float xv[XN];
 #pragma unroll
-  for (int k = 0; k < XN; ++k) {  // every load issued before any is used: one L2 round trip
+  for (int k = 0; k < XN; ++k) {  // every load issued before any is used: one L2 round trip (clamped in bounds)
     const int e = min(threadIdx.x + k * NCONSUMERS, (GRP + 2) * HD - 1), hh = e / HD, d = e % HD;
     xv[k] = ldcgbf(qkv + (hh < GRP ? (kv * GRP + hh) * HD + d : ((hh == GRP ? NH : NH + NKV) + kv) * HD + d));
   }

@@ -104,9 +104,9 @@ def workspace_layout(tg: TaskGraph, max_seq: int, logit_slots: int) -> dict[str,
 
 def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[str, int]:
     """Shared memory: the weight ring and its barriers, reduction scratch, then one region that a GEMV task uses
-    for x (the widest input) and row partial sums and an attention task for q, k, v, scores and KV_CAP cached
-    positions. As many ring slots as fit (at most 8) with room for 16 positions; then as many positions as fit
-    (at most 64, and no more than a split can have), unless `kv_cap` says how many."""
+    for x (the widest input) and row partial sums and an attention task for q, k, v, scores, the RoPE row and q/k
+    norm weights, and KV_CAP cached positions. As many ring slots as fit (at most 8) with room for 16 positions;
+    then as many positions as fit (at most 64, and no more than a split can have), unless `kv_cap` says how many."""
     c = tg.config
     xs_elems = max(g.k for g in tg.gemv.values())
     gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
@@ -381,7 +381,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
           int a[PER];
 #pragma unroll
           for (int k = 0; k < PER; ++k) {  // every load issued before any is used: one L2 round trip
-            const int i = min(tid + k * NCONSUMERS, LM_TILES - 1);
+            const int i = min(tid + k * NCONSUMERS, LM_TILES - 1);  // a repeated tile cannot change the argmax
             v[k] = ldcgf(ws_lmval(ws) + i);
             a[k] = ldcgi(ws_lmidx(ws) + i);
           }
