@@ -58,7 +58,8 @@ OP_CODES = {op: i for i, op in enumerate(taskgraph.OPS)}
 # A task descriptor: op, layer, tile, row0, nrows, head, split, wait_off, wait_cnt, sig0, sig1, nchunks, chunk_bytes,
 # early (the waits to meet before the op's prefetch), and the weight tile's address (low and high 32 bits).
 DESC_INTS = 16
-# What a traced launch records per task (%globaltimer, ns): see the kernel's `stamp` calls.
+# What a traced launch records per task (%globaltimer, ns): see the kernel's `stamp` calls. For attention,
+# "prologue" is q, k and v loaded, normed and rotated, and "weights" the first chunk of the KV cache in shared memory.
 STAMP_NAMES = ("start", "met", "prologue", "weights", "computed", "done")
 
 
@@ -104,14 +105,19 @@ def workspace_layout(tg: TaskGraph, max_seq: int, logit_slots: int) -> dict[str,
 
 def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[str, int]:
     """Shared memory: the weight ring and its barriers, reduction scratch, then one region that a GEMV task uses
-    for x (the widest input) and row partial sums and an attention task for q, k, v, scores, the RoPE row and q/k
-    norm weights, and KV_CAP cached positions. As many ring slots as fit (at most 8) with room for 16 positions;
-    then as many positions as fit (at most 64, and no more than a split can have), unless `kv_cap` says how many."""
+    for x (the widest input) and row partial sums and an attention task for q, k, v, the RoPE row and q/k norm
+    weights, and KV_CAP cached positions with four partial scores a q head each. As many ring slots as fit (at most
+    8) with room for 16 positions; then as many positions as fit (at most 64, and no more than a split can have),
+    unless `kv_cap` says how many."""
     c = tg.config
+    if c.head_dim % 64:
+        raise SuperoptError(
+            f"megakernel: head_dim {c.head_dim} is not a multiple of 64 (attention keeps each RoPE pair in one lane)"
+        )
     xs_elems = max(g.k for g in tg.gemv.values())
     gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
     attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group) + 2 * 3 * c.head_dim  # and cos, sin, q/k norm weights
-    per_position = 2 * 2 * (c.head_dim + 8) + 4 * c.group  # padded k and v rows, a score per q head
+    per_position = 2 * 2 * (c.head_dim + 8) + 4 * 4 * c.group  # padded k and v rows, 4 partial scores a q head
     fixed = 16 * 8 + 256  # two mbarriers a slot (8 slots at most), reduction scratch
     slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // taskgraph.SLOT_BYTES)
     if slots < 2:
@@ -325,7 +331,7 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
           break;
         }
         case OP_ATTN:
-          attention(ws, layer, d[D_HEAD], d[D_SPLIT], pos, scratch);
+          attention(ws, layer, d[D_HEAD], d[D_SPLIT], pos, scratch, tr);
           stamp(tr, 4);
           break;
         case OP_OPROJ: {
@@ -800,9 +806,10 @@ class GpuMegakernel:
 
     def trace_summary(self) -> dict[str, Any]:
         """From a traced launch: per op, the mean time (us) from each stamp to the next (wait: start to
-        dependencies met; prologue: to the GEMV's input in shared memory; weights: to its first weight chunk in
-        shared memory; compute: to the sums done; epilogue: to done); the step's span; and each layer's span from
-        its first QKV task's dependencies met to its last down task done."""
+        dependencies met; prologue: to the GEMV's input in shared memory (attention: q, k, v ready); weights: to
+        its first weight chunk (attention: KV cache chunk) in shared memory; compute: to the sums done; epilogue: to
+        done); the step's span; and each layer's span from its first QKV task's dependencies met to its last down
+        task done."""
         rows = self.trace_rows()
         col = {name: 4 + k for k, name in enumerate(STAMP_NAMES)}
         out: dict[str, Any] = {"step_us": max(r[col["done"]] for r in rows)}

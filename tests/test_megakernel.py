@@ -4,6 +4,7 @@ The GPU run itself is benchmarks/megakernel_bench.py; one GPU test here runs whe
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -232,11 +233,13 @@ def test_tables_leave_out_only_waits_met_earlier_in_the_step() -> None:
 def test_shared_memory_plan() -> None:
     """Llama-3.2-1B by hand: 6 ring slots of 32 KB, barriers and reduction scratch (384 B), and one region, the
     larger of a GEMV's (x of 8192 bf16 and partial sums of 64 rows x 8 warps, 18432 B) and attention's (q, k, v and
-    3 floats a q head, 1584 B, the RoPE row and q/k norm weights, 3 x 64 bf16, plus 64 cached positions of 304 B:
-    21424 B): 218416 B."""
-    tg = taskgraph.build(load_spec(MODELS / "llama-3.2-1b.yaml").config, 132)
+    3 floats a q head, 1584 B, the RoPE row and q/k norm weights, 3 x 64 bf16, plus 64 cached positions of 352 B:
+    k and v rows of 72 bf16 and 4 partial scores for each of 4 q heads: 24496 B): 221488 B. A head_dim that is not
+    a multiple of 64 is refused by name."""
+    cfg = load_spec(MODELS / "llama-3.2-1b.yaml").config
+    tg = taskgraph.build(cfg, 132)
     plan = smem_plan(tg, 256)
-    assert (plan["slots"], plan["kv_cap"], plan["bytes"]) == (6, 64, 6 * 32768 + 384 + 21424)
+    assert (plan["slots"], plan["kv_cap"], plan["bytes"]) == (6, 64, 6 * 32768 + 384 + 24496)
     assert smem_plan(tg, 256, 16)["bytes"] == 6 * 32768 + 384 + 18432
     assert smem_plan(tg, 40)["kv_cap"] == 16  # a split never holds more than ceil(40 / 4) positions
     with pytest.raises(SuperoptError, match="multiple of 8"):
@@ -244,6 +247,8 @@ def test_shared_memory_plan() -> None:
     with pytest.raises(SuperoptError, match="too many"):
         smem_plan(tg, 256, 4096)
     assert plan["bytes"] <= SMEM_PER_BLOCK
+    with pytest.raises(SuperoptError, match="head_dim 96 is not a multiple of 64"):
+        smem_plan(taskgraph.build(dataclasses.replace(cfg, head_dim=96), 132), 256)
 
 
 def test_trace_summary_splits_each_task_into_phases() -> None:

@@ -219,11 +219,13 @@ def test_every_candidate_is_equivalent_in_float64(name, tiny_attention):
     assert result.best.kernels == fused_form
 
 
-def test_qknorm_search_puts_the_norms_on_the_attention_tiles():
+def test_qknorm_search_puts_the_norms_on_the_attention_tiles(monkeypatch):
     """The qknorm specs' preset (attention_norm) lets the search find the two-kernel form: rms_norm on the q and v
-    tiles inside the split-KV kernel, no norm kernels of their own."""
+    tiles inside the split-KV kernel, no norm kernels of their own. The enumeration stops at a state count, not at
+    the wall clock, so a slower machine reaches the same plans (the form appears after about 24,000 states)."""
+    monkeypatch.setitem(PRESETS, "attention_norm", replace(PRESETS["attention_norm"], max_states=30_000))
     graph = superopt.load(EXAMPLES / "qknorm_gqa_bs1.yaml", dims={"B": 1, "S": 32, "D": 16, "L": 256})
-    best = search(graph, budget_s=10, workers=1, seed=1, progress="none").best
+    best = search(graph, budget_s=300, workers=1, seed=1, progress="none").best
     norms = [bop.op for op in best.graph.ops if op.block is not None for bop in op.block.ops if bop.op == "rms_norm"]
     assert best.kernels == 2 and len(norms) == 2 and not any(op.op == "rms_norm" for op in best.graph.ops)
     inputs = random_inputs(graph, seed=3, scale=0.5)
