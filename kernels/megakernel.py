@@ -825,6 +825,15 @@ class GpuMegakernel:
             last = max(r[col["done"]] for r in rows if r[2] == "down" and r[3] == layer)
             spans.append(round(last - first, 1))
         out["layer_span_us"] = spans
+        path = critical_path(self.tg, rows)
+        out["critical_path"] = {
+            op: {
+                "tasks": len(links),
+                **{k: round(sum(x[k] for x in links) / len(links), 2) for k in links[0] if k.endswith("_us")},
+            }
+            for op in taskgraph.OPS
+            if (links := [x for x in path if x["op"] == op])
+        }
         return out
 
     def generate(self, prompt: list[int], new_tokens: int) -> Generation:
@@ -957,6 +966,28 @@ def first_divergence(a: list[int], b: list[int], prompt_len: int) -> int | None:
         if x != y:
             return k
     return None
+
+
+def critical_path(tg: TaskGraph, rows: list[list[Any]]) -> list[dict[str, Any]]:
+    """The chain of tasks that set a traced step's length (trace_rows), first to last. From the task done last,
+    each link goes back to its trigger: of the task before it on its SM and its same-step producers, the one done
+    last. A link: the task, its hand-over (dependencies met less its trigger's done: a signal's latency, or the
+    SM's own hand-over) and its phases (trace_summary's); the links add up to the last done less the first met."""
+    col = {name: 4 + k for k, name in enumerate(STAMP_NAMES)}
+    before = {i: ids[k - 1] for ids in tg.sm_tasks for k, i in enumerate(ids) if k}
+    phases = ("prologue", "weights", "compute", "epilogue")
+    path, task = [], max(range(len(rows)), key=lambda i: rows[i][col["done"]])
+    while task is not None:
+        row, t = rows[task], tg.tasks[task]
+        inputs = t.deps + ([before[task]] if task in before else [])
+        last = max(inputs, key=lambda p: rows[p][col["done"]], default=None)
+        handover = row[col["met"]] - rows[last][col["done"]] if last is not None else 0.0
+        stamps = row[col["met"] :]  # met, prologue, weights, computed, done
+        link = {"task": task, "op": t.op, "layer": t.layer, "handover_us": round(handover, 3)}
+        link |= {f"{p}_us": round(stamps[k + 1] - stamps[k], 3) for k, p in enumerate(phases)}
+        path.append(link)
+        task = last
+    return path[::-1]
 
 
 def cuda_time_us(fn: Callable[[], Any], reps: int = 3, setup: Callable[[], Any] | None = None) -> float:

@@ -30,6 +30,7 @@ from superopt.kernels.megakernel import (
     GpuMegakernel,
     StaleRead,
     agrees_with_replay,
+    critical_path,
     replay,
     smem_plan,
     source,
@@ -275,6 +276,45 @@ def test_trace_summary_splits_each_task_into_phases() -> None:
         first = min(t.id for t in mk.tg.by_op("qkv", layer))
         last = max(t.id for t in mk.tg.by_op("down", layer))
         assert span == pytest.approx(round((1000 * (last - first) + 1400) / 1e3, 1))
+
+
+def test_critical_path_follows_what_each_task_waited_for() -> None:
+    """A simulated step of the tiny model on 4 SMs (ns): each SM runs its tasks in order, a task's dependencies
+    are met 50 ns after its last producer is done (at once if that was before it started), and its phases take
+    100, 200, 300 and 400 ns. The critical path ends at the task done last; each link's trigger is the producer or
+    SM predecessor done last; a producer hands over in exactly 50 ns, the SM's own predecessor in 0-50; the
+    links add up to the step; and the path runs through every layer in order to the LM head and the argmax."""
+    mk = GpuMegakernel.__new__(GpuMegakernel)
+    mk.tg = tg = taskgraph.build(load_spec(MODELS / "tiny-llama.yaml").config, 4)
+    stamps: dict[int, list[int]] = {}
+    running: dict[int, int] = {}  # SM -> its last task so far
+    for t in tg.tasks:  # ids are a topological order, and each SM's list is in id order
+        start = stamps[running[t.sm]][-1] if t.sm in running else 0
+        met = max([start] + [stamps[p][-1] + 50 for p in t.deps])
+        stamps[t.id] = [start, met, met + 100, met + 300, met + 600, met + 1000]
+        running[t.sm] = t.id
+    mk.trace = torch.tensor([v for ids in tg.sm_tasks for i in ids for v in stamps[i]])
+    path = critical_path(tg, mk.trace_rows())
+    done = {i: s[-1] for i, s in stamps.items()}
+    assert path[-1]["task"] == max(done, key=done.get) and path[-1]["op"] == "argmax"
+    before = {i: ids[k - 1] for ids in tg.sm_tasks for k, i in enumerate(ids) if k}
+    for a, b in zip(path, path[1:]):
+        inputs = tg.tasks[b["task"]].deps + ([before[b["task"]]] if b["task"] in before else [])
+        assert a["task"] == max(inputs, key=done.get)
+        if a["task"] in tg.tasks[b["task"]].deps:
+            assert b["handover_us"] == pytest.approx(0.05)
+        else:
+            assert 0 <= b["handover_us"] <= 0.05
+    for link in path:
+        assert [link[f"{p}_us"] for p in ("prologue", "weights", "compute", "epilogue")] == pytest.approx(
+            [0.1, 0.2, 0.3, 0.4]
+        )
+    total = sum(x["handover_us"] + 1.0 for x in path)
+    assert total == pytest.approx((done[path[-1]["task"]] - stamps[path[0]["task"]][1]) / 1e3)
+    layers = [x["layer"] for x in path]
+    assert layers == sorted(layers) and set(layers) == set(range(tg.config.layers + 1))
+    assert {"qkv", "attn", "oproj", "gateup", "down", "lmhead"} <= {x["op"] for x in path}
+    assert mk.trace_summary()["critical_path"]["argmax"]["tasks"] == 1
 
 
 def test_agreement_with_the_replay_allows_only_near_ties() -> None:
