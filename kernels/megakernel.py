@@ -808,8 +808,9 @@ class GpuMegakernel:
         """From a traced launch: per op, the mean time (us) from each stamp to the next (wait: start to
         dependencies met; prologue: to the GEMV's input in shared memory (attention: q, k, v ready); weights: to
         its first weight chunk (attention: KV cache chunk) in shared memory; compute: to the sums done; epilogue: to
-        done); the step's span; and each layer's span from its first QKV task's dependencies met to its last down
-        task done."""
+        done); the step's span; each layer's span from its first QKV task's dependencies met to its last down task
+        done; and per op, the tasks on the step's critical path (critical_path) with their mean hand-over and
+        phases."""
         rows = self.trace_rows()
         col = {name: 4 + k for k, name in enumerate(STAMP_NAMES)}
         out: dict[str, Any] = {"step_us": max(r[col["done"]] for r in rows)}
