@@ -10,6 +10,7 @@ import click
 
 from superopt.cache import Cache
 from superopt.cli.errors import reports_errors
+from superopt.pipeline import trusted_winner
 from superopt.serialize import from_json
 
 FILE = click.Path(dir_okay=False, path_type=Path)
@@ -31,13 +32,11 @@ def cache_command(ctx: click.Context, cache_dir: Path | None) -> None:
 @click.pass_obj
 @reports_errors
 def ls_command(cache: Cache) -> None:
-    """One line per entry: key, program, device, budget, winner's kernels and times, when it was written."""
-    rows = [["key", "program", "device", "budget s", "kernels", "predicted us", "measured us", "written"]]
+    """One line per entry: key, program, device, budget, winner's kernels and times, origin (signed "local"ly,
+    "imported" or "unsigned"), when it was written; then the entries moved into quarantine, each with why."""
+    head = ["key", "program", "device", "budget s", "kernels", "predicted us", "measured us", "origin", "written", ""]
+    rows = [head]
     for path, entry in cache.entries():
-        written = datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
-        if entry is None:
-            rows.append([path.stem[:16], "(corrupt)", "", "", "", "", "", written])
-            continue
         best = entry["best"]
         measured = best.get("measured_us")
         rows.append(
@@ -48,14 +47,25 @@ def ls_command(cache: Cache) -> None:
                 f"{entry['settings']['budget_s']:g}",
                 str(best["kernels"]),
                 f"{best['predicted_us']:.1f}",
-                f"{measured:.1f}" if measured else "-",
-                written,
+                f"{measured:.1f}" if isinstance(measured, (int, float)) else "-",
+                cache.origin(entry),
+                _written(path),
+                "",
             ]
         )
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]))]
+    quarantined = cache.quarantined()
+    for path, why in quarantined:
+        rows.append([path.stem[:16], "(quarantined)", "", "", "", "", "", "", _written(path), why])
+    widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
     for r in rows:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
-    click.echo(f"{len(rows) - 1} entries in {cache.results}", err=True)
+    click.echo(
+        f"{len(rows) - 1 - len(quarantined)} entries, {len(quarantined)} quarantined in {cache.results}", err=True
+    )
+
+
+def _written(path: Path) -> str:
+    return datetime.datetime.fromtimestamp(path.stat().st_mtime).strftime("%Y-%m-%d %H:%M")
 
 
 @cache_command.command("show")
@@ -95,8 +105,9 @@ def export_command(cache: Cache, file: Path) -> None:
 @click.pass_obj
 @reports_errors
 def import_command(cache: Cache, file: Path) -> None:
-    """Store the entries of FILE; an entry already here with a larger budget is kept."""
-    written, kept = cache.import_(file)
+    """Store the entries of FILE, each re-verified first (any that fails refuses the file); an entry already here
+    with a larger budget is kept."""
+    written, kept = cache.import_(file, trusted_winner)
     click.echo(
         f"imported {written} entries into {cache.results}" + (f"; kept {kept} better ones already here" if kept else "")
     )

@@ -13,40 +13,46 @@ import json
 from pathlib import Path
 
 import click
+import torch
 
-from superopt.cli.errors import reports_errors
+from superopt.cli.errors import Folder, reports_errors
 from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel import benchmark, build_report, source, timing_table
 from superopt.model import load_spec
 from superopt.serialize import write_atomic
+from superopt.spec import read_text, read_yaml
 
 H100_SMS = 132
+MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
 
 
 @click.command("megakernel")
 @click.argument("spec", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--prompt-len", default=32, show_default=True, help="Tokens of the seeded random prompt.")
-@click.option("--new-tokens", default=128, show_default=True, help="Greedy tokens to generate.")
+@click.option(
+    "--prompt-len", type=click.IntRange(2), default=32, show_default=True, help="Tokens of the seeded random prompt."
+)
+@click.option("--new-tokens", type=click.IntRange(2), default=128, show_default=True, help="Greedy tokens to generate.")
 @click.option("--bench", is_flag=True, help="Time it beside HF eager, static cache, torch.compile, CUDA graphs.")
-@click.option("--emit", "emit_dir", type=click.Path(file_okay=False, path_type=Path), help="Write source and graph.")
-@click.option("--sms", type=int, default=None, help="SMs to schedule for with --emit (default: this GPU's, or 132).")
+@click.option("--emit", "emit_dir", type=Folder(), help="Write source and graph.")
+@click.option(
+    "--sms",
+    type=click.IntRange(1, MAX_SMS),
+    default=None,
+    help="SMs to schedule for with --emit (default: this GPU's, or 132).",
+)
 @reports_errors
 def megakernel_command(
     spec: Path, prompt_len: int, new_tokens: int, bench: bool, emit_dir: Path | None, sms: int | None
 ) -> None:
     """Build MODEL.yaml's decoder as one persistent kernel: emit it, or run and check it on the GPU."""
-    import torch
-
+    read_yaml(read_text(spec), str(spec))  # the hostile-file checks (size, UTF-8, aliases, nesting) load_spec lacks
     ms = load_spec(spec)
     gpu = torch.cuda.is_available()
-    if prompt_len < 2 or new_tokens < 2:
-        raise SuperoptError("--prompt-len and --new-tokens must be at least 2")
     if emit_dir is not None:
         n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
         tg = taskgraph.build(ms.config, n_sms)
         try:
-            emit_dir.mkdir(parents=True, exist_ok=True)
             write_atomic(emit_dir / "megakernel.cu", source(tg, ms.name, ms.max_seq, ms.max_seq))
             write_atomic(emit_dir / "taskgraph.json", json.dumps(tg.to_json()))
             write_atomic(emit_dir / "build_report.txt", "\n".join(build_report(tg)) + "\n")

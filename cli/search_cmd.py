@@ -16,10 +16,12 @@ from typing import Any
 import click
 
 from superopt.cache import Cache
-from superopt.cli.errors import reports_errors
+from superopt.cli.errors import Checked, Folder, OutputFile, reports_errors
+from superopt.errors import SuperoptError
+from superopt.kernels.device import DEVICES
 from superopt.pipeline import Outcome, Settings, optimize_program
 from superopt.serialize import write_atomic
-from superopt.spec import load
+from superopt.spec import SEARCH_CHECKS, load
 
 EXIT_MISS = 1
 
@@ -83,15 +85,26 @@ def summary(result: dict[str, Any]) -> list[str]:
 @click.command("search")
 @click.argument("specs", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option(
-    "--budget", "budget_s", type=float, help="Search time per program in seconds (default: the spec's, else 120)."
+    "--budget",
+    "budget_s",
+    type=Checked("budget", float, SEARCH_CHECKS["budget_s"]),
+    help="Search time per program in seconds (default: the spec's, else 120).",
 )
 @click.option(
-    "--device", help="Device class to rank for (h100, h200, a100, l4, rtx4090; default: the GPU present, else h100)."
+    "--device",
+    type=Checked("device", str, SEARCH_CHECKS["device"]),
+    help=f"Device class to rank for ({', '.join(DEVICES)}; default: the GPU present, else h100).",
 )
-@click.option("--preset", help="Search preset (default: the spec's).")
-@click.option("--seed", type=int, help="Seed of the search and of the test inputs (default: the spec's, else 0).")
+@click.option(
+    "--preset", type=Checked("preset", str, SEARCH_CHECKS["preset"]), help="Search preset (default: the spec's)."
+)
+@click.option(
+    "--seed",
+    type=Checked("seed", int, SEARCH_CHECKS["seed"]),
+    help="Seed of the search and of the test inputs (default: the spec's, else 0).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON (a list for several specs), not tables.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Write the result JSON here.")
+@click.option("--out", type=OutputFile(), help="Write the result JSON here.")
 @click.option("--offline", is_flag=True, help="Never search: a cache miss runs the unfused program and says so.")
 @click.option("--require-hit", is_flag=True, help="Never search: a cache miss exits 1 (for CI).")
 @click.option(
@@ -102,7 +115,7 @@ def summary(result: dict[str, Any]) -> list[str]:
 )
 @click.option(
     "--cache-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=Folder(),
     help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).",
 )
 @reports_errors
@@ -140,7 +153,10 @@ def search_command(
     if as_json:
         click.echo(text, nl=False)
     if out is not None and docs:
-        write_atomic(out, text)
+        try:
+            write_atomic(out, text)
+        except OSError as e:
+            raise SuperoptError(f"{out}: cannot write: {e.strerror or e}") from None
         click.echo(f"wrote {out}", err=True)
     hits = sum(o.status == "hit" for o in outcomes)
     click.echo(

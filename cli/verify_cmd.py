@@ -11,18 +11,30 @@ from pathlib import Path
 
 import click
 
-from superopt.cli.errors import reports_errors
-from superopt.spec import load
+from superopt.cli.errors import Checked, reports_errors
+from superopt.spec import check_seed, load
 from superopt.verify import float_gate, verify
 
 EXIT_EQUIVALENT, EXIT_DIFFERENT, EXIT_UNDECIDED = 0, 1, 3
+MAX_TESTS = 10**6  # each test holds the programs' tensors over a finite field: more only grows memory
 
 
 @click.command("verify")
 @click.argument("a", type=click.Path(dir_okay=False, path_type=Path))
 @click.argument("b", type=click.Path(dir_okay=False, path_type=Path))
-@click.option("--tests", default=4, show_default=True, help="Finite-field tests (each with fresh randomness).")
-@click.option("--seed", type=int, default=None, help="Seed of the randomness (default: fresh; printed).")
+@click.option(
+    "--tests",
+    type=click.IntRange(1, MAX_TESTS),
+    default=4,
+    show_default=True,
+    help="Finite-field tests (each with fresh randomness).",
+)
+@click.option(
+    "--seed",
+    type=Checked("seed", int, check_seed),
+    default=None,
+    help="Seed of the randomness (default: fresh; printed).",
+)
 @click.option("--no-prove", is_flag=True, help="Skip the z3 proof attempt on small graphs.")
 @click.option("--gate", is_flag=True, help="Also run B in its own dtypes against A in float64 (the float gate).")
 @reports_errors

@@ -58,6 +58,14 @@ def value(d: Dim, env: dict[str, int]) -> Fraction:
     return out
 
 
+def domain(size: int) -> list[int]:
+    """The values a grid axis or loop over a class of `size` may take: v > 1 dividing it, v or size / v a power
+    of two. Built from the powers of two dividing `size` (at most 31 for a dim the IR accepts), never by trying
+    every v up to `size`, which would take minutes for a large dim."""
+    twos = [1 << k for k in range((size & -size).bit_length())]
+    return sorted({v for p in twos for v in (p, size // p) if v > 1})
+
+
 def dim_classes(graph: KernelGraph) -> tuple[dict[str, tuple[Dim, ...]], dict[str, int]]:
     """Symbolic shapes of every tensor of `graph` (class symbols c0, c1, ...) and each symbol's size.
 

@@ -24,7 +24,7 @@ from superopt.kernels.cost import DRAM_EFFICIENCY, DTYPE_BYTES, kernel_cost
 from superopt.kernels.device import DeviceSpec
 from superopt.kernels.lower import lower
 from superopt.ops import ACCUMULATORS, TensorType
-from superopt.search_space.dims import Dim, is_cat, value
+from superopt.search_space.dims import Dim, domain, is_cat, value
 from superopt.search_space.enumerator import BlockPlan, KernelOp, Plan, Problem
 
 BLOCK_SIZE = 128  # threads per block of a graph-defined kernel
@@ -173,13 +173,6 @@ def fits(block: BlockGraph, device: DeviceSpec) -> bool:
 
 
 # --- choosing sizes -----------------------------------------------------------------------------------------------
-
-
-def domain(size: int) -> list[int]:
-    """The values a grid axis or loop over a class of `size` may take: v > 1 dividing it, v or size / v a power
-    of two."""
-    pow2 = lambda n: n & (n - 1) == 0  # noqa: E731
-    return [v for v in range(2, size + 1) if size % v == 0 and (pow2(v) or pow2(size // v))]
 
 
 @dataclass

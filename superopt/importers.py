@@ -14,7 +14,10 @@ input holding its transpose (named `<weight>_t`; superopt.optimize passes `w.t()
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -353,15 +356,34 @@ def from_fx(graph: Any, name: str, input_name: Callable[[Any], str] = lambda nod
     return FxProgram(program, origin)
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences log records and warnings while torch reads a file: for a bad .pt2, torch.export.load logs a
+    15-line traceback before it raises, and superopt reports the error it raises, in one line."""
+    logging.disable(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0]}" if lines else type(e).__name__
+
+
 def load_pt2(path: str | Path) -> KernelGraph:
     """The program of a torch.export program saved with torch.export.save (.pt2)."""
     import torch
 
     path = Path(path)
     try:
-        ep = torch.export.load(str(path))
+        with _quiet():
+            ep = torch.export.load(str(path))
     except Exception as e:  # noqa: BLE001 (torch raises many kinds for a file that is not a .pt2)
-        raise SpecError(f"{path}: cannot load a torch.export program: {type(e).__name__}: {e}") from None
+        raise SpecError(f"{path}: not a torch.export program: {_first_line(e)}") from None
     names = {}
     for spec in ep.graph_signature.input_specs:
         names[spec.arg.name] = spec.target or spec.arg.name  # weights under their state_dict names
@@ -429,8 +451,10 @@ def load_onnx(path: str | Path) -> KernelGraph:
     try:
         model = onnx.load(str(path))
     except Exception as e:  # noqa: BLE001 (protobuf's errors for a file that is not a model)
-        raise SpecError(f"{path}: not an ONNX model: {type(e).__name__}: {e}") from None
+        raise SpecError(f"{path}: not an ONNX model: {_first_line(e)}") from None
     graph = model.graph
+    if not graph.output:  # an empty file parses as an empty model
+        raise SpecError(f"{path}: not an ONNX model: its graph has no outputs")
     b = Builder(identifier(path.stem))
     env: dict[str, Any] = {}
     inits = {t.name: t for t in graph.initializer}
@@ -445,6 +469,8 @@ def load_onnx(path: str | Path) -> KernelGraph:
         for vi in graph.input:
             if vi.name in consts:
                 continue
+            if not vi.type.tensor_type.HasField("shape"):
+                raise Unsupported(f"input '{vi.name}' has no shape; export with static shapes")
             dims = vi.type.tensor_type.shape.dim
             if any(not d.HasField("dim_value") for d in dims):
                 raise Unsupported(f"input '{vi.name}' has a dynamic dim; export with static shapes")
@@ -478,6 +504,8 @@ def load_onnx(path: str | Path) -> KernelGraph:
         return b.build([env[o.name] for o in graph.output], [o.name for o in graph.output])
     except (Unsupported, IRError) as e:
         raise SpecError(f"{path}: {e}") from None
+    except (KeyError, IndexError, TypeError, ValueError) as e:  # a node without its inputs, outputs or attributes
+        raise SpecError(f"{path}: malformed ONNX graph: {_first_line(e)}") from None
 
 
 def load(path: str | Path) -> KernelGraph:

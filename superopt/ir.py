@@ -7,6 +7,7 @@ every op as it is added: a graph that exists is well-formed. See shared/DESIGN.m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -48,6 +49,11 @@ class Tensor:
 
 TensorLike = Tensor | str
 
+# Sizes beyond these are mistakes, not programs: refused when a tensor is defined, before anything is allocated
+# or searched (a dim is a CUDA grid's x limit; a tensor of 2^40 elements is 2 TB in float16).
+MAX_DIM = 2**31 - 1
+MAX_ELEMENTS = 2**40
+
 
 def check_dtype(dtype: str) -> str:
     if dtype not in DTYPES:
@@ -82,8 +88,16 @@ class _GraphBase:
             raise IRError(f"bad tensor name {name!r}")
         elif name in self.tensors:
             raise IRError(f"tensor name '{name}' is already defined")
+        self._check_type(name, ty)
         self.tensors[name] = ty
         return name
+
+    def _check_type(self, name: str, ty: TensorType) -> None:
+        if any(d > MAX_DIM for d in ty.shape) or math.prod(ty.shape) > MAX_ELEMENTS:
+            raise IRError(
+                f"tensor '{name}' of shape {list(ty.shape)} is too large "
+                f"(limits: {MAX_DIM} a dim, 2^40 = {MAX_ELEMENTS} elements a tensor)"
+            )
 
     def op(self, name: str, *args: Any, out: str | None = None, **attrs: Any) -> Tensor:
         """Adds predefined op `name`: its tensor operands first, then its attributes (positional or keyword)."""
@@ -101,7 +115,11 @@ class _GraphBase:
                 raise IRError(f"{name}: argument '{key}' given twice")
             attrs[key] = value
         inputs = tuple(self._name(a) for a in args[:n_tensors])
-        bound = d.bind_attrs(attrs)
+        try:
+            bound = d.bind_attrs(attrs)
+        except OverflowError:  # an integer too large for a float attribute
+            raise IRError(f"{name}: an argument is too large") from None
+        _check_numbers(name, bound)
         ty = infer(d, [self.tensors[i] for i in inputs], bound)
         self._check_operands(name, inputs)
         out_name = self._define(out, name, ty)
@@ -124,6 +142,15 @@ class _GraphBase:
             for i in dict.fromkeys(op.inputs):
                 users[i].append(op)
         return users
+
+
+def _check_numbers(op: str, attrs: dict[str, Any]) -> None:
+    """Float attributes must be finite, eps positive: inf or a non-positive eps would compute nan silently."""
+    for key, value in attrs.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise IRError(f"{op}: argument '{key}' must be finite, got {value!r}")
+    if "eps" in attrs and attrs["eps"] <= 0:
+        raise IRError(f"{op}: eps must be > 0, got {attrs['eps']!r}")
 
 
 def _count_tensors(args: Iterable[Any]) -> int:
@@ -332,6 +359,8 @@ class KernelGraph(_GraphBase):
 
     def __init__(self, name: str = "graph") -> None:
         super().__init__()
+        if not name.isprintable():  # it is printed (show, validate, search); a control character or a lone
+            raise IRError(f"bad graph name {name!r}")  # surrogate would break the line or the output encoding
         self.name = name
         self.inputs: list[str] = []
         self.outputs: list[str] = []
@@ -344,6 +373,11 @@ class KernelGraph(_GraphBase):
         ty = TensorType(shape, check_dtype(dtype))
         self.inputs.append(self._define(name, name, ty))
         return Tensor(self, name)
+
+    def _check_type(self, name: str, ty: TensorType) -> None:
+        if not ty.shape:
+            raise IRError(f"tensor '{name}' has rank 0; scalars are not supported (give it shape [1])")
+        super()._check_type(name, ty)
 
     def output(self, t: TensorLike) -> None:
         name = self._name(t)

@@ -32,6 +32,7 @@ TOP_K = 5
 # CPU check would take minutes, so it is skipped and says so.
 INTERPRETER_MAX_STEPS = 2048
 INTERPRETER_S_PER_STEP = 0.008
+RECHECK_TESTS = 3  # finite-field tests that re-verify a cached winner on every hit (milliseconds)
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,23 @@ def fresh_compile(program: Callable[..., Any], **options: Any) -> Callable[..., 
     dynamo's recompile limit a later one would silently run eagerly."""
     torch._dynamo.reset()
     return torch.compile(program, dynamic=False, **options)
+
+
+def trusted_winner(entry: dict[str, Any]) -> str | None:
+    """Why a cached entry's winner must not be served (None if it may): it must compute the entry's program, whose
+    hash the cache has matched to the key. The finite-field test decides as the search's verification did (proofs
+    only upgrade "tested" to "proved"); what it leaves undecided the search would not have kept either."""
+    from superopt.verify import verify  # z3 loads only when a cached winner is checked: `import superopt` stays fast
+
+    program = from_json(entry["program"], f"cache entry {entry['key'][:16]}")
+    winner = from_json(entry["best"]["graph"], f"cache entry {entry['key'][:16]}")
+    try:
+        result = verify(program, winner, tests=RECHECK_TESTS, prove=False)
+    except Exception as e:  # noqa: BLE001 (an untrusted winner that breaks the verifier is refused, not fatal)
+        return f"its winner cannot be checked against its program ({type(e).__name__}: {e})"
+    if result.equivalent is not True:
+        return "its winner does not compute its program: " + "; ".join(str(result).splitlines())
+    return None
 
 
 def _program_candidate(graph: KernelGraph, device: Any) -> Ranked:
@@ -241,7 +259,7 @@ def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: 
 
 def _row(c: Ranked, rank: int, baselines: dict, floor_us: float) -> dict[str, Any]:
     row = {"rank": rank, "hash": c.hash, "source": c.source, "kernels": c.kernels, "predicted_us": c.predicted_us}
-    row.update(c.trial)
+    row.update(jsonable(c.trial))
     us = c.trial.get("measured_us")
     if us:
         for name, base in baselines.items():
@@ -268,9 +286,11 @@ def optimize_program(
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     settings = settings or Settings.for_graph(graph)
+    if not (math.isfinite(settings.budget_s) and settings.budget_s >= 0):
+        raise SuperoptError(f"{graph.name}: the search budget must be a finite number of seconds >= 0")
     device = device_spec(settings.device)
     key = cache_key(graph, dataclasses.asdict(settings), device.name)
-    stored = cache.get(key) if cache is not None else None
+    stored = cache.get(key, trusted_winner) if cache is not None else None
     if stored is not None:
         budget = stored["settings"]["budget_s"]
         if mode != "search" or budget >= settings.budget_s:
@@ -340,7 +360,7 @@ def _evaluate(
             "kernels": best.kernels,
             "predicted_us": best.predicted_us,
             "verify": jsonable(best.verify),
-            **best.trial,
+            **jsonable(best.trial),
         },
         "candidates": rows,
         "candidates_total": len(ranked),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,12 +17,44 @@ from typing import Any
 import yaml
 
 from superopt.errors import IRError, SpecError
-from superopt.ir import KernelGraph, Tensor
+from superopt.ir import MAX_DIM, KernelGraph, Tensor
+from superopt.kernels.device import DEVICES
 from superopt.ops import OPS
+from superopt.search_space.presets import PRESETS
 from superopt.serialize import from_json
 
 SPEC_KEYS = ("name", "dims", "inputs", "ops", "outputs", "search")
-SEARCH_KEYS = ("preset", "budget_s", "device", "seed")
+MAX_FILE_BYTES = 64 * 2**20  # a spec or JSON graph is text of a few KB; anything larger is not one
+MAX_SEED = 2**63 - 1  # seeds reach torch.Generator.manual_seed, which takes a signed 64-bit integer
+
+
+def check_positive_finite(value: Any) -> float:
+    """`value` as a float; IRError unless it is a finite number > 0 (a budget, a scale)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+        raise IRError(f"expected a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def check_seed(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise IRError(f"expected an integer seed in 0..2^63-1, got {value!r}")
+    return value
+
+
+def check_device(value: Any) -> str:
+    if not isinstance(value, str) or value.lower() not in DEVICES:
+        raise IRError(f"expected a device name ({', '.join(DEVICES)}), got {value!r}")
+    return value
+
+
+def check_preset(value: Any) -> str:
+    if not isinstance(value, str) or value not in PRESETS:
+        raise IRError(f"expected a preset name ({', '.join(PRESETS)}), got {value!r}")
+    return value
+
+
+# The `search:` section's keys and their checks, shared with the options of `superopt search` of the same names.
+SEARCH_CHECKS = {"preset": check_preset, "budget_s": check_positive_finite, "device": check_device, "seed": check_seed}
 
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.MatMult: "matmul"}
 _SCALAR_BINOPS = {ast.Add: ("add_scalar", 1.0), ast.Sub: ("add_scalar", -1.0), ast.Mult: ("mul_scalar", 1.0)}
@@ -67,12 +100,17 @@ class _OpLine:
             tree = ast.parse(text.strip(), mode="exec")
         except SyntaxError as e:
             raise IRError(f"syntax error: {e.msg}") from None
+        except ValueError as e:  # a number of more digits than Python converts
+            raise IRError(str(e)) from None
         if len(tree.body) != 1 or not isinstance(tree.body[0], ast.Assign):
             raise IRError("expected one assignment 'name = op(...)'")
         stmt = tree.body[0]
         if len(stmt.targets) != 1 or not isinstance(stmt.targets[0], ast.Name):
             raise IRError("the left side must be one new tensor name")
-        result = self.expr(stmt.value, stmt.targets[0].id)
+        try:
+            result = self.expr(stmt.value, stmt.targets[0].id)
+        except RecursionError:
+            raise IRError("the expression is nested too deeply") from None
         if not isinstance(result, Tensor):
             raise IRError("the right side must compute a tensor")
 
@@ -103,6 +141,8 @@ class _OpLine:
             return self.graph.op(_BINOPS[type(node.op)], a, b, out=out)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
             v = self.expr(node.operand)
+            if isinstance(v, tuple):
+                raise IRError(f"'{ast.unparse(node)}' negates a list")
             return self.graph.op("neg", v, out=out) if isinstance(v, Tensor) else -v
         if isinstance(node, ast.Name):
             if node.id in self.graph.tensors:
@@ -117,6 +157,52 @@ class _OpLine:
         raise IRError(f"'{ast.unparse(node)}' is not allowed in an op line")
 
 
+class _SpecLoader(yaml.SafeLoader):
+    """Safe YAML without aliases: a few lines of nested aliases (a "billion laughs") expand into a document too
+    large to walk or print, and a spec has no use for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "aliases (*name) are not allowed in a spec", mark)
+        return super().compose_node(parent, index)
+
+
+def read_yaml(text: str, path: str) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for line numbers) and the document of YAML `text`; SpecError naming path:line if it is
+    not YAML, uses aliases, or nests too deeply."""
+    loader = _SpecLoader(text)
+    try:
+        root = loader.get_single_node()
+        return root, loader.construct_document(root) if root is not None else None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark else 1
+        raise SpecError(f"{path}:{line}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise SpecError(f"{path}: bad YAML value: {e}") from None
+    finally:
+        loader.dispose()
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of a spec or JSON graph; SpecError if it cannot be read, is binary or is too large."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise SpecError(f"{path}: larger than the {MAX_FILE_BYTES >> 20} MB limit for a spec or graph file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise SpecError(f"{path}:{line}: not UTF-8 text (byte {e.start}: {data[e.start : e.start + 1]!r})") from None
+
+
 def _dim(value: Any, dims: dict[str, int]) -> int:
     if isinstance(value, str):
         if value not in dims:
@@ -129,13 +215,7 @@ def _dim(value: Any, dims: dict[str, int]) -> int:
 
 def parse_spec(text: str, path: str = "<spec>", dims: dict[str, int] | None = None) -> KernelGraph:
     """A KernelGraph from the text of a YAML spec; `dims` overrides the spec's dims by name."""
-    try:
-        root = yaml.compose(text)
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark else 1
-        raise SpecError(f"{path}:{line}: YAML syntax error: {getattr(e, 'problem', None) or e}") from None
+    root, doc = read_yaml(text, path)
     where = _Where(path, _line_table(root) if root is not None else {})
     if not isinstance(doc, dict):
         raise where.error((), "a spec is a mapping with keys " + ", ".join(SPEC_KEYS))
@@ -157,9 +237,11 @@ def parse_spec(text: str, path: str = "<spec>", dims: dict[str, int] | None = No
             or not name.isidentifier()
             or isinstance(size, bool)
             or not isinstance(size, int)
-            or size < 1
+            or not 1 <= size <= MAX_DIM
         ):
-            raise where.error(("dims", name), f"dim {name!r}: expected a name and a positive integer, got {size!r}")
+            raise where.error(
+                ("dims", name), f"dim {name!r}: expected a name and an integer in 1..{MAX_DIM}, got {size!r}"
+            )
     for name in dims or {}:
         if name not in spec_dims:
             raise SpecError(f"{path}: cannot override dim '{name}': the spec has no such dim")
@@ -201,8 +283,13 @@ def parse_spec(text: str, path: str = "<spec>", dims: dict[str, int] | None = No
             raise where.error(("outputs", i), str(e)) from None
 
     search = doc.get("search") or {}
-    if not isinstance(search, dict) or set(search) - set(SEARCH_KEYS):
-        raise where.error(("search",), f"'search' takes the keys: {', '.join(SEARCH_KEYS)}")
+    if not isinstance(search, dict) or set(search) - set(SEARCH_CHECKS):
+        raise where.error(("search",), f"'search' takes the keys: {', '.join(SEARCH_CHECKS)}")
+    for key, value in search.items():
+        try:
+            SEARCH_CHECKS[key](value)
+        except IRError as e:
+            raise where.error(("search", key), f"search {key}: {e}") from None
     graph.search_settings = search
     return graph
 
@@ -217,18 +304,19 @@ def load(path: str | Path, dims: dict[str, int] | None = None) -> KernelGraph:
         from superopt import importers  # torch.export and onnx load only for these files
 
         return importers.load(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        raise SpecError(f"{path}: unknown file type '{path.suffix}' (expected .yaml, .yml, .json, .onnx or .pt2)")
+    text = read_text(path)
     if path.suffix in (".yaml", ".yml"):
         return parse_spec(text, str(path), dims)
-    if path.suffix == ".json":
-        if dims:
-            raise SpecError(f"{path}: dims can be overridden only in YAML specs")
-        try:
-            doc = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"{path}:{e.lineno}: JSON syntax error: {e.msg}") from None
-        return from_json(doc, str(path))
-    raise SpecError(f"{path}: unknown file type '{path.suffix}' (expected .yaml, .yml, .json, .onnx or .pt2)")
+    if dims:
+        raise SpecError(f"{path}: dims can be overridden only in YAML specs")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SpecError(f"{path}:{e.lineno}: JSON syntax error: {e.msg}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: JSON nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
+        raise SpecError(f"{path}: bad JSON value: {e}") from None
+    return from_json(doc, str(path))

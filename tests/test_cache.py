@@ -89,7 +89,8 @@ def test_truncated_entry_is_one_warning_and_a_miss_then_rewritten(tmp_path, entr
         warnings.simplefilter("error")  # the second read of the same entry does not warn again
         assert cache.get(entry["key"]) is None
         assert cache.put(entry)
-    assert json.loads(path.read_text()) == entry
+    stored = json.loads(path.read_text())
+    assert stored.pop("signature") and stored == entry
     assert cache.get(entry["key"]) == entry
 
 
@@ -162,8 +163,11 @@ def test_export_clear_import_hit(tmp_path, entry):
 
 def test_clear_older_than(tmp_path, entry):
     cache = Cache(tmp_path)
-    old = copy.deepcopy(entry)
-    old["key"] = "0" * 64
+    old = copy.deepcopy(entry)  # another seed: another key
+    old["settings"]["seed"] = 1
+    old["key"] = cache_key(
+        superopt.serialize.from_json(old["program"]), old["settings"], old["device"], old["versions"]
+    )
     cache.put(old)
     cache.put(entry)
     long_ago = time.time() - 10 * 86400
