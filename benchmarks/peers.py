@@ -151,7 +151,7 @@ def time_peer(w: Workload, label: str, make: Callable[[], Callable], cuda_graph:
     try:
         fn = make()
         outs = fn(*w.args)
-        error = check(w.spec, outs if isinstance(outs, tuple) else (outs,), w.refs)
+        error = check(w.spec, outs, w.refs)
         timing = bench(lambda: fn(*w.args), reps=reps, cuda_graph=cuda_graph)
         result = {"status": "ok" if error <= 1 else "wrong", "error_vs_tolerance": error} | asdict(timing)
     except Exception as e:  # noqa: BLE001

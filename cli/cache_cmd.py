@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from superopt.cache import Cache
-from superopt.cli.errors import reports_errors
+from superopt.cli.errors import OutputFile, reports_errors
 from superopt.pipeline import trusted_winner
 from superopt.serialize import from_json
 
@@ -92,7 +92,7 @@ def show_command(cache: Cache, key: str, as_json: bool) -> None:
 
 
 @cache_command.command("export")
-@click.argument("file", type=FILE)
+@click.argument("file", type=OutputFile())
 @click.pass_obj
 @reports_errors
 def export_command(cache: Cache, file: Path) -> None:

@@ -21,7 +21,6 @@ from superopt.kernels import taskgraph
 from superopt.kernels.megakernel import benchmark, build_report, source, timing_table
 from superopt.model import load_spec
 from superopt.serialize import write_atomic
-from superopt.spec import read_text, read_yaml
 
 H100_SMS = 132
 MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
@@ -46,7 +45,6 @@ def megakernel_command(
     spec: Path, prompt_len: int, new_tokens: int, bench: bool, emit_dir: Path | None, sms: int | None
 ) -> None:
     """Build MODEL.yaml's decoder as one persistent kernel: emit it, or run and check it on the GPU."""
-    read_yaml(read_text(spec), str(spec))  # the hostile-file checks (size, UTF-8, aliases, nesting) load_spec lacks
     ms = load_spec(spec)
     gpu = torch.cuda.is_available()
     if emit_dir is not None:

@@ -46,6 +46,7 @@ import torch
 
 from superopt.errors import SuperoptError
 from superopt.interpret import TorchEval, evaluate
+from superopt.ir import identifier
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import PRELUDE, TEMPLATES, emit_elementwise
 from superopt.kernels.taskgraph import TaskGraph
@@ -174,7 +175,7 @@ def source(
         "STAMPS": len(STAMP_NAMES),
     }
     consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
-    lines = [f"// superopt megakernel: {name} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
+    lines = [f"// superopt megakernel: {identifier(name)} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
     lines += [f"constexpr int {k} = {v};" for k, v in consts.items()]
     lines += [
         f"constexpr float EPS = {c.eps!r}f;",

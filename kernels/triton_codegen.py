@@ -33,8 +33,9 @@ from typing import Any
 
 import torch
 
+from superopt.cache import Cache
 from superopt.errors import SuperoptError
-from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, thread_graphs
+from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, identifier, thread_graphs
 from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
 from superopt.ops import ACCUMULATORS
 
@@ -667,13 +668,6 @@ def block_kernel(block: BlockGraph, name: str) -> KernelSource:
 # --- compiling and running a kernel graph ---------------------------------------------------------------------
 
 
-def cache_dir() -> Path:
-    """Where generated modules are written (Triton needs a kernel's source file): $SUPEROPT_CACHE_DIR/triton, or
-    ~/.cache/superopt/triton."""
-    root = os.environ.get("SUPEROPT_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "superopt") / "triton"
-
-
 def block_key(block: BlockGraph) -> str:
     """A hash of everything that shapes a block graph's kernel: grid, loop, block size, maps, types and ops."""
     from superopt.text import format_block
@@ -689,11 +683,6 @@ def block_key(block: BlockGraph) -> str:
 _MODULES: dict[str, ModuleType] = {}
 
 
-def _identifier(text: str) -> str:
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in text)
-    return name if name and not name[0].isdigit() else f"k_{name}"
-
-
 @dataclass
 class GeneratedKernel:
     """One kernel op's generated module, loaded (and so compiled by Triton) on first launch."""
@@ -701,11 +690,12 @@ class GeneratedKernel:
     op: Op
     block: BlockGraph
     code: KernelSource
+    folder: Path  # where its module is written (Triton needs a kernel's source file)
 
     def module(self) -> ModuleType:
         name = self.code.name
         if name not in _MODULES:
-            folder = cache_dir()
+            folder = self.folder
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / f"{name}.py"
             if not path.exists() or path.read_text() != self.code.source:
@@ -735,14 +725,15 @@ class GeneratedKernel:
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": self.code.num_warps})
 
 
-def generate(graph: KernelGraph) -> list[GeneratedKernel]:
+def generate(graph: KernelGraph, folder: Path | None = None) -> list[GeneratedKernel]:
     """One generated kernel per op of `graph`, named after the graph, the op's first output and the block
-    graph's hash (which also names the cached module)."""
+    graph's hash (which also names its module in `folder`, default: the default cache's kernel folder)."""
+    folder = folder if folder is not None else Cache().kernel_dir
     kernels = []
     for op in graph.ops:
         block = lower(graph, op)
-        name = _identifier(f"{graph.name}_{op.outputs[0]}_{block_key(block)}")
-        kernels.append(GeneratedKernel(op, block, block_kernel(block, name)))
+        name = f"{identifier(f'{graph.name}_{op.outputs[0]}', 'k')}_{block_key(block)}"
+        kernels.append(GeneratedKernel(op, block, block_kernel(block, name), folder))
     return kernels
 
 
@@ -752,14 +743,14 @@ def interpreting() -> bool:
 
 class CompiledGraph:
     """A kernel graph as Triton kernels: call it with torch tensors (by position, or by input name), one kernel
-    launch per kernel op; it returns the output tensor, or a tuple of them for several outputs.
+    launch per kernel op; it returns the tuple of output tensors (one output included), as `superopt.run` does.
 
     CUDA tensors run on the GPU. CPU tensors run under the Triton interpreter where it is on, else (on a
     machine with a GPU) on the GPU, the outputs copied back."""
 
-    def __init__(self, graph: KernelGraph) -> None:
+    def __init__(self, graph: KernelGraph, module_dir: Path | None = None) -> None:
         self.graph = graph
-        self.kernels = generate(graph)
+        self.kernels = generate(graph, module_dir)
 
     @property
     def source(self) -> str:
@@ -787,7 +778,8 @@ class CompiledGraph:
             tensors.append(x)
         return tensors
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        """The graph's outputs, in order, as a tuple (as `superopt.run` returns them), one output included."""
         inputs = self._bind(args, kwargs)
         device = inputs[0].device if inputs else torch.device("cpu")
         if device.type == "cpu" and not interpreting():
@@ -800,9 +792,8 @@ class CompiledGraph:
         env = dict(zip(self.graph.inputs, inputs))
         for kernel in self.kernels:
             env.update(zip(kernel.op.outputs, kernel.launch(*(env[i] for i in kernel.op.inputs))))
-        outs = tuple(env[o].to(device) for o in self.graph.outputs)
-        return outs[0] if len(outs) == 1 else outs
+        return tuple(env[o].to(device) for o in self.graph.outputs)
 
 
-def compile_triton(graph: KernelGraph) -> CompiledGraph:
-    return CompiledGraph(graph)
+def compile_triton(graph: KernelGraph, module_dir: Path | None = None) -> CompiledGraph:
+    return CompiledGraph(graph, module_dir)

@@ -286,18 +286,19 @@ def _tquot(b: Term, a: Term) -> Term:
 
 
 def _polys(v: Value, out: list[Poly]) -> None:
-    """Every polynomial an equivalent of `v` can have as a subexpression: v, atoms' arguments, denominators."""
-    if isinstance(v, Cat):
-        _polys(v.left, out)
-        _polys(v.right, out)
-        return
-    out.append(v)
-    for t in v:
-        if t[1] or t[3]:
-            out.append(frozenset({(t[1], UNIT, t[3], ())}))
-        for a in (*t[2], *t[3]):
-            if a[0] != "in":
-                _polys(a[-1], out)
+    """Every polynomial an equivalent of `v` can have as a subexpression: v, atoms' arguments, denominators.
+    A walk with its own stack: a chain of a thousand ops nests its expression a thousand deep."""
+    stack = [v]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Cat):
+            stack += [v.right, v.left]
+            continue
+        out.append(v)
+        for t in v:
+            if t[1] or t[3]:
+                out.append(frozenset({(t[1], UNIT, t[3], ())}))
+            stack.extend(a[-1] for a in reversed((*t[2], *t[3])) if a[0] != "in")
 
 
 class Target:

@@ -38,7 +38,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from superopt.errors import SuperoptError
+from superopt.errors import SuperoptError, brief
 from superopt.ir import KernelGraph
 from superopt.serialize import from_json, graph_hash, write_atomic
 
@@ -81,13 +81,8 @@ def is_key(key: Any) -> bool:
 def check_key(key: Any, what: str) -> str:
     """`key`, if it is a cache key; else a SuperoptError naming `what`."""
     if not is_key(key):
-        raise SuperoptError(f"{what}: {_brief(key)} is not a cache key (64 lowercase hex digits)")
+        raise SuperoptError(f"{what}: {brief(key)} is not a cache key (64 lowercase hex digits)")
     return key
-
-
-def _brief(x: Any) -> str:
-    text = repr(x)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def default_dir() -> Path:
@@ -112,7 +107,7 @@ def lock_timeout() -> float:
 # The entry's schema: every field a reader uses, with its type. A checker takes (value, where) and says what is
 # wrong, or None; a field name ending in "?" may be absent.
 def _is(test: Callable[[Any], bool], what: str) -> Callable[[Any, str], str | None]:
-    return lambda x, where: None if test(x) else f"{where} is {_brief(x)}, not {what}"
+    return lambda x, where: None if test(x) else f"{where} is {brief(x)}, not {what}"
 
 
 def _finite(x: Any) -> bool:
@@ -135,7 +130,7 @@ def _maybe(check: Callable[[Any, str], str | None]) -> Callable[[Any, str], str 
 def _record(spec: dict[str, Callable[[Any, str], str | None]]) -> Callable[[Any, str], str | None]:
     def check(doc: Any, where: str) -> str | None:
         if not isinstance(doc, dict):
-            return f"{where} is {_brief(doc)}, not an object"
+            return f"{where} is {brief(doc)}, not an object"
         for name, field_check in spec.items():
             key = name.rstrip("?")
             if key in doc:
@@ -154,7 +149,7 @@ def _each(check: Callable[[Any, str], str | None], kind: type) -> Callable[[Any,
 
     def each(doc: Any, where: str) -> str | None:
         if not isinstance(doc, kind):
-            return f"{where} is {_brief(doc)}, not {'a list' if kind is list else 'an object'}"
+            return f"{where} is {brief(doc)}, not {'a list' if kind is list else 'an object'}"
         items = enumerate(doc) if kind is list else doc.items()
         return next((why for k, x in items if (why := check(x, f"{where}[{k!r}]")) is not None), None)
 
@@ -258,6 +253,7 @@ class Cache:
         self.root = Path(root) if root is not None else default_dir()
         self.results = self.root / "results"
         self.quarantine = self.results / "quarantine"
+        self.kernel_dir = self.root / "triton"  # generated Triton modules (Triton compiles from a source file)
 
     def path(self, key: str) -> Path:
         return self.results / f"{check_key(key, 'cache key')}.json"
@@ -426,7 +422,7 @@ class Cache:
     def find(self, prefix: str) -> dict[str, Any]:
         """The one valid entry whose key starts with `prefix` (1 to 64 lowercase hex digits)."""
         if not _HEX.fullmatch(prefix):
-            raise SuperoptError(f"{_brief(prefix)} is not a key prefix (1 to 64 lowercase hex digits)")
+            raise SuperoptError(f"{brief(prefix)} is not a key prefix (1 to 64 lowercase hex digits)")
         found = [e for p, e in self.entries() if p.stem.startswith(prefix)]
         if len(found) != 1:
             what = "no entry" if not found else f"{len(found)} entries"
@@ -470,7 +466,7 @@ class Cache:
             raise SuperoptError(f"clear: the age must be a finite number of days >= 0, not {older_than_days:g}")
         cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
         removed = 0
-        for folder in (self.results, self.quarantine, self.root / "triton"):
+        for folder in (self.results, self.quarantine, self.kernel_dir):
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():

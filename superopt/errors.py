@@ -11,3 +11,9 @@ class IRError(SuperoptError):
 
 class SpecError(SuperoptError):
     """A program spec or graph file that cannot be read; the message starts with 'file:line:'."""
+
+
+def brief(x: object) -> str:
+    """A value from an untrusted file, quoted for an error message: its repr, cut to 40 characters."""
+    text = repr(x)
+    return text if len(text) <= 40 else text[:37] + "..."

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from superopt.errors import IRError, SpecError, SuperoptError
-from superopt.ir import KernelGraph
+from superopt.ir import KernelGraph, identifier
 from superopt.ops import TensorType, infer, opdef
 
 
@@ -44,12 +44,6 @@ class Node:
     inputs: tuple[str, ...]
     attrs: dict[str, Any]
     out: str
-
-
-def identifier(name: str) -> str:
-    """`name` as an IR tensor name: other characters become '_', and a leading digit gets a prefix."""
-    text = "".join(c if c.isalnum() or c == "_" else "_" for c in name).strip("_") or "t"
-    return text if text.isidentifier() else f"t_{text}"
 
 
 def fresh_name(base: str, taken: Collection[str]) -> str:

@@ -7,6 +7,7 @@ every op as it is added: a graph that exists is well-formed. See shared/DESIGN.m
 
 from __future__ import annotations
 
+import keyword
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -53,6 +54,14 @@ TensorLike = Tensor | str
 # or searched (a dim is a CUDA grid's x limit; a tensor of 2^40 elements is 2 TB in float16).
 MAX_DIM = 2**31 - 1
 MAX_ELEMENTS = 2**40
+
+
+def identifier(text: str, prefix: str = "t", limit: int = 64) -> str:
+    """`text` made safe to paste into generated source (Python, Triton, CUDA C++) and into a file name: ASCII
+    letters, digits and '_' only (any other character becomes '_'), at most `limit` characters, and `prefix_` in
+    front of an empty name, a leading digit or a Python keyword. The one way a name from a file reaches code."""
+    name = "".join(c if c.isascii() and (c.isalnum() or c == "_") else "_" for c in text)[:limit]
+    return name if name and not name[0].isdigit() and not keyword.iskeyword(name) else f"{prefix}_{name}"
 
 
 def check_dtype(dtype: str) -> str:

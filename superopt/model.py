@@ -26,12 +26,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 
-from superopt.errors import SpecError
-from superopt.ir import KernelGraph
+from superopt.errors import SpecError, brief
+from superopt.ir import MAX_DIM, KernelGraph
+from superopt.spec import MAX_SEED, read_text, read_yaml
 
 ARCHS = ("llama", "qwen3")
+MODEL_SPEC_KEYS = ("name", "model", "weights", "seed", "max_seq")
+MAX_CONTEXT = 2**20  # KV-cache positions a spec may ask for (the cache is allocated whole)
 TEMPLATE_ONLY = {
     "rope": "RoPE: position-dependent rotation of each head (no IR op; cos/sin come from a table)",
     "kv_append": "KV-cache append: a write at a run-time position (no IR op)",
@@ -70,42 +72,66 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, fields: dict[str, Any], where: str = "<model>") -> ModelConfig:
-        def get(key: str, default: Any = None) -> Any:
-            if key in fields:
-                return fields[key]
+        """The config of HF config fields; SpecError naming the field for anything missing, of the wrong type or
+        out of range (a config file is untrusted input)."""
+
+        def get(key: str, default: Any = None, within: dict[str, Any] = fields) -> Any:
+            if within.get(key) is not None:
+                return within[key]
             if default is None:
                 raise SpecError(f"{where}: model field '{key}' is missing")
             return default
 
+        def count(key: str, default: Any = None) -> int:
+            value = get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_DIM:
+                raise SpecError(f"{where}: model field '{key}' must be an integer in 1..{MAX_DIM}, got {brief(value)}")
+            return value
+
+        def positive(key: str, value: Any) -> float:
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or not (math.isfinite(value) and value > 0)
+            ):
+                raise SpecError(f"{where}: model field '{key}' must be a finite number > 0, got {brief(value)}")
+            return float(value)
+
         arch = str(fields.get("model_type") or "").lower()
         if arch not in ARCHS:
             raise SpecError(
-                f"{where}: model_type {arch or 'missing'!r} is not supported (supported: {', '.join(ARCHS)})"
+                f"{where}: model_type {brief(arch or 'missing')} is not supported (supported: {', '.join(ARCHS)})"
             )
         for flag in ("attention_bias", "mlp_bias"):
             if fields.get(flag):
                 raise SpecError(f"{where}: {flag}: true is not supported")
         if fields.get("hidden_act", "silu") != "silu":
-            raise SpecError(f"{where}: hidden_act {fields['hidden_act']!r} is not supported (only silu)")
+            raise SpecError(f"{where}: hidden_act {brief(fields['hidden_act'])} is not supported (only silu)")
         # transformers 5 moved rope_theta and rope_scaling into rope_parameters; accept both.
-        rope = dict(fields.get("rope_parameters") or fields.get("rope_scaling") or {})
-        theta = float(fields.get("rope_theta") or rope.get("rope_theta") or 10000.0)
+        rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise SpecError(f"{where}: model field 'rope_parameters' must be a mapping, got {brief(rope)}")
+        theta = positive("rope_theta", fields.get("rope_theta") or rope.get("rope_theta") or 10000.0)
         kind = rope.get("rope_type") or rope.get("type") or "default"
         if kind not in ("default", "llama3"):
-            raise SpecError(f"{where}: rope type {kind!r} is not supported (default or llama3)")
-        heads = int(get("num_attention_heads"))
+            raise SpecError(f"{where}: rope type {brief(kind)} is not supported (default or llama3)")
+        scaling = None
+        if kind == "llama3":
+            keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+            scaling = {"rope_type": "llama3"} | {k: positive(k, get(k, within=rope)) for k in keys}
+        heads, hidden = count("num_attention_heads"), count("hidden_size")
         cfg = cls(
             arch=arch,
-            hidden=int(get("hidden_size")),
-            intermediate=int(get("intermediate_size")),
-            layers=int(get("num_hidden_layers")),
+            hidden=hidden,
+            intermediate=count("intermediate_size"),
+            layers=count("num_hidden_layers"),
             heads=heads,
-            kv_heads=int(fields.get("num_key_value_heads") or heads),
-            head_dim=int(fields.get("head_dim") or int(get("hidden_size")) // heads),
-            vocab=int(get("vocab_size")),
-            eps=float(get("rms_norm_eps", 1e-6)),
+            kv_heads=count("num_key_value_heads", heads),
+            head_dim=count("head_dim", hidden // heads),
+            vocab=count("vocab_size"),
+            eps=positive("rms_norm_eps", get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
-            rope_scaling={k: v for k, v in rope.items() if k != "rope_theta"} if kind == "llama3" else None,
+            rope_scaling=scaling,
             tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
         )
         if cfg.heads % cfg.kv_heads or cfg.head_dim % 2:
@@ -235,9 +261,19 @@ def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     for f in files:
         if not f.exists():
             raise SpecError(f"{f}: weights file not found")
-        found |= (
-            _read_safetensors(f) if f.suffix == ".safetensors" else torch.load(f, map_location="cpu", weights_only=True)
-        )
+        try:
+            found |= (
+                _read_safetensors(f)
+                if f.suffix == ".safetensors"
+                else torch.load(f, map_location="cpu", weights_only=True)
+            )
+        except SpecError:
+            raise
+        except Exception as e:  # noqa: BLE001 (a hostile or truncated file fails in many ways: each is one line)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise SpecError(f"{f}: not a weights file superopt can read: {type(e).__name__}: {first}") from None
+        if not all(isinstance(t, torch.Tensor) for t in found.values()):
+            raise SpecError(f"{f}: not a state dict of tensors")
     shapes = cfg.param_shapes()
     if cfg.tie_embeddings:
         found.pop("lm_head.weight", None)
@@ -272,38 +308,40 @@ class ModelSpec:
 
 def load_spec(path: str | Path) -> ModelSpec:
     """A model spec (YAML): `name`, `model` (HF config fields, or the path of a config.json relative to the
-    spec), optional `weights` (a safetensors file or folder, relative to the spec), `seed`, `max_seq`."""
+    spec), optional `weights` (a safetensors file or folder, relative to the spec), `seed`, `max_seq`. The file is
+    read as any spec is (size, UTF-8, no YAML aliases, nesting), every field checked before use."""
     path = Path(path)
-    try:
-        doc = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise SpecError(f"{path}: cannot read: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise SpecError(f"{path}: YAML syntax error: {e}") from None
+    _, doc = read_yaml(read_text(path), str(path))
     if not isinstance(doc, dict) or "model" not in doc:
         raise SpecError(f"{path}: a model spec is a mapping with a 'model:' section")
-    unknown = set(doc) - {"name", "model", "weights", "seed", "max_seq"}
+    unknown = sorted(map(str, set(doc) - set(MODEL_SPEC_KEYS)))
     if unknown:
-        raise SpecError(f"{path}: unknown key '{sorted(unknown)[0]}' (expected: name, model, weights, seed, max_seq)")
+        raise SpecError(f"{path}: unknown key {brief(unknown[0])} (expected: {', '.join(MODEL_SPEC_KEYS)})")
     fields, where = doc["model"], str(path)
     if isinstance(fields, str):
         where = str(path.parent / fields)
         try:
-            fields = json.loads((path.parent / fields).read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise SpecError(f"{where}: cannot read the HF config: {e}") from None
+            fields = json.loads(read_text(path.parent / fields))
+        except (json.JSONDecodeError, RecursionError, ValueError) as e:
+            raise SpecError(f"{where}: not an HF config.json: {type(e).__name__}: {str(e)[:100]}") from None
     if not isinstance(fields, dict):
         raise SpecError(f"{path}: 'model' must be a mapping of HF config fields or the path of a config.json")
-    for key in ("seed", "max_seq"):
-        if key in doc and (isinstance(doc[key], bool) or not isinstance(doc[key], int) or doc[key] < 0):
-            raise SpecError(f"{path}: '{key}' must be a non-negative integer, got {doc[key]!r}")
-    weights = path.parent / str(doc["weights"]) if doc.get("weights") else None
+    seed, max_seq = doc.get("seed", 0), doc.get("max_seq", 256)
+    for key, value, low, top in (("seed", seed, 0, MAX_SEED), ("max_seq", max_seq, 2, MAX_CONTEXT)):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+            raise SpecError(f"{path}: '{key}' must be an integer in {low}..{top}, got {brief(value)}")
+    name = doc.get("name") or path.stem
+    if not isinstance(name, str) or not name.isprintable() or len(name) > 200:
+        raise SpecError(f"{path}: 'name' must be one printable line of at most 200 characters, got {brief(name)}")
+    weights = doc.get("weights")
+    if weights is not None and not isinstance(weights, str):
+        raise SpecError(f"{path}: 'weights' must be the path of a safetensors file or folder, got {brief(weights)}")
     return ModelSpec(
-        str(doc.get("name") or path.stem),
+        name,
         ModelConfig.from_hf(fields, where),
-        weights,
-        int(doc.get("seed", 0)),
-        int(doc.get("max_seq", 256)),
+        path.parent / weights if weights else None,
+        seed,
+        max_seq,
     )
 
 

@@ -96,8 +96,7 @@ class _Kernels(torch.nn.Module):
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = [args[k].transpose(-1, -2) if transposed else args[k] for k, transposed in self.feeds]
-        outs = self.compiled(*inputs)
-        return outs if isinstance(outs, tuple) else (outs,)
+        return self.compiled(*inputs)
 
 
 class _Support:
@@ -200,13 +199,14 @@ class Optimized:
         program = from_fx(sub.graph, name)
         graph = program.graph
         settings = Settings.for_graph(graph, budget_s=self.options.budget_s, device=self.options.device)
-        outcome = optimize_program(graph, settings, Cache(self.options.cache_dir), self.options.mode, say=log.info)
+        cache = Cache(self.options.cache_dir)
+        outcome = optimize_program(graph, settings, cache, self.options.mode, say=log.info)
         log.info("superopt.optimize(%s): %s: %s", self._name, name, outcome.note)
         if outcome.result is None:
             raise SuperoptError(f"superopt.optimize({self._name}): {name}: {outcome.note}")
         self.outcomes.append(outcome)
         feeds = [(placeholders.index(program.origin[i][0]), program.origin[i][1]) for i in graph.inputs]
-        return _Kernels(superopt.kernels.compile(outcome.winner), feeds)
+        return _Kernels(superopt.kernels.compile(outcome.winner, module_dir=cache.kernel_dir), feeds)
 
 
 def optimize(

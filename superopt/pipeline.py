@@ -17,6 +17,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -178,7 +179,9 @@ def interpreter_steps(graph: KernelGraph) -> int:
     return sum(math.prod(b.grid) * b.forloop_range for b in (lower(graph, op) for op in graph.ops))
 
 
-def _check_on_cpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: TrialLog) -> Ranked:
+def _check_on_cpu(
+    program: KernelGraph, tried: Sequence[Ranked], seed: int, log: TrialLog, module_dir: Path | None
+) -> Ranked:
     """The first of `tried` whose Triton code, run under the interpreter on seeded random inputs, matches the
     reference interpreter in float64 within its dtype's tolerance. A candidate too large to interpret runs on one
     chunk of its batch dims (verify/shrink.py: the chunk computes the same function as the whole); one still too
@@ -202,10 +205,9 @@ def _check_on_cpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log:
         else:
             try:
                 inputs = random_inputs(reference, seed, input_scale(reference, seed))
-                outs = compile(graph)(*(inputs[n] for n in reference.inputs))
-                error = check(
-                    reference, outs if isinstance(outs, tuple) else (outs,), run(reference, inputs, "float64")
-                )
+                outs = compile(graph, module_dir=module_dir)(*(inputs[n] for n in reference.inputs))
+                exact, own = run(reference, inputs, "float64"), run(reference, inputs, "native")
+                error = check(reference, outs, exact, own)
                 c.trial = {"status": "ok" if error <= 1 else "wrong", "error_vs_tolerance": error}
                 if shrunk:
                     c.trial["checked_on"] = "one chunk: " + "; ".join(shrunk)
@@ -231,7 +233,9 @@ def _bench_or_error(make: Callable[[], Callable[[], Any]], cuda_graph: bool) -> 
         return {"status": "error", "message": f"{type(e).__name__}: {e}"[:500]}
 
 
-def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: TrialLog) -> dict:
+def _time_on_gpu(
+    program: KernelGraph, tried: Sequence[Ranked], seed: int, log: TrialLog, module_dir: Path | None
+) -> dict:
     """Times torch eager, torch.compile and the candidates `tried` in this run; returns the baselines."""
     from superopt.kernels.timing import input_scale, measure, random_device_inputs
 
@@ -249,7 +253,7 @@ def _time_on_gpu(program: KernelGraph, tried: Sequence[Ranked], seed: int, log: 
         "torch.compile": _bench_or_error(compiled, cuda_graph=True),
     }
     for c in tried:
-        m = measure(c.graph, program, seed=seed, scale=scale)
+        m = measure(c.graph, program, seed=seed, scale=scale, module_dir=module_dir)
         c.trial = {"status": m.status, "measured_us": m.median_us, "error_vs_tolerance": m.error_vs_tolerance}
         if m.message:
             c.trial["message"] = m.message
@@ -308,7 +312,8 @@ def optimize_program(
             found, stats = _search(graph, settings, device, progress, log)
             ranked += [c for c in found if c.hash != ranked[0].hash]
         ranked.sort(key=lambda c: c.predicted_us)
-        result = _evaluate(graph, ranked, settings, device, top_k, log)
+        kernel_dir = cache.kernel_dir if cache is not None else None
+        result = _evaluate(graph, ranked, settings, device, top_k, log, kernel_dir)
     finally:
         log.close()
     result.update(key=key, search=jsonable(stats), seconds=round(time.time() - started, 2))
@@ -321,10 +326,16 @@ def optimize_program(
 
 
 def _evaluate(
-    program: KernelGraph, ranked: list[Ranked], settings: Settings, device: Any, top_k: int, log: TrialLog
+    program: KernelGraph,
+    ranked: list[Ranked],
+    settings: Settings,
+    device: Any,
+    top_k: int,
+    log: TrialLog,
+    module_dir: Path | None,
 ) -> dict[str, Any]:
     """Picks the winner (by measured time on a GPU, by the model and an interpreter check without) and builds the
-    result JSON."""
+    result JSON. Generated kernel modules go to `module_dir` (the cache's kernel folder)."""
     from superopt.kernels.cost import floor
 
     floor_us = floor(program, device).us
@@ -332,13 +343,13 @@ def _evaluate(
     # the top k by the model, and the unfused program as the fallback that is always correct
     tried = ranked[:top_k] + [c for c in ranked[top_k:] if c.source == "program"]
     if gpu:
-        baselines = _time_on_gpu(program, tried, settings.seed, log)
+        baselines = _time_on_gpu(program, tried, settings.seed, log, module_dir)
         timed = [c for c in tried if c.trial.get("status") == "ok"]
         unfused = next(c for c in tried if c.source == "program")
         best = min(timed, key=lambda c: c.trial["measured_us"]) if timed else unfused
     else:
         baselines = {}
-        best = _check_on_cpu(program, tried, settings.seed, log)
+        best = _check_on_cpu(program, tried, settings.seed, log, module_dir)
     rows = [_row(c, ranked.index(c), baselines, floor_us) for c in tried]
     return {
         "format": "superopt.result/1",

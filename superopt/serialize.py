@@ -72,7 +72,7 @@ def _add_op(graph: KernelGraph | BlockGraph, d: Any, where: str) -> None:
     where = f"{where} ({name} -> {', '.join(map(str, outputs))})"
     try:
         if name == "graph_def" and isinstance(graph, KernelGraph):
-            block = _block_from_json(graph, inputs, _get(d, "block", dict, where), where)
+            block = _block_from_json(graph, inputs, _get(d, "block", dict, "graph_def"), "block")
             graph.graph_def(block, inputs, outputs)
             return
         if len(outputs) != 1:

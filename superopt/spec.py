@@ -171,8 +171,9 @@ class _SpecLoader(yaml.SafeLoader):
 def read_yaml(text: str, path: str) -> tuple[yaml.Node | None, Any]:
     """The node tree (for line numbers) and the document of YAML `text`; SpecError naming path:line if it is
     not YAML, uses aliases, or nests too deeply."""
-    loader = _SpecLoader(text)
+    loader = None
     try:
+        loader = _SpecLoader(text)  # its reader refuses characters YAML does not allow (NUL, say) here
         root = loader.get_single_node()
         return root, loader.construct_document(root) if root is not None else None
     except yaml.YAMLError as e:
@@ -184,7 +185,8 @@ def read_yaml(text: str, path: str) -> tuple[yaml.Node | None, Any]:
     except ValueError as e:  # an integer of more digits than Python converts (sys.get_int_max_str_digits)
         raise SpecError(f"{path}: bad YAML value: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def read_text(path: Path) -> str:

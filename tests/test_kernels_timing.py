@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import superopt
-from superopt.kernels.timing import Measurement, bench, measure, relative_error
+from superopt.kernels.timing import Measurement, bench, check, measure, relative_error
 from superopt.serialize import to_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +44,19 @@ def test_relative_error():
     ref = torch.tensor([3.0, 4.0], dtype=torch.float64)
     assert relative_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
     assert relative_error(torch.tensor([3.0, float("nan")]), ref) == math.inf
+
+
+def test_check_holds_a_candidate_to_the_programs_own_error_in_its_dtype():
+    """Tolerance 5e-3 for float16; where the program itself, op by op in float16, is off by 1e-2, a candidate
+    may be off by up to 4 times that, and no more."""
+    g = superopt.Graph("g")
+    g.output(g.exp(g.input("x", (4,), "float16")))
+    ref = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    own = ref * (1 + 1e-2)
+    assert check(g, ref * (1 + 4e-3), [ref]) == pytest.approx(0.8)
+    assert check(g, ref * (1 + 3e-2), [ref]) > 1  # without the program's own error: the dtype's tolerance
+    assert check(g, ref * (1 + 3e-2), [ref], [own]) == pytest.approx(0.75)
+    assert check(g, (ref * (1 + 5e-2),), [ref], [own]) > 1
 
 
 def test_timeout_is_recorded_against_the_candidate():

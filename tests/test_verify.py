@@ -120,7 +120,8 @@ def test_known_rewrites_are_accepted(name):
     assert result.method in ("proved", "tested")
     tested = verify(a, b, seed=1, prove=False)
     assert tested.method == "tested" and tested.tests == 4
-    assert 0 < tested.per_test_bound < 2**-20 and tested.bound == pytest.approx(tested.per_test_bound**4)
+    # per test, the chance that the drawn prime divides the difference's coefficients dominates (field.py)
+    assert 0 < tested.per_test_bound < 1e-4 and tested.bound == pytest.approx(tested.per_test_bound**4)
 
 
 def test_small_rewrites_are_proved():
@@ -226,19 +227,20 @@ def test_fused_candidates_verify_at_small_dims(name):
     spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
     result = verify(spec, fused, seed=0)
     assert result.equivalent is True and result.method in ("proved", "tested")
-    assert result.per_test_bound < 2**-20
+    assert result.per_test_bound < 2**-16  # mostly the chance of a prime dividing the difference (field.py)
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (EXAMPLES / "fused").glob("*.json")))
 def test_fused_examples_verify_at_full_size(name):
     """Every hand-fused µGraph against its program at the spec's dims, shrunk along their batches (the time it
-    takes is benchmarks/verify_bench.py's business): equivalent, below 2^-20 per test, 4 tests."""
+    takes is benchmarks/verify_bench.py's business): equivalent, below 2^-16 per test (mostly the chance of a
+    drawn prime dividing the difference, field.py), below 2^-64 in 4 tests."""
     spec = superopt.load(EXAMPLES / f"{name}.yaml")
     fused = superopt.load(EXAMPLES / "fused" / f"{name}.json")
     result = verify(spec, fused, seed=0)
     assert result.equivalent is True and result.shrunk, result
-    assert result.method == "proved" or (result.tests == 4 and result.bound < 2**-80)
-    assert result.per_test_bound < 2**-20
+    assert result.method == "proved" or (result.tests == 4 and result.bound < 2**-64)
+    assert result.per_test_bound < 2**-16
 
 
 # --- the CLI ------------------------------------------------------------------------------------------------

@@ -14,17 +14,28 @@ from superopt.interpret import TorchEval, random_inputs
 from superopt.interpret import evaluate as literal_evaluate
 from superopt.ops import missing_rules
 from superopt.verify import batched, degree, field, smt
-from superopt.verify.field import FieldEval, P, Q
+from superopt.verify.field import P_MIN, Q_MIN, FieldEval
 
 
 def _is_prime(n: int) -> bool:
     return n > 1 and all(pow(a, n - 1, n) == 1 for a in (2, 3, 5, 7, 11, 13)) and all(n % d for d in range(2, 1000))
 
 
-def test_primes_fit_int64_and_q_divides_p_minus_1():
-    assert _is_prime(P) and _is_prime(Q) and (P - 1) % Q == 0
-    assert (P - 1) ** 2 < 2**63  # a product of two residues fits
-    assert P > 2**30 and Q > 2**29  # as large as that allows, so d / P is below 2^-20 for d up to 2^10
+def test_each_test_draws_its_own_safe_primes_that_fit_int64():
+    ev = FieldEval(6, seed=11)
+    for p, q in ev.primes:
+        assert _is_prime(p) and _is_prime(q) and p == 2 * q + 1
+        assert (p - 1) ** 2 < 2**63  # a product of two residues fits
+        assert p >= P_MIN and Q_MIN <= q < 2**30  # exponents stay three 10-bit digits
+    assert len(set(ev.primes)) == 6  # fresh per test
+    assert FieldEval(6, seed=11).primes == ev.primes  # deterministic for a seed
+    assert FieldEval(6, seed=12).primes != ev.primes
+    assert ev.mod.tolist() == [p for p, _ in ev.primes] + [q for _, q in ev.primes]
+
+
+def test_is_prime_matches_trial_division():
+    for n in [*range(0, 3000), 2**31 - 1, 2**31 - 3, 2147483579, 1073741789, 3215031751 - 2]:
+        assert field.is_prime(n) == (n > 1 and all(n % d for d in range(2, min(n, 46341)))), n
 
 
 def test_every_op_has_a_rule_in_every_table():
@@ -35,9 +46,9 @@ def test_every_op_has_a_rule_in_every_table():
 
 def test_w_has_order_q_and_exp_is_a_homomorphism():
     ev = FieldEval(3, seed=5)
-    for t in range(3):
+    for t, (p, q) in enumerate(ev.primes):
         w = int(ev.w[t])
-        assert w != 1 and pow(w, Q, P) == 1
+        assert w != 1 and pow(w, q, p) == 1
     x, y = ev._residues((50,)), ev._residues((50,))
     lhs = ev.exp(ev.add(x, y))
     rhs = ev.mul(ev.exp(x), ev.exp(y))
@@ -49,17 +60,18 @@ def test_exp_is_w_to_the_exponent():
     ev = FieldEval(2, seed=1)
     x = ev._residues((20,))
     out = ev.exp(x)
-    for t in range(2):
+    for t, (p, _) in enumerate(ev.primes):
         w = int(ev.w[t])
-        assert out[t].tolist() == [pow(w, e, P) for e in x[2 + t].tolist()]
+        assert out[t].tolist() == [pow(w, e, p) for e in x[2 + t].tolist()]
 
 
 def test_constants_are_exact_rationals():
     ev = FieldEval(1, seed=0)
+    [(p, q)] = ev.primes
     for value in (1e-6, 0.1, -2.5, 1 / 3):
         num, den = value.as_integer_ratio()
         c = ev.const(value)
-        assert int(c[0]) * den % P == num % P and int(c[1]) * den % Q == num % Q
+        assert int(c[0]) * den % p == num % p and int(c[1]) * den % q == num % q
     assert not torch.equal(ev.const(1e-6), ev.const(1e-5))
 
 
@@ -77,7 +89,7 @@ def test_matmul_is_exact_mod_p(m, k, n):
     ev = FieldEval(1, seed=k)
     a, b = ev._residues((m, k)), ev._residues((k, n))
     out = ev.matmul(a, b)
-    for c, mod in enumerate((P, Q)):
+    for c, mod in enumerate(ev.mod.tolist()):
         rows, cols = a[c].tolist(), b[c].tolist()
         want = [[sum(r[i] * cols[i][j] for i in range(k)) % mod for j in range(n)] for r in rows]
         assert out[c].tolist() == want
@@ -138,10 +150,11 @@ def test_field_agrees_with_the_interpreter_on_integers(recipe):
     exact = superopt.run(graph, ints, "float64")
     assume(all(float(x.abs().max()) < 2**50 for x in exact))
     ev = FieldEval(1, seed=0)
+    [(p, q)] = ev.primes
     for n in graph.inputs:
-        ev.inputs[n] = torch.stack([ints[n].long() % P, ints[n].long() % Q])
+        ev.inputs[n] = torch.stack([ints[n].long() % p, ints[n].long() % q])
     for x, y in zip(exact, field.evaluate(graph, ev)):
-        assert torch.equal(x.long() % P, y[0]) and torch.equal(x.long() % Q, y[1])
+        assert torch.equal(x.long() % p, y[0]) and torch.equal(x.long() % q, y[1])
 
 
 def block_zoo() -> superopt.KernelGraph:

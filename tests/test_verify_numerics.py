@@ -13,7 +13,7 @@ import superopt
 from superopt.verify import float_gate, smt
 from superopt.verify.check import false_accept_bound, per_test_bound
 from superopt.verify.degree import analyze
-from superopt.verify.field import P, Q
+from superopt.verify.field import P_MIN, PRIME_BITS, Q_MIN, SAFE_PRIMES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -108,12 +108,18 @@ def test_a_varying_denominator_multiplies_degrees_by_the_sum_length():
     assert (out.num, out.den) == (1 + 49, 50)
 
 
+def prime_term(degree: int, constant_bits: int, size_bits: int) -> float:
+    return degree * (max(constant_bits, size_bits) + size_bits) / PRIME_BITS / SAFE_PRIMES
+
+
 def test_bound_of_a_polynomial_pair_is_schwartz_zippel():
-    """(a @ b) @ c against a @ (b @ c): degree 3 each, no denominators: bound 3 / P per test."""
+    """(a @ b) @ c against a @ (b @ c): degree 3 each, no denominators, no constants: 3 / P per test, plus the
+    chance that the drawn prime divides the difference's coefficients: 3 (s + s) bits of them, s = 6 (twice the
+    largest tensor, 20 elements, is 40: 6 bits), over 29 bits a prime, out of SAFE_PRIMES."""
     shapes = {"a": (3, 4), "b": (4, 5), "c": (5, 2)}
     left = analyze(graph("l", shapes, lambda g, a, b, c: g.matmul(g.matmul(a, b), c)))
     right = analyze(graph("r", shapes, lambda g, a, b, c: g.matmul(a, g.matmul(b, c))))
-    assert false_accept_bound(left, right) == pytest.approx(3 / P)
+    assert false_accept_bound(left, right) == pytest.approx(3 / P_MIN + prime_term(3, 6, 6))
     assert left.exp_arg == left.opaque_arg == 0 and not left.nested_exp
 
 
@@ -129,14 +135,18 @@ def test_rms_norm_under_a_sum_counts_its_root_inverted():
     (plain,) = analyze(g).outputs
     (inverted,) = analyze(g, inverse_roots=True).outputs
     assert (plain.num, plain.den) == (100, 100) and (inverted.num, inverted.den) == (3, 1)
-    exponent = 2 * analyze(g).exp_arg / Q
-    assert per_test_bound(g, g) == pytest.approx((3 + 1) / Q + 2 * analyze(g).opaque_arg / P + exponent)
+    exponent = 2 * analyze(g).exp_arg / Q_MIN
+    eps_bits = max(n.bit_length() for n in (1e-6).as_integer_ratio())
+    expected = (
+        (3 + 1) / Q_MIN + 2 * analyze(g).opaque_arg / P_MIN + exponent + prime_term(4, eps_bits, (2 * 150).bit_length())
+    )
+    assert per_test_bound(g, g) == pytest.approx(expected)
 
 
 def test_exp_atoms_are_counted_over_q():
     """exp atoms take the Q values of w's powers: exp(x) against itself is 1 / Q, plus an exponent pair 2 / Q."""
     g = graph("e", {"x": (2, 3)}, lambda g, x: g.exp(x))
-    assert per_test_bound(g, g) == pytest.approx(3 / Q)
+    assert per_test_bound(g, g) == pytest.approx(3 / Q_MIN + prime_term(1, 0, (2 * 6).bit_length()))
 
 
 def test_nested_exp_is_detected():

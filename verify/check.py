@@ -105,14 +105,21 @@ def check_signature(a: KernelGraph, b: KernelGraph) -> None:
 
 
 def false_accept_bound(a: Analysis, b: Analysis) -> float:
-    """One test's false-accept bound (field.py): the degree of N_a D_b - N_b D_a over the size of the smallest
+    """One test's false-accept bound (field.py): the degree D of N_a D_b - N_b D_a over the size of the smallest
     set a variable is drawn from (inputs: P residues, opaque atoms: P - 1, exp atoms: the Q powers of w), plus
-    one collision of opaque arguments over P and of exponents over Q."""
+    one collision of opaque arguments over P and of exponents over Q, plus the chance that the test's prime
+    divides every coefficient of the difference (nonzero over the rationals, once denominators are cleared).
+    Each degree of a coefficient multiplies by a constant or count of at most b bits and sums fewer than 2^s
+    terms (s: `size_bits`), so it has at most D (b + s) bits and at most D (b + s) / 29 of the SAFE_PRIMES
+    candidates divide it. The smallest prime of the range stands for the drawn one."""
     output = max((max(x.num + y.den, y.num + x.den) for x, y in zip(a.outputs, b.outputs)), default=0)
     opaque = 2 * max(a.opaque_arg, b.opaque_arg)
     exponent = 2 * max(a.exp_arg, b.exp_arg)
-    values = field.Q if (a.ops | b.ops) & EXP_FAMILY else field.P - 1
-    return min(1.0, output / values + opaque / field.P + exponent / field.Q)
+    values = field.Q_MIN if (a.ops | b.ops) & EXP_FAMILY else field.P_MIN - 1
+    size = max(a.size_bits, b.size_bits)
+    bits = output * (max(a.constant_bits, b.constant_bits, size) + size)
+    prime = bits / field.PRIME_BITS / field.SAFE_PRIMES
+    return min(1.0, output / values + opaque / field.P_MIN + exponent / field.Q_MIN + prime)
 
 
 def per_test_bound(a: KernelGraph, b: KernelGraph) -> float:
@@ -137,7 +144,8 @@ def _expansion(graph: KernelGraph) -> int:
 
 
 def _field_mismatch(a: KernelGraph, b: KernelGraph, tests: int, seed: int, needs: Analysis) -> tuple[int, int] | None:
-    """The first (output, test) where the graphs' field values differ; raises ZeroDenominator."""
+    """The first (output, test) where the graphs' field values differ; raises ZeroDenominator (a redraw also
+    draws fresh primes: the seed changes)."""
     ev = field.FieldEval(tests, seed, exponents=bool(needs.ops & EXP_FAMILY), nested=needs.nested_exp)
     for k, (x, y) in enumerate(zip(field.evaluate(a, ev), field.evaluate(b, ev))):
         differs = (x[:tests] != y[:tests]).reshape(tests, -1).any(1)

@@ -15,8 +15,10 @@ l: with R, p_l v_l / R_l summed over l = 1..L has a common denominator of degree
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from fractions import Fraction
 
 from superopt.ir import BlockGraph, KernelGraph
 from superopt.ops import TensorType
@@ -49,6 +51,15 @@ class Analysis:
     ops: set[str] = field(default_factory=set)
     nested_exp: bool = False
     inverse_roots: bool = False
+    constant_bits: int = 0  # the largest numerator or denominator of a constant attribute, in bits
+    size_bits: int = 0  # bits of twice the largest tensor's element count: bounds every count and sum length
+
+
+def _bits(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return 0
+    r = Fraction(value)
+    return max(r.numerator.bit_length(), r.denominator.bit_length())
 
 
 @dataclass
@@ -255,6 +266,7 @@ def _varying(ty: TensorType) -> frozenset[int]:
 def _walk(graph: KernelGraph | BlockGraph, env: dict[str, Deg], analysis: Analysis, forloop: int = 1) -> None:
     for op in graph.ops:
         analysis.ops.add(op.op)
+        analysis.constant_bits = max([analysis.constant_bits, *map(_bits, op.attrs.values())])
         ins = [graph.tensors[i] for i in op.inputs]
         if op.block is not None:
             _walk_block(op.block, [env[i] for i in op.inputs], op.outputs, env, analysis)
@@ -279,6 +291,7 @@ def _walk_block(
 
 def analyze(graph: KernelGraph, inverse_roots: bool = False) -> Analysis:
     analysis = Analysis(inverse_roots=inverse_roots)
+    analysis.size_bits = (2 * max(math.prod(t.shape) for t in graph.tensors.values())).bit_length()
     env = {n: Deg(1, 0, _varying(graph.tensors[n])) for n in graph.inputs}
     _walk(graph, env, analysis)
     analysis.outputs = [env[o] for o in graph.outputs]

@@ -9,6 +9,14 @@ expressions. A test draws fresh inputs, a fresh w and fresh keys for every test;
 trailing dim of 2T components (T mod P, then T mod Q). A zero denominator raises ZeroDenominator and the caller
 redraws; nothing is ever mapped to a constant.
 
+The primes. Each test draws its own pair, Q uniformly (by rejection) among the SAFE_PRIMES primes in [2^29, 2^30)
+with 2Q + 1 prime, from the test's seed. A fixed pair would be defeated by one constant: c = P (or any multiple)
+is 0 in Z_P, so `x + c` and `x` would agree in every test. With primes drawn per test, an integer of B bits
+(a constant's numerator, a coefficient of the difference below) is divisible by at most B / 29 of the candidate
+primes, so a fixed constant vanishes in one test with probability at most B / 29 / SAFE_PRIMES, and T tests
+draw T independent primes. Q < 2^30 keeps an exponent three 10-bit digits; P < 2^31 keeps a product of two
+residues inside int64.
+
 Soundness (no false accept). Let A be the free algebra of terms over the inputs: field operations, exp, and one
 uninterpreted function symbol per op outside the field (sqrt, gelu, relu, max, ...), with exactly the laws of
 fields and exp(a + b) = exp(a) exp(b). The real semantics is a model of A (reals satisfy those laws; the opaque
@@ -47,6 +55,7 @@ sum_i x_i exp(m_i - M) cancels as it does over the reals. max(max(a), max(b)) = 
 
 from __future__ import annotations
 
+import random
 from fractions import Fraction
 
 import torch
@@ -55,9 +64,13 @@ from superopt.ir import KernelGraph, Op
 from superopt.ops import TensorType
 from superopt.verify import batched
 
-P = 2147483579  # prime < 2^31: a product of two residues fits in int64
-Q = 1073741789  # prime, P = 2Q + 1
+Q_MIN, Q_END = 2**29, 2**30  # each test's Q is drawn from [Q_MIN, Q_END); P = 2Q + 1
+P_MIN = 2 * Q_MIN + 1  # the smallest P, Q_MIN the smallest Q: what the false-accept bound divides by
+SAFE_PRIMES = 1_634_069  # primes Q in [2^29, 2^30) with 2Q + 1 prime (counted once by a sieve up to 2^31)
+PRIME_BITS = 29  # a prime drawn is at least 2^29: an integer of B bits has at most B / 29 such prime factors
 DIGIT = 10  # exponents (< 2^30) are read as three 10-bit digits, each indexing a table of powers of w
+MIX = 2147483579  # the prime modulus of the opaque functions' mixing rounds (any prime < 2^31 serves)
+_SMALL_PRIMES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)
 
 # Ops encoded exactly: the field image of every real identity they satisfy holds. Any other op (and exp nested
 # inside an exponent, see degree.py) makes a mismatch inconclusive.
@@ -69,7 +82,37 @@ OPAQUE = ("sqrt", "gelu", "relu", "max", "max.elem", "exp.q")  # keyed pseudo-ra
 
 
 class ZeroDenominator(Exception):
-    """A denominator evaluated to zero in some test; the caller redraws."""
+    """A denominator evaluated to zero in some test (or a constant's denominator is a multiple of a drawn prime);
+    the caller redraws."""
+
+
+def is_prime(n: int) -> bool:
+    """Miller-Rabin with bases 2, 3, 5, 7: exact for n < 3,215,031,751, which covers every P (< 2^31)."""
+    if n < 2 or any(n % p == 0 for p in (2, *_SMALL_PRIMES)):
+        return n in (2, *_SMALL_PRIMES)
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for a in (2, 3, 5, 7):
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def safe_prime(rng: random.Random) -> tuple[int, int]:
+    """(P, Q) with Q uniform among the primes in [Q_MIN, Q_END) whose P = 2Q + 1 is prime (rejection sampling:
+    about 330 draws, most refused by a small prime, under a millisecond)."""
+    while True:
+        q = rng.randrange(Q_MIN, Q_END) | 1
+        if is_prime(q) and is_prime(2 * q + 1):
+            return 2 * q + 1, q
 
 
 class FieldEval:
@@ -86,20 +129,24 @@ class FieldEval:
         self.tests = tests
         self.nested = nested
         self.gen = torch.Generator().manual_seed(seed)
-        self.mod = torch.tensor([P] * tests + [Q] * tests * exponents)
+        rng = random.Random(seed)
+        self.primes = [safe_prime(rng) for _ in range(tests)]  # (P_t, Q_t) of test t
+        self.p = torch.tensor([p for p, _ in self.primes])
+        self.mod = torch.tensor([p for p, _ in self.primes] + [q for _, q in self.primes] * exponents)
         self.inputs: dict[str, torch.Tensor] = {}
         self._consts: dict[Fraction, torch.Tensor] = {}
         self.keys = {name: self._residues((3,)) for name in OPAQUE}
-        # w_t = g^2 for g in [2, P - 2] has order Q: the squares form the subgroup of order Q, and g^2 != 1.
-        w = torch.randint(2, P - 1, (tests,), generator=self.gen) ** 2 % P
-        self.w = w
-        self.tables = [_powers(torch.tensor([pow(int(x), 1 << (DIGIT * k), P) for x in w])) for k in range(3)]
+        # w_t = g^2 for g in [2, P_t - 2] has order Q_t: the squares form the subgroup of order Q_t, and g^2 != 1.
+        self.w = torch.tensor([pow(rng.randrange(2, p - 1), 2, p) for p, _ in self.primes])
+        self.tables = [
+            _powers(torch.tensor([pow(int(w), 1 << (DIGIT * k), p) for w, (p, _) in zip(self.w, self.primes)]), self.p)
+            for k in range(3)
+        ]
 
     def _residues(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Uniform residues in each component's field (62 random bits reduced: a bias below 2^-31)."""
         x = torch.empty((len(self.mod),) + tuple(shape), dtype=torch.int64)
-        x[: self.tests].random_(0, P, generator=self.gen)
-        x[self.tests :].random_(0, Q, generator=self.gen)
-        return x
+        return x.random_(0, 2**62, generator=self.gen).remainder_(self.m(x))
 
     def m(self, x: torch.Tensor) -> torch.Tensor:
         """The moduli of x's components, shaped to broadcast against x."""
@@ -125,6 +172,8 @@ class FieldEval:
         """The exact rational `value` as a residue in each component, shape (2T,)."""
         r = Fraction(value)
         if r not in self._consts:
+            if any(r.denominator % m == 0 for m in self.mod.tolist()):
+                raise ZeroDenominator
             self._consts[r] = torch.tensor([r.numerator % m * pow(r.denominator, -1, m) % m for m in self.mod.tolist()])
         return self._consts[r]
 
@@ -191,12 +240,12 @@ class FieldEval:
     # --- opaque functions and exp --------------------------------------------------------------------------
 
     def opaque(self, x: torch.Tensor, name: str) -> torch.Tensor:
-        """A keyed pseudo-random function of each residue, into [1, m): xor with a key, multiply mod P, fold
+        """A keyed pseudo-random function of each residue, into [1, m): xor with a key, multiply mod MIX, fold
         the high bits down; three rounds. Every intermediate stays below 2^62."""
         keys = self.keys[name][: x.shape[0]].T.reshape((3,) + self.m(x).shape)
         z = x
         for r, mult in enumerate((0x5BD1E995, 0x27D4EB2F, 0x165667B1)):
-            z = (z ^ keys[r]) * mult % P
+            z = (z ^ keys[r]) * mult % MIX
             z = z ^ (z >> 13)
         return 1 + z % (self.m(x) - 1)
 
@@ -213,7 +262,7 @@ class FieldEval:
         p_part = None
         for k, table in enumerate(self.tables):
             power = table.gather(1, (e >> (DIGIT * k)) & ((1 << DIGIT) - 1))
-            p_part = power if p_part is None else p_part.mul_(power).remainder_(P)
+            p_part = power if p_part is None else p_part.mul_(power).remainder_(self.p[:, None])
         p_part = p_part.reshape(x[t:].shape)
         return torch.cat([p_part, self.opaque(x, "exp.q")[t:]]) if self.nested else p_part
 
@@ -267,13 +316,13 @@ def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out.permute([order.index(d) for d in [*batch, m, n]])
 
 
-def _powers(base: torch.Tensor) -> torch.Tensor:
-    """base[t]^i mod P for i < 2^DIGIT, shape (T, 2^DIGIT), by doubling."""
+def _powers(base: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """base[t]^i mod p[t] for i < 2^DIGIT, shape (T, 2^DIGIT), by doubling."""
     table = torch.ones(base.shape[0], 1, dtype=torch.int64)
     step = base.clone()
     while table.shape[1] < 1 << DIGIT:
-        table = torch.cat([table, table * step[:, None] % P], 1)
-        step = step * step % P
+        table = torch.cat([table, table * step[:, None] % p[:, None]], 1)
+        step = step * step % p
     return table
 
 
