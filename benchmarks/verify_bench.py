@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 import superopt
-from superopt.verify import VerifyResult, verify
+from superopt.verification import VerifyResult, verify
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"

@@ -11,7 +11,6 @@ import click
 from superopt.cache import Cache
 from superopt.cli.errors import OutputFile, reports_errors
 from superopt.pipeline import trusted_winner
-from superopt.serialize import from_json
 
 FILE = click.Path(dir_okay=False, path_type=Path)
 
@@ -36,20 +35,20 @@ def ls_command(cache: Cache) -> None:
     "imported" or "unsigned"), when it was written; then the entries moved into quarantine, each with why."""
     head = ["key", "program", "device", "budget s", "kernels", "predicted us", "measured us", "origin", "written", ""]
     rows = [head]
-    for path, entry in cache.entries():
-        best = entry["best"]
-        measured = best.get("measured_us")
+    for stored in cache.entries():
+        r = stored.result
+        measured = r.best_trial.measured_us if r.best_trial else None
         rows.append(
             [
-                entry["key"][:16],
-                entry["name"],
-                entry["device"],
-                f"{entry['settings']['budget_s']:g}",
-                str(best["kernels"]),
-                f"{best['predicted_us']:.1f}",
-                f"{measured:.1f}" if isinstance(measured, (int, float)) else "-",
-                cache.origin(entry),
-                _written(path),
+                r.key[:16],
+                r.name,
+                r.device,
+                f"{r.settings['budget_s']:g}",
+                str(r.best.kernels),
+                f"{r.best.predicted_us:.1f}",
+                f"{measured:.1f}" if measured is not None else "-",
+                cache.origin(stored.doc),
+                _written(stored.path),
                 "",
             ]
         )
@@ -75,20 +74,17 @@ def _written(path: Path) -> str:
 @reports_errors
 def show_command(cache: Cache, key: str, as_json: bool) -> None:
     """The entry whose key starts with KEY: program, settings, versions, verification and the winning µGraph."""
-    entry = cache.find(key)
+    r = cache.find(key)
     if as_json:
-        click.echo(json.dumps(entry, indent=1))
+        click.echo(json.dumps(r.to_json(), indent=1))
         return
-    best = entry["best"]
-    click.echo(f"key {entry['key']}\nprogram {entry['name']} (hash {entry['program_hash'][:16]})")
-    click.echo(f"settings {json.dumps(entry['settings'])}\nversions {json.dumps(entry['versions'])}")
-    click.echo(f"written {entry['created']} on {entry['gpu'] or 'a machine without a GPU'}")
-    click.echo(
-        f"winner {best['hash'][:16]} ({best['source']}): {best['kernels']} kernels, "
-        f"{best['predicted_us']:.1f} us predicted"
-    )
-    click.echo(f"verification {json.dumps(best['verify'])}")
-    click.echo(str(from_json(best["graph"], f"cache entry {entry['key'][:16]}")))
+    best = r.best
+    click.echo(f"key {r.key}\nprogram {r.name} (hash {r.program_hash[:16]})")
+    click.echo(f"settings {json.dumps(r.settings)}\nversions {json.dumps(r.versions)}")
+    click.echo(f"written {r.created} on {r.gpu or 'a machine without a GPU'}")
+    click.echo(f"winner {best.hash[:16]} ({best.source}): {best.kernels} kernels, {best.predicted_us:.1f} us predicted")
+    click.echo(f"verification {json.dumps(best.verify.to_json())}")
+    click.echo(str(best.graph))
 
 
 @cache_command.command("export")

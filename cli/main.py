@@ -12,13 +12,13 @@ import torch
 from superopt.cli.cache_cmd import cache_command
 from superopt.cli.errors import Checked, Group, OutputFile, reports_errors
 from superopt.cli.megakernel_cmd import megakernel_command
-from superopt.cli.search_cmd import search_command
+from superopt.cli.search_cmd import search_command, settings_for
 from superopt.cli.verify_cmd import verify_command
+from superopt.dot import to_dot
 from superopt.errors import SuperoptError
 from superopt.interpret import random_inputs, run
 from superopt.serialize import graph_hash, write_atomic
 from superopt.spec import check_positive_finite, check_seed, load
-from superopt.text import to_dot
 
 
 @click.group(cls=Group)
@@ -90,6 +90,7 @@ def show_command(file: Path, dot_out: Path | None) -> None:
 def validate_command(file: Path) -> None:
     """Check FILE (YAML spec or JSON graph) and print a one-line summary."""
     graph = load(file)
+    settings_for(file, graph, {})  # the `search:` section too
     kernels = len(graph.ops)
     click.echo(
         f"{file}: ok: {graph.name}, {len(graph.inputs)} inputs, {kernels} kernel ops, "

@@ -18,68 +18,76 @@ import click
 from superopt.cache import Cache
 from superopt.cli.errors import Checked, Folder, OutputFile, reports_errors
 from superopt.errors import SuperoptError
+from superopt.ir import KernelGraph
 from superopt.kernels.device import DEVICES
-from superopt.pipeline import Outcome, Settings, optimize_program
+from superopt.pipeline import SETTING_CHECKS, Outcome, Settings, optimize_program
+from superopt.result import Result
 from superopt.serialize import write_atomic
-from superopt.spec import SEARCH_CHECKS, load
+from superopt.spec import load
 
 EXIT_MISS = 1
 
 
-def _num(x: Any, fmt: str) -> str:
-    return format(x, fmt) if isinstance(x, (int, float)) else "-"
+def _num(x: float | None, fmt: str) -> str:
+    return format(x, fmt) if x is not None else "-"
 
 
-def table(result: dict[str, Any]) -> str:
+def table(result: Result) -> str:
     """The result's candidates, best-ranked first; `*` marks the winner."""
     head = ["", "candidate", "kernels", "predicted us", "measured us", "vs eager", "vs compile", "of floor", "status"]
     rows = [head]
-    for c in result["candidates"]:
+    for c in result.candidates:
+        speedups = [c.speedups.get(name) for name in ("eager", "torch.compile")]
         rows.append(
             [
-                "*" if c["hash"] == result["best"]["hash"] else "",
-                c["hash"][:12] + (" (program)" if c["source"] == "program" else ""),
-                str(c["kernels"]),
-                _num(c["predicted_us"], ".1f"),
-                _num(c.get("measured_us"), ".1f"),
-                _num(c.get("speedup_vs_eager"), ".2f") + "x" * ("speedup_vs_eager" in c),
-                _num(c.get("speedup_vs_torch.compile"), ".2f") + "x" * ("speedup_vs_torch.compile" in c),
-                _num(c.get("fraction_of_floor"), ".2f"),
-                c.get("status", "-"),
+                "*" if c.hash == result.best.hash else "",
+                c.hash[:12] + (" (program)" if c.source == "program" else ""),
+                str(c.kernels),
+                _num(c.predicted_us, ".1f"),
+                _num(c.trial.measured_us if c.trial else None, ".1f"),
+                *(_num(x, ".2f") + "x" * (x is not None) for x in speedups),
+                _num(c.fraction_of_floor, ".2f"),
+                c.trial.status if c.trial else "-",
             ]
         )
     widths = [max(len(r[k]) for r in rows) for k in range(len(head))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def summary(result: dict[str, Any]) -> list[str]:
+def summary(result: Result) -> list[str]:
     """What the table cannot say: the baselines, or why nothing was timed, and how the winner was checked."""
     lines = []
-    base = result["baselines"]
-    if result["measured"]:
+    if result.measured:
         times = ", ".join(
-            f"{k} {v['median_us']:.1f} us" if v["status"] == "ok" else f"{k} failed" for k, v in base.items()
+            f"{k} {v.median_us:.1f} us" if v.median_us is not None else f"{k} failed"
+            for k, v in result.baselines.items()
         )
-        lines.append(f"on {result['gpu']}: {times}; floor {result['floor_us']:.3g} us")
+        lines.append(f"on {result.gpu}: {times}; floor {result.floor_us:.3g} us")
     else:
         lines.append(
-            f"timing needs a GPU: ranked by the cost model for {result['device']} (floor {result['floor_us']:.3g} us)"
+            f"timing needs a GPU: ranked by the cost model for {result.device} (floor {result.floor_us:.3g} us)"
         )
-        best = result["best"]
-        if best.get("status") == "ok":
-            where = f" ({best['checked_on']})" if best.get("checked_on") else ""
+        trial = result.best_trial
+        if trial is not None and trial.status == "ok":
+            where = f" ({trial.checked_on})" if trial.checked_on else ""
             lines.append(
-                f"the winner's Triton code ran under the interpreter{where}: error {best['error_vs_tolerance']:.3g} "
+                f"the winner's Triton code ran under the interpreter{where}: error {trial.error_vs_tolerance:.3g} "
                 "of the dtype's tolerance against the reference interpreter"
             )
-        elif best.get("message"):
-            lines.append(f"the winner was not run under the interpreter: {best['message']}")
-    verify = result["best"]["verify"]
-    if isinstance(verify, dict) and verify.get("method"):
-        lines.append(
-            f"winner verified: {verify['method']}" + (f", bound {verify['bound']:.3g}" if "bound" in verify else "")
-        )
+        elif trial is not None and trial.message:
+            lines.append(f"the winner was not run under the interpreter: {trial.message}")
+    verify = result.best.verify
+    bound = f", bound {verify.bound:.3g}" if verify.method == "tested" else ""
+    lines.append(f"winner verified: {verify.method}{bound}")
     return lines
+
+
+def settings_for(spec: Path, graph: KernelGraph, overrides: dict[str, Any]) -> Settings:
+    """The spec's search settings under the options given; a SuperoptError naming the spec."""
+    try:
+        return Settings.for_graph(graph, **overrides)
+    except SuperoptError as e:
+        raise SuperoptError(f"{spec}: {e}") from None
 
 
 @click.command("search")
@@ -87,20 +95,20 @@ def summary(result: dict[str, Any]) -> list[str]:
 @click.option(
     "--budget",
     "budget_s",
-    type=Checked("budget", float, SEARCH_CHECKS["budget_s"]),
+    type=Checked("budget", float, SETTING_CHECKS["budget_s"]),
     help="Search time per program in seconds (default: the spec's, else 120).",
 )
 @click.option(
     "--device",
-    type=Checked("device", str, SEARCH_CHECKS["device"]),
+    type=Checked("device", str, SETTING_CHECKS["device"]),
     help=f"Device class to rank for ({', '.join(DEVICES)}; default: the GPU present, else h100).",
 )
 @click.option(
-    "--preset", type=Checked("preset", str, SEARCH_CHECKS["preset"]), help="Search preset (default: the spec's)."
+    "--preset", type=Checked("preset", str, SETTING_CHECKS["preset"]), help="Search preset (default: the spec's)."
 )
 @click.option(
     "--seed",
-    type=Checked("seed", int, SEARCH_CHECKS["seed"]),
+    type=Checked("seed", int, SETTING_CHECKS["seed"]),
     help="Seed of the search and of the test inputs (default: the spec's, else 0).",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result JSON (a list for several specs), not tables.")
@@ -134,21 +142,22 @@ def search_command(
 ) -> None:
     """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first."""
     graphs = [load(spec) for spec in specs]  # every file is read before any search: bad input fails fast
+    overrides = {"preset": preset, "budget_s": budget_s, "seed": seed, "device": device}
+    settings = [settings_for(spec, graph, overrides) for spec, graph in zip(specs, graphs)]
     cache = Cache(cache_dir)
     mode = "require-hit" if require_hit else "offline" if offline else "search"
     outcomes: list[Outcome] = []
-    for spec, graph in zip(specs, graphs):
-        settings = Settings.for_graph(graph, preset=preset, budget_s=budget_s, seed=seed, device=device)
+    for spec, graph, setting in zip(specs, graphs, settings):
         say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
         say(f"== {graph.name} ({spec})")
-        outcome = optimize_program(graph, settings, cache, mode, progress or "auto", say=say)
+        outcome = optimize_program(graph, setting, cache, mode, progress or "auto", say=say)
         outcomes.append(outcome)
         say(outcome.note)
         if outcome.result is not None and not as_json:
             click.echo(table(outcome.result))
             for line in summary(outcome.result):
                 click.echo(line)
-    docs = [o.result | {"cache": {"status": o.status, "key": o.key}} for o in outcomes if o.result is not None]
+    docs = [o.result.to_json() | {"cache": {"status": o.status, "key": o.key}} for o in outcomes if o.result]
     text = json.dumps(docs[0] if len(specs) == 1 and docs else docs, indent=1) + "\n"
     if as_json:
         click.echo(text, nl=False)

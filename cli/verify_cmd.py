@@ -13,7 +13,7 @@ import click
 
 from superopt.cli.errors import Checked, reports_errors
 from superopt.spec import check_seed, load
-from superopt.verify import float_gate, verify
+from superopt.verification import float_gate, verify
 
 EXIT_EQUIVALENT, EXIT_DIFFERENT, EXIT_UNDECIDED = 0, 1, 3
 MAX_TESTS = 10**6  # each test holds the programs' tensors over a finite field: more only grows memory

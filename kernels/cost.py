@@ -25,9 +25,7 @@ from dataclasses import dataclass
 from superopt.ir import BlockGraph, KernelGraph
 from superopt.kernels.device import DeviceSpec
 from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
-from superopt.ops import ACCUMULATORS, OPS, TensorType
-
-DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+from superopt.ops import ACCUMULATORS, DTYPES, OPS, TensorType
 
 # Achievable fractions of the datasheet peaks: on the lent H100, copies reach 3.0 of 3.35 TB/s and a bf16
 # matmul about 800 of 989 TFLOP/s (shared/ANCHORS.md); on the H200 copies reach 4.19 of 4.8 TB/s, and the
@@ -177,7 +175,7 @@ def _work(block: BlockGraph) -> tuple[float, float, int, int]:
                     continue
                 staged.add(name)
                 stages = NUM_STAGES if name in loaded and name in varying else 1
-                smem += stages * _numel(ty.shape, True) * DTYPE_BYTES[ty.dtype]
+                smem += stages * _numel(ty.shape, True) * DTYPES[ty.dtype].bytes
         if op.op in ACCUMULATORS:
             elementwise = op.op in LAST_DIM_SUMS and sums_after_loop(ins[0].shape, block.block_size)
             kept = ins[0].shape if elementwise else out.shape
@@ -191,7 +189,7 @@ def _burst_waste(tile: tuple[int, ...], source: TensorType) -> float:
     of it (measured on the H100: 32-byte rows run at about half the bandwidth of 128-byte rows)."""
     if tile[-1] == source.shape[-1]:
         return 1.0  # whole rows: consecutive rows are contiguous
-    row = tile[-1] * DTYPE_BYTES[source.dtype]
+    row = tile[-1] * DTYPES[source.dtype].bytes
     return math.sqrt(DRAM_SEGMENT / row) if row < DRAM_SEGMENT else 1.0
 
 
@@ -201,11 +199,11 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     dram = 0.0
     replication = {bi.name: math.prod(g for g, dim in zip(block.grid, bi.imap) if dim is None) for bi in block.inputs}
     for bi in block.inputs:
-        size = math.prod(bi.source.shape) * DTYPE_BYTES[bi.source.dtype]
+        size = bi.source.nbytes
         copies = replication[bi.name]
         size = size if copies == 1 or size <= L2_SHARE * device.l2_bytes else size * copies
         dram += size * _burst_waste(block.tensors[bi.name].shape, bi.source)
-    dram += sum(math.prod(block.output_type(o).shape) * DTYPE_BYTES[block.tensors[o.name].dtype] for o in block.outputs)
+    dram += sum(block.output_type(o).nbytes for o in block.outputs)
     tensor, cuda, smem, live = _work(block)
     matmuls = sum(op.op == "matmul" for op in block.ops if not block.after_loop[op.outputs[0]])
     tensor, cuda = tensor * blocks, cuda * blocks
@@ -222,10 +220,10 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     rounds = math.ceil(per_sm / max(1, resident))  # of resident blocks, one after another
     share = per_sm / blocks  # of the kernel's work
     active = min(blocks, device.sm_count)
-    bandwidth = device.dram_bytes_per_s * DRAM_EFFICIENCY
+    bandwidth = dram_bandwidth(device)
     sm_bandwidth = min(bandwidth / active, SM_BANDWIDTH_SHARE * bandwidth / device.sm_count)
     tile_bytes = {
-        bi.name: math.prod(block.tensors[bi.name].shape) * DTYPE_BYTES[bi.source.dtype] for bi in block.inputs
+        bi.name: math.prod(block.tensors[bi.name].shape) * DTYPES[bi.source.dtype].bytes for bi in block.inputs
     }
     loop_bytes = sum(tile_bytes[bi.name] for bi in block.inputs if bi.fmap is not None)
     if unrolled(block):  # every iteration's loads issued at once, one memory latency for the whole loop
@@ -297,11 +295,16 @@ def program_flops(graph: KernelGraph) -> tuple[float, float]:
     return tensor, cuda
 
 
+def dram_bandwidth(device: DeviceSpec) -> float:
+    """Bytes a second a kernel can move through the device's memory (its peak times DRAM_EFFICIENCY)."""
+    return device.dram_bytes_per_s * DRAM_EFFICIENCY
+
+
 def floor(graph: KernelGraph, device: DeviceSpec) -> Floor:
     """The floor of `graph`'s program at the device's peak rates (use a spec with measured rates to compare
     with measured times)."""
     names = list(dict.fromkeys(graph.inputs + graph.outputs))
-    dram = sum(math.prod(graph.tensors[n].shape) * DTYPE_BYTES[graph.tensors[n].dtype] for n in names)
+    dram = sum(graph.tensors[n].nbytes for n in names)
     tensor, cuda = program_flops(graph)
     dtype = graph.tensors[graph.inputs[0]].dtype
     compute = max(tensor / device.tensor_flops[dtype], cuda / device.cuda_core_flops["float32"])

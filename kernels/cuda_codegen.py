@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
-from superopt.ops import OPS
+from superopt.ops import DTYPES, OPS
 
 # The CUDA emitter's rule table: an elementwise op -> a C++ float expression of its operands {0}, {1} and {c}.
 CUDA_EXPR: dict[str, str] = {
@@ -33,7 +33,6 @@ CUDA_EXPR: dict[str, str] = {
     "mul_scalar": "{0} * {c}",
     "add_scalar": "{0} + {c}",
 }
-ROUND = {"bfloat16": "rbf", "float32": ""}
 
 
 def emit_elementwise(graph: KernelGraph, name: str) -> str:
@@ -47,12 +46,12 @@ def emit_elementwise(graph: KernelGraph, name: str) -> str:
         if op.op not in CUDA_EXPR or not OPS[op.op].elementwise:
             raise SuperoptError(f"{graph.name}: op '{op.op}' is not elementwise; the CUDA emitter cannot inline it")
         dtype = graph.tensors[op.outputs[0]].dtype
-        if dtype not in ROUND:
+        if DTYPES[dtype].cuda_round is None:
             raise SuperoptError(f"{graph.name}: dtype {dtype} is not supported by the CUDA emitter (bfloat16, float32)")
         c = f"{float(op.attrs['c'])!r}f" if "c" in op.attrs else ""
         expr = CUDA_EXPR[op.op].format(*(args[i] for i in op.inputs), c=c)
         args[op.outputs[0]] = f"t{k}"
-        lines.append(f"  const float t{k} = {ROUND[dtype]}({expr});")
+        lines.append(f"  const float t{k} = {DTYPES[dtype].cuda_round}({expr});")
     params = ", ".join(f"float {args[n]}" for n in graph.inputs)
     body = "\n".join(lines)
     return f"__device__ __forceinline__ float {name}({params}) {{\n{body}\n  return {args[graph.outputs[0]]};\n}}\n"

@@ -12,8 +12,10 @@ products over a padded dim mask the padding unless it is known to hold zeros. A 
 (`Pieces`): ops distribute over them, a dot over a concatenated K is a sum of dots, a store writes each part.
 Single-consumer elementwise chains (superopt.ir.thread_graphs) are emitted as one expression.
 
-Running on CPU tensors needs the Triton interpreter, which Triton reads when it is first imported: importing
-this module sets TRITON_INTERPRET=1 on a machine without a GPU if triton is not imported yet.
+CPU tensors run under the Triton interpreter on a machine without a GPU (or wherever TRITON_INTERPRET=1 asks for
+it). Triton fixes the mode for the whole process when it is first imported (its own modules decorate kernels as
+they load), so the first run on CPU tensors switches the interpreter on (`use_interpreter`), and says so if
+triton was already imported for the GPU.
 """
 
 from __future__ import annotations
@@ -35,26 +37,16 @@ import torch
 
 from superopt.cache import Cache
 from superopt.errors import SuperoptError
-from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, identifier, thread_graphs
+from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op, format_block, identifier, thread_graphs
 from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
-from superopt.ops import ACCUMULATORS
-
-
-def _use_interpreter_without_gpu() -> None:
-    if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
-        os.environ["TRITON_INTERPRET"] = "1"
-
-
-_use_interpreter_without_gpu()
+from superopt.ops import ACCUMULATORS, DTYPES
 
 
 class CodegenError(SuperoptError):
     """A µGraph this code generator cannot express in Triton; the message names the op."""
 
 
-TL_DTYPES = {"float16": "tl.float16", "bfloat16": "tl.bfloat16", "float32": "tl.float32"}
 RESERVED_NAMES = frozenset(dir(builtins)) | {"tl", "triton", "torch"}  # names generated code relies on
-TRITON_TYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 
 # --- values: what an IR tile is in the generated code --------------------------------------------------------
 
@@ -324,7 +316,7 @@ def _dot_operand(em: Emitter, x: Tile, k_dim: int, dtype: str, batch: tuple[int,
     if em.native.get(expr, (None, None))[1] == dtype:
         expr = em.native[expr][0]
     elif dtype != "float32":
-        expr = f"{_atom(expr)}.to({TL_DTYPES[dtype]})"
+        expr = f"{_atom(expr)}.to({DTYPES[dtype].triton})"
     if batch and (len(x.shape) == 2 or x.shape[0] != batch[0]):
         full = ", ".join(str(padded(s)) for s in batch + x.shape[-2:])
         expr = f"tl.broadcast_to({_lift(expr, len(x.shape), 3)}, ({full}))"
@@ -558,7 +550,7 @@ def _store(em: Emitter, value: Value, ptr: str, strides: list[str], offsets: lis
         terms.append(f"({offsets[d]} + {index}) * {strides[d]}" if offsets[d] != "0" else f"{index} * {strides[d]}")
     mask = em.tile_mask(value.shape)
     masking = f", mask={mask}" if mask else ""
-    em.post.append(f"tl.store({ptr} + {' + '.join(terms)}, {_atom(value.expr)}.to({TL_DTYPES[dtype]}){masking})")
+    em.post.append(f"tl.store({ptr} + {' + '.join(terms)}, {_atom(value.expr)}.to({DTYPES[dtype].triton}){masking})")
 
 
 def _num_warps(block_size: int) -> int:
@@ -568,7 +560,6 @@ def _num_warps(block_size: int) -> int:
 
 def block_kernel(block: BlockGraph, name: str) -> KernelSource:
     """The Triton module of one block graph; `name` (an identifier) names the kernel."""
-    from superopt.text import format_block
 
     em = Emitter(block, reserved=set(block.tensors))
     for bi in block.inputs:
@@ -612,7 +603,7 @@ def block_kernel(block: BlockGraph, name: str) -> KernelSource:
     constexprs = {em.fresh(f"BLOCK_{size}"): padded(size) for size in sorted(em.aranges)}
     block_names = dict(zip(sorted(em.aranges), constexprs))
     pointer_types = [bi.source.dtype for bi in block.inputs] + [block.tensors[bo.name].dtype for bo in block.outputs]
-    signature = {p: "*" + TRITON_TYPES[t] for (p, _), t in zip([*em.params.values(), *outs], pointer_types)}
+    signature = {p: "*" + DTYPES[t].triton_signature for (p, _), t in zip([*em.params.values(), *outs], pointer_types)}
     signature |= {s: "i32" for _, strides in [*em.params.values(), *outs] for s in strides}
     constants = {forloop: block.forloop_range} | constexprs
     signature |= {c: "constexpr" for c in constants}
@@ -670,7 +661,6 @@ def block_kernel(block: BlockGraph, name: str) -> KernelSource:
 
 def block_key(block: BlockGraph) -> str:
     """A hash of everything that shapes a block graph's kernel: grid, loop, block size, maps, types and ops."""
-    from superopt.text import format_block
 
     text = "\n".join(
         [repr((block.grid, block.forloop_range, block.block_size))]
@@ -714,12 +704,12 @@ class GeneratedKernel:
     def compile_for(self, arch: int = 90) -> Any:
         """Triton's ahead-of-time compile for CUDA sm_<arch>, no GPU needed (not under the interpreter): proves
         the kernel compiles; the result's `asm` holds its PTX and `metadata.shared` its shared-memory bytes."""
-        import triton
+        import triton  # an optional dependency (the dev and gpu extras), as in the generated modules
         from triton.backends.compiler import GPUTarget
         from triton.compiler import ASTSource
 
         if interpreting():
-            raise SuperoptError("compile_for needs TRITON_INTERPRET unset or 0 when triton is first imported")
+            raise SuperoptError("compile_for compiles for the GPU: it needs TRITON_INTERPRET unset or 0")
         kernel = getattr(self.module(), self.code.name)
         source = ASTSource(kernel, self.code.signature, self.code.constexprs)
         return triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": self.code.num_warps})
@@ -738,15 +728,29 @@ def generate(graph: KernelGraph, folder: Path | None = None) -> list[GeneratedKe
 
 
 def interpreting() -> bool:
+    """Whether this process runs Triton kernels under the interpreter (TRITON_INTERPRET=1)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def use_interpreter() -> None:
+    """Switches the Triton interpreter on for this process, as CPU tensors need; a SuperoptError if triton was
+    already imported without it (Triton cannot change modes then)."""
+    if interpreting():
+        return
+    if "triton" in sys.modules:
+        raise SuperoptError(
+            "CPU tensors need the Triton interpreter, and triton was already imported for the GPU: "
+            "set TRITON_INTERPRET=1 before importing triton"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 class CompiledGraph:
     """A kernel graph as Triton kernels: call it with torch tensors (by position, or by input name), one kernel
     launch per kernel op; it returns the tuple of output tensors (one output included), as `superopt.run` does.
 
-    CUDA tensors run on the GPU. CPU tensors run under the Triton interpreter where it is on, else (on a
-    machine with a GPU) on the GPU, the outputs copied back."""
+    CUDA tensors run on the GPU. CPU tensors run under the Triton interpreter where there is no GPU (or
+    TRITON_INTERPRET=1 asks for it), else on the GPU, the outputs copied back."""
 
     def __init__(self, graph: KernelGraph, module_dir: Path | None = None) -> None:
         self.graph = graph
@@ -783,12 +787,10 @@ class CompiledGraph:
         inputs = self._bind(args, kwargs)
         device = inputs[0].device if inputs else torch.device("cpu")
         if device.type == "cpu" and not interpreting():
-            if not torch.cuda.is_available():
-                raise SuperoptError(
-                    "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before triton is imported "
-                    "(importing superopt.kernels first does it on a machine without a GPU)"
-                )
-            inputs = [x.cuda() for x in inputs]
+            if torch.cuda.is_available():
+                inputs = [x.cuda() for x in inputs]
+            else:
+                use_interpreter()
         env = dict(zip(self.graph.inputs, inputs))
         for kernel in self.kernels:
             env.update(zip(kernel.op.outputs, kernel.launch(*(env[i] for i in kernel.op.inputs))))

@@ -4,7 +4,7 @@
    choices spread over a process pool (merged in order, so a pool finds what one process finds).
 2. Size them for the device (instantiate.py): best sizes under its limits by the cost model, plans taken in
    order of a lower bound on their cost, so sizing stops once no remaining plan can enter the top ranks.
-3. Verify the fastest: the finite-field check (superopt.verify) of the plan's small instance against the
+3. Verify the fastest: the finite-field check (superopt.verification) of the plan's small instance against the
    program at the same dims, until KEEP candidates are accepted.
 4. Rank by kernels.cost.predict. The input program is always a candidate (so there is always an answer).
 
@@ -27,35 +27,17 @@ from typing import Any
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.cost import predict
-from superopt.kernels.device import get_device
+from superopt.kernels.device import DeviceSpec, get_device
+from superopt.result import IDENTITY, Candidate, Verification
 from superopt.search_space.enumerator import BudgetExhausted, Counts, Plan, Problem, Searcher, make_problem
 from superopt.search_space.instantiate import Sizer, concrete, resize, small_env
 from superopt.search_space.presets import Preset, get_preset
-from superopt.serialize import graph_hash, to_json
+from superopt.serialize import graph_hash
+from superopt.verification import verify
 
 KEEP = 16  # verified candidates reported, besides the input program
 SIZED = 2 * KEEP  # sizing goes on until this many plans beat every remaining lower bound
 ENUMERATE_SHARE, SIZE_SHARE = 0.75, 0.9  # of the wall budget
-
-
-@dataclass
-class Candidate:
-    """A verified µGraph: its graph, hash, kernel launches, predicted time, and verification record."""
-
-    graph: KernelGraph
-    hash: str
-    kernels: int
-    predicted_us: float
-    verify: dict[str, Any]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "hash": self.hash,
-            "kernels": self.kernels,
-            "predicted_us": round(self.predicted_us, 4),
-            "verify": self.verify,
-            "mugraph": to_json(self.graph),
-        }
 
 
 @dataclass
@@ -233,22 +215,22 @@ def _size(plans: list[Plan], sizer: Sizer, deadline: float, stats: SearchStats, 
     return [(us, plan, env) for us, _, plan, env in sized]
 
 
-def _verify(problem: Problem, plan: Plan, seed: int) -> dict[str, Any]:
-    """The finite-field check of the plan's small instance against the program at the same dims."""
-    from superopt.verify import verify  # z3 and the field evaluator load only when a search verifies
-
+def _verify(problem: Problem, plan: Plan, seed: int) -> Verification | None:
+    """The finite-field check of the plan's small instance against the program at the same dims: its record,
+    or None where it is not equivalent."""
     env = small_env(problem, plan)
     small = resize(problem, env)
     result = verify(small, concrete(problem, plan, env), seed=seed)
+    if result.equivalent is not True:
+        return None
     inputs = ", ".join(f"{n}{list(small.tensors[n].shape)}" for n in small.inputs)
-    return {
-        "equivalent": result.equivalent,
-        "method": result.method,
-        "tests": result.tests,
-        "bound": result.bound,
-        "seed": result.seed,
-        "checked": f"the same µGraph structure at small sizes (inputs {inputs}; grid axes and loops 2)",
-    }
+    checked = f"the same µGraph structure at small sizes (inputs {inputs}; grid axes and loops 2)"
+    return Verification(result.method, result.tests, result.bound, result.seed, checked)
+
+
+def program_candidate(graph: KernelGraph, device: DeviceSpec) -> Candidate:
+    """The input program itself as a candidate: verified by identity, ranked by the cost model like the rest."""
+    return Candidate.of(graph, predict(graph, device).us, IDENTITY, "program")
 
 
 def search(
@@ -279,8 +261,7 @@ def search(
         sized = _size(plans, Sizer(problem, spec), start + SIZE_SHARE * budget_s, stats, bar)
         stats.seconds_size = round(time.monotonic() - start - stats.seconds_enumerate, 3)
 
-        identity = {"method": "identity", "tests": 0, "bound": 0.0, "checked": "the input program itself"}
-        candidates = [Candidate(graph, graph_hash(graph), len(graph.ops), predict(graph, spec).us, identity)]
+        candidates = [program_candidate(graph, spec)]
         accept(candidates[0])
         seen = {candidates[0].hash}
         for _, plan, env in sized:
@@ -292,10 +273,10 @@ def search(
                 continue
             seen.add(h)
             record = _verify(problem, plan, seed * 1_000_003 + int(h[:8], 16))
-            if record.pop("equivalent") is not True:
+            if record is None:
                 stats.rejected += 1
                 continue
-            candidates.append(Candidate(found, h, len(found.ops), predict(found, spec).us, record))
+            candidates.append(Candidate(found, h, len(found.ops), predict(found, spec).us, record, "search"))
             accept(candidates[-1])
             stats.candidates = len(candidates)
             bar.update("verify", stats)

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 
 from superopt.errors import IRError
 from superopt.ir import BlockGraph, KernelGraph, Tensor, thread_graphs
-from superopt.kernels.cost import DRAM_EFFICIENCY, DTYPE_BYTES, kernel_cost
+from superopt.kernels.cost import dram_bandwidth, kernel_cost
 from superopt.kernels.device import DeviceSpec
 from superopt.kernels.lower import lower
-from superopt.ops import ACCUMULATORS, TensorType
+from superopt.ops import ACCUMULATORS, DTYPES, TensorType
 from superopt.search_space.dims import Dim, domain, is_cat, value
 from superopt.search_space.enumerator import BlockPlan, KernelOp, Plan, Problem
 
@@ -158,7 +158,7 @@ def smem_bytes(block: BlockGraph) -> int:
 
     def size(name: str) -> int:
         ty = block.tensors[name]
-        return math.prod(ty.shape) * (ACCUM_BYTES if name in accums else DTYPE_BYTES[ty.dtype])
+        return math.prod(ty.shape) * (ACCUM_BYTES if name in accums else DTYPES[ty.dtype].bytes)
 
     return max(sum(size(n) for n, (a, b) in spans.items() if a <= p <= b) for p in range(len(timeline) + 1))
 
@@ -205,7 +205,7 @@ class Sizer:
         """No instance of the plan predicts less: each kernel moves its inputs and outputs of known size (those
         without free symbols) at least once at the achievable bandwidth (kernels/cost.py), plus its launch."""
         sizes = self.problem.sizes
-        dtype = DTYPE_BYTES[self.problem.graph.tensors[self.problem.graph.inputs[0]].dtype]
+        dtype = DTYPES[self.problem.graph.tensors[self.problem.graph.inputs[0]].dtype].bytes
         known = [
             _shape(t.shape, sizes) if all(s in sizes for d in t.shape for s in _symbols(d)) else None
             for t in plan.tensors
@@ -216,8 +216,7 @@ class Sizer:
             outs = range(k, k + (len(op.block.outputs) if op.block else 1))
             total += sum(math.prod(known[i]) for i in (*op.inputs, *outs) if known[i] is not None)
             k += len(outs)
-        bandwidth = self.device.dram_bytes_per_s * DRAM_EFFICIENCY
-        return total * dtype / bandwidth * 1e6 + len(plan.ops) * self.device.launch_overhead_us
+        return total * dtype / dram_bandwidth(self.device) * 1e6 + len(plan.ops) * self.device.launch_overhead_us
 
     def best(self, plan: Plan) -> tuple[float, dict[str, int]] | None:
         """The predicted microseconds and sizes of the plan's fastest instance that fits, or None."""

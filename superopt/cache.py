@@ -34,36 +34,37 @@ import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from superopt.errors import SuperoptError, brief
 from superopt.ir import KernelGraph
-from superopt.serialize import from_json, graph_hash, write_atomic
+from superopt.result import Result, ResultError
+from superopt.serialize import graph_hash, write_atomic
 
-RESULT_FORMAT = "superopt.result/1"
 EXPORT_FORMAT = "superopt.cache-export/1"
 KEY_SETTINGS = ("preset", "seed", "prune")  # what changes the answer; the budget only decides how far it got
 LOCK_NOTE_S = 2.0  # waiting this long for the lock is worth a line
 LOCK_TIMEOUT_S = 120.0  # default of $SUPEROPT_LOCK_TIMEOUT_S
 _HEX = re.compile(r"[0-9a-f]{1,64}")
-NON_FINITE = ("inf", "-inf", "nan")  # how pipeline.jsonable writes what JSON has no number for
+Check = Callable[[Result], str | None]
 
-Check = Callable[[dict[str, Any]], str | None]
+
+def package_version(name: str) -> str:
+    """An installed package's version, from its metadata (without importing it); "none" if not installed."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 def versions() -> dict[str, str]:
-    """The versions a result depends on (triton's read from its metadata, without importing it)."""
-    import torch
-
-    import superopt
-
-    try:
-        triton = metadata.version("triton")
-    except metadata.PackageNotFoundError:
-        triton = "none"
-    return {"superopt": superopt.__version__, "torch": torch.__version__, "triton": triton}
+    """The versions a result depends on."""
+    return {"superopt": package_version("superopt"), "torch": torch.__version__, "triton": package_version("triton")}
 
 
 def cache_key(graph: KernelGraph, settings: dict[str, Any], device: str, vers: dict[str, str] | None = None) -> str:
@@ -104,138 +105,24 @@ def lock_timeout() -> float:
     return seconds
 
 
-# The entry's schema: every field a reader uses, with its type. A checker takes (value, where) and says what is
-# wrong, or None; a field name ending in "?" may be absent.
-def _is(test: Callable[[Any], bool], what: str) -> Callable[[Any, str], str | None]:
-    return lambda x, where: None if test(x) else f"{where} is {brief(x)}, not {what}"
+def read_entry(doc: Any, key: str | None = None) -> Result:
+    """The result an entry's JSON holds (Result.from_json checks its fields and hashes), if its key is `key` (the
+    file's) and the one its program, settings, device and versions make; ResultError saying why not."""
+    result = Result.from_json(doc)
+    if key is not None and result.key != key:
+        raise ResultError(f"its key {result.key[:16]} does not match its file name")
+    if cache_key(result.program, result.settings, result.device, result.versions) != result.key:
+        raise ResultError("its key is not the one its program, settings, device and versions make")
+    return result
 
 
-def _finite(x: Any) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+@dataclass(frozen=True)
+class Stored:
+    """An entry as read back: its file, the result, and the JSON document (signature included)."""
 
-
-NUM = _is(_finite, "a finite number")
-MEASURE = _is(lambda x: x is None or _finite(x) or x in NON_FINITE, "a number or null")
-INT = _is(lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer")
-STR = _is(lambda x: isinstance(x, str), "a string")
-BOOL = _is(lambda x: isinstance(x, bool), "true or false")
-HASH = _is(is_key, "64 hex digits")
-OBJECT = _is(lambda x: isinstance(x, dict), "an object")
-
-
-def _maybe(check: Callable[[Any, str], str | None]) -> Callable[[Any, str], str | None]:
-    return lambda x, where: None if x is None else check(x, where)
-
-
-def _record(spec: dict[str, Callable[[Any, str], str | None]]) -> Callable[[Any, str], str | None]:
-    def check(doc: Any, where: str) -> str | None:
-        if not isinstance(doc, dict):
-            return f"{where} is {brief(doc)}, not an object"
-        for name, field_check in spec.items():
-            key = name.rstrip("?")
-            if key in doc:
-                why = field_check(doc[key], f"{where}.{key}")
-                if why is not None:
-                    return why
-            elif not name.endswith("?"):
-                return f"{where}.{key} is missing"
-        return None
-
-    return check
-
-
-def _each(check: Callable[[Any, str], str | None], kind: type) -> Callable[[Any, str], str | None]:
-    """A list's items or a dict's values, each by `check`."""
-
-    def each(doc: Any, where: str) -> str | None:
-        if not isinstance(doc, kind):
-            return f"{where} is {brief(doc)}, not {'a list' if kind is list else 'an object'}"
-        items = enumerate(doc) if kind is list else doc.items()
-        return next((why for k, x in items if (why := check(x, f"{where}[{k!r}]")) is not None), None)
-
-    return each
-
-
-_TRIAL = {  # what a candidate's trial adds (pipeline.py: _check_on_cpu, _time_on_gpu)
-    "status?": STR,
-    "measured_us?": MEASURE,
-    "error_vs_tolerance?": MEASURE,
-    "checked_on?": STR,
-    "message?": STR,
-}
-_ENTRY = _record(
-    {
-        "key": HASH,
-        "name": STR,
-        "created": STR,
-        "program": OBJECT,
-        "program_hash": HASH,
-        "settings": _record({"budget_s": NUM, "preset": _maybe(STR), "seed": INT, "prune": BOOL, "device": STR}),
-        "device": STR,
-        "gpu": _maybe(STR),
-        "versions": _each(STR, dict),
-        "measured": BOOL,
-        "floor_us": NUM,
-        "baselines": _each(_record({"status": STR, "median_us?": NUM, "message?": STR}), dict),
-        "best": _record(
-            {
-                "graph": OBJECT,
-                "hash": HASH,
-                "source": _is(lambda x: x in ("program", "search"), '"program" or "search"'),
-                "kernels": INT,
-                "predicted_us": NUM,
-                "verify": _record({"method?": STR, "bound?": NUM}),
-                **_TRIAL,
-            }
-        ),
-        "candidates": _each(
-            _record(
-                {
-                    "rank": INT,
-                    "hash": STR,
-                    "source": STR,
-                    "kernels": INT,
-                    "predicted_us": NUM,
-                    "speedup_vs_eager?": NUM,
-                    "speedup_vs_torch.compile?": NUM,
-                    "fraction_of_floor?": NUM,
-                    **_TRIAL,
-                }
-            ),
-            list,
-        ),
-        "candidates_total": INT,
-        "seconds": NUM,
-        "signature?": STR,
-    }
-)
-
-
-def check_entry(entry: Any, key: str | None = None) -> str | None:
-    """Why `entry` is not a usable result (None if it is): its schema; its key, which must be `key` (the file's)
-    and the one its program, settings, device and versions make; its hashes, which must be its graphs'; and a
-    winner from the "program" that is the program."""
-    if not isinstance(entry, dict) or entry.get("format") != RESULT_FORMAT:
-        return f'not a superopt result (expected "format": "{RESULT_FORMAT}")'
-    why = _ENTRY(entry, "entry")
-    if why is not None:
-        return why
-    if key is not None and entry["key"] != key:
-        return f"its key {entry['key'][:16]} does not match its file name"
-    try:
-        program = from_json(entry["program"], "program")
-        winner = from_json(entry["best"]["graph"], "best")
-    except (SuperoptError, TypeError, ValueError, KeyError, IndexError, AttributeError) as e:  # crafted graph JSON
-        return f"{type(e).__name__}: {e}"
-    if graph_hash(program) != entry["program_hash"]:
-        return "its program_hash is not the hash of its program"
-    if cache_key(program, entry["settings"], entry["device"], entry["versions"]) != entry["key"]:
-        return "its key is not the one its program, settings, device and versions make"
-    if graph_hash(winner) != entry["best"]["hash"]:
-        return "its winner's hash is not the hash of its winner graph"
-    if entry["best"]["source"] == "program" and entry["best"]["hash"] != entry["program_hash"]:
-        return 'its winner claims to be the program ("source": "program") but is another graph'
-    return None
+    path: Path
+    result: Result
+    doc: dict[str, Any]
 
 
 def _no_constant(name: str) -> None:
@@ -261,8 +148,8 @@ class Cache:
     def trial_log_path(self, key: str) -> Path:
         return self.results / f"{check_key(key, 'cache key')}.trials.jsonl"
 
-    def _load(self, path: Path) -> tuple[bytes | None, dict[str, Any] | None, str | None]:
-        """The file's bytes, its entry if it passes check_entry, else why not; (None, None, None) if absent."""
+    def _load(self, path: Path) -> tuple[bytes | None, Stored | None, str | None]:
+        """The file's bytes, the entry if it passes read_entry, else why not; (None, None, None) if absent."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -270,13 +157,14 @@ class Cache:
         except OSError as e:
             raise SuperoptError(f"{path}: cannot read the cache entry: {e.strerror or e}") from None
         try:
-            entry = json.loads(data, parse_constant=_no_constant)
+            doc = json.loads(data, parse_constant=_no_constant)
+            return data, Stored(path, read_entry(doc, path.stem), doc), None
         except json.JSONDecodeError as e:
             return data, None, f"truncated or not JSON ({e.msg} at line {e.lineno})"
+        except ResultError as e:
+            return data, None, str(e)
         except (ValueError, RecursionError) as e:  # not UTF-8, NaN or Infinity, nested too deep
             return data, None, f"not a JSON result ({type(e).__name__}: {str(e)[:100]})"
-        why = check_entry(entry, path.stem)
-        return data, (entry if why is None else None), why
 
     def _move_aside(self, path: Path, data: bytes, why: str) -> Path | None:
         """Moves the entry file `path` into the quarantine folder, with `why` beside it, unless it no longer
@@ -305,17 +193,17 @@ class Cache:
             stacklevel=3,
         )
 
-    def get(self, key: str, check: Check | None = None) -> dict[str, Any] | None:
-        """The stored result for `key` (without its signature), or None: absent, or failing check_entry or
-        `check` (which says why, or None), a miss that quarantines the entry with one warning."""
+    def get(self, key: str, check: Check | None = None) -> Result | None:
+        """The stored result for `key`, or None: absent, or failing read_entry or `check` (which says why, or
+        None), a miss that quarantines the entry with one warning."""
         path = self.path(key)
-        data, entry, why = self._load(path)
-        if entry is not None and check is not None:
-            why = check(entry)
+        data, stored, why = self._load(path)
+        if stored is not None and check is not None:
+            why = check(stored.result)
         if why is not None:
             self._reject(path, data, why)
             return None
-        return _unsigned(entry) if entry is not None else None
+        return stored.result if stored is not None else None
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -361,51 +249,50 @@ class Cache:
             f.write(secrets.token_bytes(32))
         return path.read_bytes()
 
-    def origin(self, entry: dict[str, Any]) -> str:
+    def origin(self, doc: dict[str, Any]) -> str:
         """ "local" (signed by this cache's key), "imported" (signed elsewhere, or tampered) or "unsigned"."""
-        signature = entry.get("signature")
+        signature = doc.get("signature")
         if not isinstance(signature, str):
             return "unsigned"
         secret = self._secret(create=False)
-        mine = secret is not None and hmac.compare_digest(signature, _sign(secret, entry))
+        mine = secret is not None and hmac.compare_digest(signature, _sign(secret, doc))
         return "local" if mine else "imported"
 
-    def put(self, entry: dict[str, Any], sign: bool = True) -> bool:
-        """Stores `entry` unless the one stored under its key ranks higher (a larger budget, or the same budget
-        measured on a GPU where `entry` was not); True if it was written. `sign`: signed with this cache's key
-        (an import keeps the entry's own signature, if any, which tells its origin)."""
-        why = check_entry(entry)
-        if why is not None:
-            raise SuperoptError(f"cannot store the result: {why}")
-        key = entry["key"]
-        path = self.path(key)
+    def put(self, result: Result) -> bool:
+        """Stores `result`, signed with this cache's key, unless the one stored under its key ranks higher (a
+        larger budget, or the same budget measured on a GPU where `result` was not); True if it was written."""
+        if cache_key(result.program, result.settings, result.device, result.versions) != result.key:
+            raise SuperoptError(f"cannot store the result {result.key[:16]}: its key is not its program's")
+        return self._store(result, result.to_json(), sign=True)
+
+    def _store(self, result: Result, doc: dict[str, Any], sign: bool) -> bool:
+        """Writes `doc`, the JSON of `result` (signed here if `sign`), by put's rule."""
+        path = self.path(result.key)
+        try:
+            doc = doc | {"signature": _sign(self._secret(create=True), doc)} if sign else doc
+            text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
+        except ValueError:
+            raise SuperoptError(f"cannot store the result {result.key[:16]}: it holds NaN or Infinity") from None
         with self._locked():
-            try:
-                if sign:
-                    entry = _unsigned(entry) | {"signature": _sign(self._secret(create=True), entry)}
-                text = json.dumps(entry, indent=1, allow_nan=False) + "\n"
-            except ValueError:
-                raise SuperoptError(f"cannot store the result {key[:16]}: it holds NaN or Infinity") from None
             data, old, why = self._load(path)
             if why is not None:
                 self._reject(path, data, why, locked=True)
-            elif old is not None and _rank(old) > _rank(entry):
+            elif old is not None and _rank(old.result) > _rank(result):
                 return False
             write_atomic(path, text)
         return True
 
-    def entries(self) -> Iterator[tuple[Path, dict[str, Any]]]:
-        """Every entry file that passes check_entry with its entry as stored, oldest first; the others are
-        quarantined as they are found."""
+    def entries(self) -> Iterator[Stored]:
+        """Every entry that passes read_entry, oldest first; the others are quarantined as they are found."""
         if not self.results.is_dir():
             return
         paths = [p for p in self.results.glob("*.json") if is_key(p.stem)]
         for path in sorted(paths, key=lambda p: p.stat().st_mtime):
-            data, entry, why = self._load(path)
+            data, stored, why = self._load(path)
             if why is not None:
                 self._reject(path, data, why)
-            elif entry is not None:
-                yield path, entry
+            elif stored is not None:
+                yield stored
 
     def quarantined(self) -> list[tuple[Path, str]]:
         """The quarantined entry files, oldest first, with why each was moved aside."""
@@ -419,11 +306,11 @@ class Cache:
                 found.append((path, "(no reason recorded)"))
         return found
 
-    def find(self, prefix: str) -> dict[str, Any]:
+    def find(self, prefix: str) -> Result:
         """The one valid entry whose key starts with `prefix` (1 to 64 lowercase hex digits)."""
         if not _HEX.fullmatch(prefix):
             raise SuperoptError(f"{brief(prefix)} is not a key prefix (1 to 64 lowercase hex digits)")
-        found = [e for p, e in self.entries() if p.stem.startswith(prefix)]
+        found = [e.result for e in self.entries() if e.path.stem.startswith(prefix)]
         if len(found) != 1:
             what = "no entry" if not found else f"{len(found)} entries"
             raise SuperoptError(f"{self.results}: {what} with a key starting '{prefix}'")
@@ -431,15 +318,15 @@ class Cache:
 
     def export(self, path: str | os.PathLike) -> int:
         """Writes every valid entry (signatures kept, the signing key never) into one JSON file; returns how many."""
-        entries = [e for _, e in self.entries()]
+        entries = [e.doc for e in self.entries()]
         doc = {"format": EXPORT_FORMAT, "exported": now(), "entries": entries}
         write_atomic(path, json.dumps(doc, allow_nan=False) + "\n")
         return len(entries)
 
     def import_(self, path: str | os.PathLike, check: Check | None = None) -> tuple[int, int]:
-        """Stores the entries of an exported file by the same rule as `put`, unsigned here (reads check them
-        again); returns (written, kept as they were). Every entry is checked (check_entry, then `check`) before
-        any is written: one that fails refuses the whole file."""
+        """Stores the entries of an exported file by the same rule as `put`, each with the signature it came with
+        (which tells its origin; reads check it again); returns (written, kept as they were). Every entry is
+        checked (read_entry, then `check`) before any is written: one that fails refuses the whole file."""
         try:
             doc = json.loads(Path(path).read_text(), parse_constant=_no_constant)
         except OSError as e:
@@ -450,14 +337,20 @@ class Cache:
             raise SuperoptError(f"{path}: not a cache export: {type(e).__name__}: {str(e)[:100]}") from None
         if not isinstance(doc, dict) or doc.get("format") != EXPORT_FORMAT or not isinstance(doc.get("entries"), list):
             raise SuperoptError(f'{path}: not a cache export (expected "format": "{EXPORT_FORMAT}")')
+        checked = []
         for k, entry in enumerate(doc["entries"]):
             where = f"{path}: entries[{k}]"
-            check_key(entry.get("key") if isinstance(entry, dict) else entry, f"{where}: key")
-            why = check_entry(entry) or (check(entry) if check is not None else None)
+            key = check_key(entry.get("key") if isinstance(entry, dict) else entry, f"{where}: key")
+            try:
+                result = read_entry(entry)
+            except ResultError as e:
+                raise SuperoptError(f"{where} (key {key[:16]}): {e}") from None
+            why = check(result) if check is not None else None
             if why is not None:
-                raise SuperoptError(f"{where} (key {entry['key'][:16]}): {why}")
-        written = sum(self.put(entry, sign=False) for entry in doc["entries"])
-        return written, len(doc["entries"]) - written
+                raise SuperoptError(f"{where} (key {key[:16]}): {why}")
+            checked.append((result, entry))
+        written = sum(self._store(result, entry, sign=False) for result, entry in checked)
+        return written, len(checked) - written
 
     def clear(self, older_than_days: float | None = None) -> int:
         """Removes results (with their trial logs and quarantined entries) and generated kernel modules last
@@ -478,9 +371,9 @@ class Cache:
         return removed
 
 
-def _rank(entry: dict[str, Any]) -> tuple[float, bool]:
+def _rank(result: Result) -> tuple[float, bool]:
     """Which of two entries for one key to keep: the larger budget, then a measured one over a predicted one."""
-    return float(entry["settings"]["budget_s"]), bool(entry.get("measured"))
+    return float(result.settings["budget_s"]), result.measured
 
 
 def _sign(secret: bytes, entry: dict[str, Any]) -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from superopt.errors import IRError, SpecError, SuperoptError
 from superopt.ir import KernelGraph, identifier
-from superopt.ops import TensorType, infer, opdef
+from superopt.ops import DTYPES, TORCH_TO_IR, TensorType, infer, opdef
 
 
 class Unsupported(SuperoptError):
@@ -159,8 +159,6 @@ def canonicalize(nodes: list[Node], types: dict[str, TensorType]) -> None:
 
 # --- torch (ATen) ----------------------------------------------------------------------------------------------
 
-TORCH_DTYPES = {"torch.float16": "float16", "torch.bfloat16": "bfloat16", "torch.float32": "float32"}
-
 
 def _scalar(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
@@ -217,7 +215,7 @@ def _rms_norm(b: Builder, x: Val, shape: Any, weight: Any = None, eps: Any = Non
     if len(shape) != 1:
         raise Unsupported("rms_norm over more than the last dim")
     if eps is None:  # torch's default: the dtype's machine epsilon
-        eps = {"float16": 2**-10, "bfloat16": 2**-7, "float32": 2**-23}[b.types[x.name].dtype]
+        eps = DTYPES[b.types[x.name].dtype].epsilon
     y = b.add("rms_norm", x, eps=float(eps))
     return b.add("mul", y, weight) if weight is not None else y
 
@@ -268,7 +266,8 @@ ATEN: dict[str, Callable[..., Val]] = {
 
 
 def aten_dtype(val: Any) -> str:
-    return TORCH_DTYPES.get(str(getattr(val, "dtype", None)), str(getattr(val, "dtype", type(val).__name__)))
+    dtype = getattr(val, "dtype", None)
+    return TORCH_TO_IR.get(dtype, str(dtype if dtype is not None else type(val).__name__))
 
 
 def map_aten(b: Builder, target: Any, args: Sequence[Any], kwargs: dict[str, Any]) -> Val:

@@ -16,9 +16,7 @@ import torch.nn.functional as F
 
 from superopt.errors import SuperoptError
 from superopt.ir import BlockGraph, BlockInput, KernelGraph, Op
-from superopt.ops import ACCUMULATORS, TensorType
-
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+from superopt.ops import ACCUMULATORS, DTYPES, TensorType
 
 
 def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -86,7 +84,7 @@ class TorchEval:
         self.float64 = precision == "float64"
 
     def cast(self, x: torch.Tensor, ty: TensorType) -> torch.Tensor:
-        return x.to(torch.float64 if self.float64 else TORCH_DTYPES[ty.dtype])
+        return x.to(torch.float64 if self.float64 else DTYPES[ty.dtype].torch)
 
     def compute(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.float64 else x.float()
@@ -178,7 +176,7 @@ def random_inputs(graph: KernelGraph, seed: int = 0, scale: float = 1.0) -> dict
     gen = torch.Generator().manual_seed(seed)
     return {
         n: (torch.randn(graph.tensors[n].shape, generator=gen, dtype=torch.float64) * scale).to(
-            TORCH_DTYPES[graph.tensors[n].dtype]
+            DTYPES[graph.tensors[n].dtype].torch
         )
         for n in graph.inputs
     }

@@ -425,8 +425,6 @@ class KernelGraph(_GraphBase):
         return [self.tensors[n] for n in self.inputs]
 
     def __str__(self) -> str:
-        from superopt.text import format_graph
-
         return format_graph(self)
 
     def __repr__(self) -> str:
@@ -436,3 +434,58 @@ class KernelGraph(_GraphBase):
 _install_builder_methods(KernelGraph, "kernel")
 
 Graph = KernelGraph
+
+
+# --- the text form: one op a line, a person can read and diff it -----------------------------------------
+
+
+def format_value(v: Any) -> str:
+    if isinstance(v, tuple):
+        return "[" + ", ".join(format_value(x) for x in v) + "]"
+    return repr(v)
+
+
+def _fmt_call(op: str, args: list[str], attrs: dict[str, Any]) -> str:
+    return f"{op}({', '.join(args + [f'{k}={format_value(v)}' for k, v in attrs.items()])})"
+
+
+def _fmt_op(graph: KernelGraph | BlockGraph, op: Op) -> str:
+    targets = ", ".join(f"{o}: {graph.tensors[o]}" for o in op.outputs)
+    return f"{targets} = {_fmt_call(op.op, list(op.inputs), op.attrs)}"
+
+
+def format_block(block: BlockGraph, sources: tuple[str, ...], indent: str) -> list[str]:
+    """The body of a graph-defined op: inputs, loop ops, then the epilogue after a marker line."""
+    lines = [
+        f"{indent}{bi.name}: {block.tensors[bi.name]} = "
+        + _fmt_call("input", [src], {"imap": bi.imap, "fmap": bi.fmap})
+        for src, bi in zip(sources, block.inputs)
+    ]
+    in_loop = [op for op in block.ops if not any(block.after_loop[i] for i in op.inputs)]
+    epilogue = [op for op in block.ops if any(block.after_loop[i] for i in op.inputs)]
+    lines += [indent + _fmt_op(block, op) for op in in_loop]
+    if epilogue:
+        lines.append(f"{indent}# after the loop")
+        lines += [indent + _fmt_op(block, op) for op in epilogue]
+    for chain in thread_graphs(block):
+        lines.append(f"{indent}# thread graph: {', '.join(block.ops[i].outputs[0] for i in chain)}")
+    lines.append(f"{indent}return " + ", ".join(f"{o.name} (omap={format_value(o.omap)})" for o in block.outputs))
+    return lines
+
+
+def format_graph(graph: KernelGraph) -> str:
+    params = ", ".join(f"{n}: {graph.tensors[n]}" for n in graph.inputs)
+    lines = [f"def {graph.name}({params}):"]
+    for op in graph.ops:
+        if op.block is None:
+            lines.append("    " + _fmt_op(graph, op))
+            continue
+        b = op.block
+        head = _fmt_call(
+            "graph_def", list(op.inputs), {"grid": b.grid, "forloop_range": b.forloop_range, "block_size": b.block_size}
+        )
+        targets = ", ".join(f"{o}: {graph.tensors[o]}" for o in op.outputs)
+        lines.append(f"    {targets} = {head}:")
+        lines += format_block(b, op.inputs, "        ")
+    lines.append("    return " + ", ".join(graph.outputs))
+    return "\n".join(lines)

@@ -6,13 +6,38 @@ rule table keyed by these names; `missing_rules` lists what a table does not cov
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from superopt.errors import IRError
 
-DTYPES = ("float16", "bfloat16", "float32")
+
+@dataclass(frozen=True)
+class DType:
+    """One dtype of the IR, with each interpretation's name for it (one table, as the ops have)."""
+
+    name: str  # the IR's
+    bytes: int  # in device memory
+    torch: torch.dtype  # the reference interpreter's and the importers'
+    triton: str  # triton.language's type, in generated kernels
+    triton_signature: str  # Triton's signature type (ahead-of-time compiles)
+    cuda_round: str | None  # the CUDA emitter's rounding function to this dtype; None: not supported there
+    epsilon: float  # machine epsilon (torch's default eps for rms_norm)
+
+
+DTYPES = {
+    d.name: d
+    for d in (
+        DType("float16", 2, torch.float16, "tl.float16", "fp16", None, 2**-10),
+        DType("bfloat16", 2, torch.bfloat16, "tl.bfloat16", "bf16", "rbf", 2**-7),
+        DType("float32", 4, torch.float32, "tl.float32", "fp32", "", 2**-23),
+    )
+}
+TORCH_TO_IR = {d.torch: d.name for d in DTYPES.values()}
 
 REQUIRED = object()  # marks an attribute without a default
 
@@ -21,6 +46,11 @@ REQUIRED = object()  # marks an attribute without a default
 class TensorType:
     shape: tuple[int, ...]
     dtype: str
+
+    @property
+    def nbytes(self) -> int:
+        """Its bytes in device memory."""
+        return math.prod(self.shape) * DTYPES[self.dtype].bytes
 
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(map(str, self.shape))}]"

@@ -18,9 +18,7 @@ import yaml
 
 from superopt.errors import IRError, SpecError
 from superopt.ir import MAX_DIM, KernelGraph, Tensor
-from superopt.kernels.device import DEVICES
 from superopt.ops import OPS
-from superopt.search_space.presets import PRESETS
 from superopt.serialize import from_json
 
 SPEC_KEYS = ("name", "dims", "inputs", "ops", "outputs", "search")
@@ -41,20 +39,16 @@ def check_seed(value: Any) -> int:
     return value
 
 
-def check_device(value: Any) -> str:
-    if not isinstance(value, str) or value.lower() not in DEVICES:
-        raise IRError(f"expected a device name ({', '.join(DEVICES)}), got {value!r}")
+def check_name(value: Any) -> str:
+    """A preset's or a device's name: a non-empty string (whether such a preset or device exists is checked by
+    the pipeline's Settings, which knows them)."""
+    if not isinstance(value, str) or not value.isidentifier():
+        raise IRError(f"expected a name, got {value!r}")
     return value
 
 
-def check_preset(value: Any) -> str:
-    if not isinstance(value, str) or value not in PRESETS:
-        raise IRError(f"expected a preset name ({', '.join(PRESETS)}), got {value!r}")
-    return value
-
-
-# The `search:` section's keys and their checks, shared with the options of `superopt search` of the same names.
-SEARCH_CHECKS = {"preset": check_preset, "budget_s": check_positive_finite, "device": check_device, "seed": check_seed}
+# The `search:` section's keys and what a spec can check of them (superopt.pipeline.Settings checks the rest).
+SEARCH_CHECKS = {"preset": check_name, "budget_s": check_positive_finite, "device": check_name, "seed": check_seed}
 
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.MatMult: "matmul"}
 _SCALAR_BINOPS = {ast.Add: ("add_scalar", 1.0), ast.Sub: ("add_scalar", -1.0), ast.Mult: ("mul_scalar", 1.0)}

@@ -18,3 +18,15 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
         del os.environ["SUPEROPT_CACHE_DIR"]
     else:
         os.environ["SUPEROPT_CACHE_DIR"] = old
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Triton kernels on CPU tensors run under its interpreter, which a process chooses before importing triton;
+    the suite's tests import triton in many orders, so it is chosen here, once (a machine with a GPU keeps it
+    off: CPU tensors then run on the GPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        from superopt.kernels.triton_codegen import use_interpreter
+
+        use_interpreter()

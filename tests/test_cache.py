@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import superopt
-from superopt import search_space
+from superopt import pipeline
 from superopt.cache import Cache, cache_key, versions
 from superopt.cli.cache_cmd import cache_command
 from superopt.pipeline import Settings, optimize_program
@@ -61,17 +61,17 @@ def test_key_follows_program_settings_device_and_versions_not_names():
 def test_hit_runs_no_search(tmp_path, monkeypatch, entry):
     cache = Cache(tmp_path)
     graph = rmsnorm_linear(names=("p", "q", "r", "s"))  # the same program under other names
-    assert cache.get(entry["key"]) is None
+    assert cache.get(entry.key) is None
     assert optimize_program(graph, Settings(budget_s=2), cache, mode="require-hit").status == "miss"
     cache.put(entry)
 
     def no_search(*args, **kwargs):
         raise AssertionError("a cache hit must not search")
 
-    monkeypatch.setattr(search_space, "search", no_search)
+    monkeypatch.setattr(pipeline, "search", no_search)
     outcome = optimize_program(graph, Settings(budget_s=2), cache)
-    assert outcome.status == "hit" and outcome.key == entry["key"]
-    assert superopt.graph_hash(outcome.winner) == entry["best"]["hash"]
+    assert outcome.status == "hit" and outcome.key == entry.key
+    assert superopt.graph_hash(outcome.winner) == entry.best.hash
     # a larger budget than the stored one searches again (and would upgrade the entry)
     assert optimize_program(graph, Settings(budget_s=5), cache, mode="require-hit").status == "hit"
     with pytest.raises(AssertionError, match="must not search"):
@@ -81,53 +81,52 @@ def test_hit_runs_no_search(tmp_path, monkeypatch, entry):
 def test_truncated_entry_is_one_warning_and_a_miss_then_rewritten(tmp_path, entry):
     cache = Cache(tmp_path)
     cache.put(entry)
-    path = cache.path(entry["key"])
+    path = cache.path(entry.key)
     path.write_text(path.read_text()[:200])
     with pytest.warns(UserWarning, match="corrupt.*truncated or not JSON.*miss"):
-        assert cache.get(entry["key"]) is None
+        assert cache.get(entry.key) is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the second read of the same entry does not warn again
-        assert cache.get(entry["key"]) is None
+        assert cache.get(entry.key) is None
         assert cache.put(entry)
     stored = json.loads(path.read_text())
-    assert stored.pop("signature") and stored == entry
-    assert cache.get(entry["key"]) == entry
+    assert stored.pop("signature") and stored == entry.to_json()
+    assert cache.get(entry.key).to_json() == entry.to_json()
 
 
 def test_wrong_content_is_a_miss(tmp_path, entry):
     cache = Cache(tmp_path)
-    bad = copy.deepcopy(entry)
+    bad = entry.to_json()
     bad["best"]["graph"]["ops"][0]["op"] = "no_such_op"
-    cache.path(entry["key"]).parent.mkdir(parents=True)
-    cache.path(entry["key"]).write_text(json.dumps(bad))
+    cache.path(entry.key).parent.mkdir(parents=True)
+    cache.path(entry.key).write_text(json.dumps(bad))
     with pytest.warns(UserWarning, match="corrupt.*no_such_op"):
-        assert cache.get(entry["key"]) is None
+        assert cache.get(entry.key) is None
 
 
 def test_larger_budget_upgrades_smaller_does_not(tmp_path, entry):
     cache = Cache(tmp_path)
-    small, large = (copy.deepcopy(entry) for _ in range(2))
-    small["settings"]["budget_s"], large["settings"]["budget_s"] = 1.0, 50.0
+    small, large = (dataclasses.replace(entry, settings=entry.settings | {"budget_s": b}) for b in (1.0, 50.0))
     assert cache.put(small)
     assert cache.put(large)
     assert not cache.put(small)
-    assert cache.get(entry["key"])["settings"]["budget_s"] == 50.0
-    assert [p.name for p, _ in cache.entries()] == [f"{entry['key']}.json"]
+    assert cache.get(entry.key).settings["budget_s"] == 50.0
+    assert [e.path.name for e in cache.entries()] == [f"{entry.key}.json"]
 
 
 WRITER = """
-import json, sys
+import dataclasses, json, sys
 from superopt.cache import Cache
-entry = json.loads(open(sys.argv[2]).read())
+from superopt.result import Result
+entry = Result.from_json(json.loads(open(sys.argv[2]).read()))
 for k in range(40):
-    entry["settings"]["budget_s"] = float(sys.argv[3]) + k
-    Cache(sys.argv[1]).put(entry)
+    Cache(sys.argv[1]).put(dataclasses.replace(entry, settings=entry.settings | {"budget_s": float(sys.argv[3]) + k}))
 """
 
 
 def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path, entry):
     source = tmp_path / "entry.json"
-    source.write_text(json.dumps(entry))
+    source.write_text(json.dumps(entry.to_json()))
     root = tmp_path / "cache"
     procs = [
         subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(source), str(start)]) for start in (0, 1000)
@@ -135,9 +134,9 @@ def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path, entry):
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
     cache = Cache(root)
     files = sorted(p.name for p in cache.results.iterdir() if p.name != ".lock")
-    assert files == [f"{entry['key']}.json"]  # no temporary file left behind
-    stored = cache.get(entry["key"])
-    assert stored is not None and stored["settings"]["budget_s"] == 1039.0  # the larger budget won
+    assert files == [f"{entry.key}.json"]  # no temporary file left behind
+    stored = cache.get(entry.key)
+    assert stored is not None and stored.settings["budget_s"] == 1039.0  # the larger budget won
 
 
 def test_export_clear_import_hit(tmp_path, entry):
@@ -145,35 +144,32 @@ def test_export_clear_import_hit(tmp_path, entry):
     here, there, bundle = tmp_path / "here", tmp_path / "there", tmp_path / "bundle.json"
     Cache(here).put(entry)
     result = runner.invoke(cache_command, ["--cache-dir", str(here), "ls"])
-    assert result.exit_code == 0 and entry["key"][:16] in result.output and "rmsnorm_linear" in result.output
-    result = runner.invoke(cache_command, ["--cache-dir", str(here), "show", entry["key"][:10]])
-    assert result.exit_code == 0 and "winner" in result.output and entry["best"]["hash"][:16] in result.output
+    assert result.exit_code == 0 and entry.key[:16] in result.output and "rmsnorm_linear" in result.output
+    result = runner.invoke(cache_command, ["--cache-dir", str(here), "show", entry.key[:10]])
+    assert result.exit_code == 0 and "winner" in result.output and entry.best.hash[:16] in result.output
     assert runner.invoke(cache_command, ["--cache-dir", str(here), "export", str(bundle)]).exit_code == 0
     result = runner.invoke(cache_command, ["--cache-dir", str(here), "clear"])
     assert result.exit_code == 0 and "removed 1 files" in result.output
-    assert Cache(here).get(entry["key"]) is None
+    assert Cache(here).get(entry.key) is None
     for root in (here, there):  # back where it was, and onto another machine's cache
         result = runner.invoke(cache_command, ["--cache-dir", str(root), "import", str(bundle)])
         assert result.exit_code == 0 and "imported 1 entries" in result.output
         outcome = optimize_program(rmsnorm_linear(), Settings(budget_s=2), Cache(root), mode="require-hit")
-        assert outcome.status == "hit" and outcome.result == entry
+        assert outcome.status == "hit" and outcome.result.to_json() == entry.to_json()
     result = runner.invoke(cache_command, ["--cache-dir", str(here), "show", "ffff"])
     assert result.exit_code == 2 and "no entry" in result.output
 
 
 def test_clear_older_than(tmp_path, entry):
     cache = Cache(tmp_path)
-    old = copy.deepcopy(entry)  # another seed: another key
-    old["settings"]["seed"] = 1
-    old["key"] = cache_key(
-        superopt.serialize.from_json(old["program"]), old["settings"], old["device"], old["versions"]
-    )
+    settings = entry.settings | {"seed": 1}  # another seed: another key
+    old = dataclasses.replace(entry, settings=settings, key=cache_key(entry.program, settings, entry.device))
     cache.put(old)
     cache.put(entry)
     long_ago = time.time() - 10 * 86400
-    os.utime(cache.path(old["key"]), (long_ago, long_ago))
+    os.utime(cache.path(old.key), (long_ago, long_ago))
     assert cache.clear(older_than_days=5) == 1
-    assert cache.get(old["key"]) is None and cache.get(entry["key"]) == entry
+    assert cache.get(old.key) is None and cache.get(entry.key).to_json() == entry.to_json()
 
 
 def test_import_rejects_what_is_not_an_export(tmp_path):

@@ -5,6 +5,7 @@ checked whole before anything is written; entries are signed here; a held lock t
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fcntl
 import json
 import os
@@ -19,13 +20,14 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 from superopt import cache as cache_module
-from superopt.cache import EXPORT_FORMAT, Cache, check_entry
+from superopt.cache import EXPORT_FORMAT, Cache, read_entry
+from superopt.capture import optimize
 from superopt.cli.cache_cmd import cache_command
 from superopt.cli.search_cmd import search_command
 from superopt.errors import SuperoptError
 from superopt.kernels.timing import TOLERANCE, relative_error
-from superopt.optimize import optimize
 from superopt.pipeline import trusted_winner
+from superopt.result import Result
 from superopt.serialize import from_json, graph_hash
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
@@ -86,7 +88,7 @@ def tampered(entry: dict, how: str) -> dict:
         WINNER_TAMPERS[how](bad)
         bad["best"]["hash"] = graph_hash(from_json(bad["best"]["graph"]))
         bad["best"]["source"] = "search"
-        assert check_entry(bad, bad["key"]) is None  # consistent on its face: the verifier must catch it
+        read_entry(bad, bad["key"])  # consistent on its face: the verifier must catch it
     elif how == "program_hash":
         bad["program_hash"] = "0" * 64
     else:
@@ -104,8 +106,8 @@ def base(tmp_path_factory):
         mp.setenv("SUPEROPT_CACHE_DIR", str(cache))
         result = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(cache), "--progress", "none"])
     assert result.exit_code == 0, result.output
-    [(_, entry)] = list(Cache(cache).entries())
-    return spec, cache, entry
+    [stored] = list(Cache(cache).entries())
+    return spec, cache, stored.doc
 
 
 @pytest.fixture
@@ -167,7 +169,8 @@ def test_tampered_entry_is_never_served_by_optimize(tmp_path, monkeypatch, how):
     first = optimize(budget_s=2, cache_dir=tmp_path)(rmsnorm_silu)
     assert relative_error(first(x, w), expected) < TOLERANCE["float16"]
     cache = Cache(tmp_path)
-    [(path, entry)] = list(cache.entries())
+    [stored] = list(cache.entries())
+    path, entry = stored.path, stored.doc
     bad = json.dumps(tampered(entry, how))
     for mode in ("offline", "require-hit", "search"):
         path.write_text(bad)
@@ -215,7 +218,7 @@ def test_corrupt_entry_never_breaks_ls_show_export_and_a_search_repairs_it(plant
     plant(content)  # back in place, for the search to meet
     result, warned = search(str(spec), "--cache-dir", str(root))
     assert result.exit_code == 0 and "cache hit" not in result.output and len(warned) == 1
-    assert check_entry(json.loads(Cache(root).path(entry["key"]).read_text()), entry["key"]) is None
+    read_entry(json.loads(Cache(root).path(entry["key"]).read_text()), entry["key"])
     result, warned = search(str(spec), "--require-hit", "--cache-dir", str(root))
     assert result.exit_code == 0 and "cache hit" in result.output and not warned
 
@@ -264,7 +267,7 @@ def test_entries_are_signed_here_and_imported_elsewhere(base, tmp_path):
     unsigned = {k: v for k, v in entry.items() if k != "signature"}
     assert Cache(there).origin(unsigned) == "unsigned"
     # a signature tells origin only: a locally signed entry with a tampered winner is still refused
-    Cache(there).put(tampered(entry, "scale"))
+    Cache(there).put(Result.from_json(tampered(entry, "scale")))
     assert Cache(there).origin(json.loads(Cache(there).path(entry["key"]).read_text())) == "local"
     with pytest.warns(UserWarning, match="does not compute its program"):
         assert Cache(there).get(entry["key"], trusted_winner) is None
@@ -280,13 +283,13 @@ def test_a_held_lock_says_so_then_times_out(base, tmp_path, monkeypatch):
     monkeypatch.setenv("SUPEROPT_LOCK_TIMEOUT_S", "0.4")
     with pytest.warns(UserWarning, match="waiting for the cache lock"):
         with pytest.raises(SuperoptError, match=r"\.lock: still held by another superopt process after 0.4 s"):
-            cache.put(entry)
+            cache.put(Result.from_json(entry))
     assert cache.get(entry["key"]) is None
     monkeypatch.setenv("SUPEROPT_LOCK_TIMEOUT_S", "30")
     threading.Timer(0.5, holder.close).start()  # the holder lets go: the waiting put goes on
     with pytest.warns(UserWarning, match="waiting for the cache lock"):
-        assert cache.put(entry)
-    assert cache.get(entry["key"]) == {k: v for k, v in entry.items() if k != "signature"}
+        assert cache.put(Result.from_json(entry))
+    assert cache.get(entry["key"]).to_json() == {k: v for k, v in entry.items() if k != "signature"}
 
 
 @pytest.mark.parametrize("days", ["-1", "nan", "inf"])
@@ -298,7 +301,8 @@ def test_clear_rejects_a_negative_or_non_finite_age(tmp_path, days):
 
 def test_put_refuses_non_finite_numbers(base, tmp_path):
     spec, source, entry = base
-    for field, value in (("settings", {**entry["settings"], "budget_s": float("nan")}), ("search", float("inf"))):
+    result = Result.from_json(entry)
+    for field, value in (("settings", result.settings | {"budget_s": float("nan")}), ("search", {"x": float("inf")})):
         with pytest.raises(SuperoptError, match="cannot store"):
-            Cache(tmp_path).put(entry | {field: value})
+            Cache(tmp_path).put(dataclasses.replace(result, **{field: value}))
     assert not Cache(tmp_path).path(entry["key"]).exists()

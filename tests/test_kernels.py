@@ -19,15 +19,12 @@ import superopt
 from superopt.kernels import compile
 from superopt.kernels.lower import LAST_STATE_PER_THREAD, lower, padded
 from superopt.kernels.timing import TOLERANCE, relative_error
-from superopt.kernels.triton_codegen import ACCUMULATE, EMIT, CodegenError, interpreting
+from superopt.kernels.triton_codegen import ACCUMULATE, EMIT, CodegenError
 from superopt.ops import OPS, missing_rules
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 pytestmark = [
-    pytest.mark.skipif(
-        not interpreting() and not torch.cuda.is_available(), reason="triton was imported before superopt.kernels"
-    ),
     # padding lanes may compute 0 / 0 or rsqrt(0); they are masked out, but numpy warns
     pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter"),
 ]
@@ -306,18 +303,23 @@ def test_inputs_by_position_or_name_and_checked():
 
 
 def test_cpu_use_needs_no_setup(tmp_path):
-    """A fresh process without TRITON_INTERPRET: importing superopt.kernels turns the interpreter on."""
+    """A fresh process without TRITON_INTERPRET: the first run on CPU tensors switches the interpreter on; had
+    triton been imported for the GPU first, it says so in one line."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"SUPEROPT_CACHE_DIR": str(tmp_path)}
     code = (
-        "import superopt, torch\n"
+        "import os, superopt, torch\n"
         "from superopt.kernels import compile\n"
         "g = superopt.Graph('t'); x = g.input('x', (4, 32), 'float32'); g.output(g.exp(x))\n"
         "x = torch.randn(4, 32)\n"
         "assert torch.allclose(compile(g)(x)[0], x.exp())\n"
+        "assert os.environ['TRITON_INTERPRET'] == '1'\n"
     )
+    late = code.replace("import os,", "import triton, os,")
     if torch.cuda.is_available():
         pytest.skip("with a GPU, CPU tensors run on it instead")
     subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "set TRITON_INTERPRET=1 before importing triton" in proc.stderr
 
 
 def test_full_size_fused_kernels_compile_for_hopper(tmp_path):
@@ -337,7 +339,7 @@ def test_full_size_fused_kernels_compile_for_hopper(tmp_path):
         "            assert 'wgmma' in c.asm['ptx'], k.code.name\n"
         "        print(k.code.name, c.metadata.shared)\n"
     )
-    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}
+    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}  # compiled for the GPU
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("\n") == 7  # 1 + 1 + 1 + 2 + 2 kernels

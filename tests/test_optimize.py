@@ -10,11 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from superopt import search_space
+import superopt
+from superopt import pipeline
 from superopt.cache import Cache
+from superopt.capture import optimize, superopt_backend
 from superopt.errors import SuperoptError
+from superopt.kernels.device import get_device
 from superopt.kernels.timing import TOLERANCE, relative_error
-from superopt.optimize import optimize, superopt_backend
+from superopt.search_space import SearchResult, program_candidate
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 BUDGET = 2
@@ -59,7 +62,7 @@ def test_rmsnorm_matmul_equals_the_original_and_the_second_call_runs_no_search(t
     def no_search(*args, **kwargs):
         raise AssertionError("the second call must not search")
 
-    monkeypatch.setattr(search_space, "search", no_search)
+    monkeypatch.setattr(pipeline, "search", no_search)
     x2, _ = inputs(seed=1)  # same shapes, new values
     assert relative_error(fn(x2, w), float64_reference(x2, w)) < TOLERANCE["float16"]
     assert fn.searches == 1 and len(fn.outcomes) == 1
@@ -107,7 +110,7 @@ def test_require_hit_mode_raises_on_a_miss(tmp_path):
 def test_bare_decorator_and_a_linear_layer(tmp_path, monkeypatch):
     monkeypatch.setenv("SUPEROPT_CACHE_DIR", str(tmp_path / "cache"))
     seen = []
-    monkeypatch.setattr(search_space, "search", lambda *a, **k: seen.append(a) or _nothing_found())
+    monkeypatch.setattr(pipeline, "search", lambda *a, **k: seen.append(a) or _nothing_found(*a, **k))
 
     @optimize
     def block(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -122,12 +125,9 @@ def test_bare_decorator_and_a_linear_layer(tmp_path, monkeypatch):
     assert Cache(tmp_path / "cache").results.is_dir()
 
 
-def _nothing_found():
-    class Result:
-        candidates: list = []
-        stats = {"states": 0}
-
-    return Result()
+def _nothing_found(graph: superopt.KernelGraph, device: str, **settings) -> SearchResult:
+    """What a search returns that finds nothing: the program itself."""
+    return SearchResult([program_candidate(graph, get_device(device))])
 
 
 def test_torch_compile_backend(tmp_path):
@@ -147,7 +147,7 @@ def test_torch_compile_backend(tmp_path):
     reason="the torch_dynamo_backends entry point is not installed (pip install -e .)",
 )
 def test_torch_compile_backend_by_name(tmp_path, monkeypatch):
-    monkeypatch.setattr(search_space, "search", lambda *a, **k: _nothing_found())
+    monkeypatch.setattr(pipeline, "search", _nothing_found)
     compiled = torch.compile(rmsnorm_linear, backend="superopt")
     x, w = inputs()
     assert relative_error(compiled(x, w), float64_reference(x, w)) < TOLERANCE["float16"]

@@ -28,7 +28,7 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, wheel], check=True
     )
-    modules = "superopt, superopt.cli.main, superopt.search_space, superopt.verify, superopt.kernels"
+    modules = "superopt, superopt.cli.main, superopt.search_space, superopt.verification, superopt.kernels"
     code = f"import {modules}; print(superopt.__file__)"
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(

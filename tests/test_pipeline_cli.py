@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 import superopt
-from superopt import pipeline, search_space
+from superopt import pipeline
 from superopt.cache import Cache
 from superopt.cli.search_cmd import search_command
 from superopt.interpret import random_inputs, run
@@ -55,7 +55,7 @@ def test_miss_searches_and_stores_a_result(searched):
     assert doc["settings"]["budget_s"] == 2  # from the spec's search section
     assert set(doc["versions"]) == {"superopt", "torch", "triton"}
     stored = Cache(cache).get(doc["key"])
-    assert stored is not None and stored["best"] == doc["best"]
+    assert stored is not None and stored.to_json()["best"] == doc["best"]
     best = doc["best"]
     assert best["status"] in ("ok", "unchecked") and best["verify"]
     ranks = [c["predicted_us"] for c in doc["candidates"]]
@@ -87,7 +87,7 @@ def test_hit_says_so_and_runs_no_search(searched, monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("a cache hit must not search")
 
-    monkeypatch.setattr(search_space, "search", no_search)
+    monkeypatch.setattr(pipeline, "search", no_search)
     result = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(cache)])
     assert result.exit_code == 0, result.output
     assert f"cache hit {doc['key'][:16]}" in result.output and "cache: 1 hit, 0 misses" in result.output
@@ -118,7 +118,7 @@ def test_offline_miss_runs_the_unfused_program(searched, tmp_path, monkeypatch):
     def no_search(*args, **kwargs):
         raise AssertionError("--offline must not search")
 
-    monkeypatch.setattr(search_space, "search", no_search)
+    monkeypatch.setattr(pipeline, "search", no_search)
     result = CliRunner().invoke(search_command, [str(spec), "--cache-dir", str(tmp_path), "--offline", "--json"])
     assert result.exit_code == 0, result.output
     assert "offline, so the unfused program" in result.output

@@ -214,7 +214,7 @@ def test_every_candidate_is_equivalent_in_float64(name, tiny_attention):
     for c in result.candidates:
         (got,) = run(c.graph, inputs, precision="float64")
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
-        assert c.verify["method"] in ("identity", "proved", "tested")
+        assert c.verify.method in ("identity", "proved", "tested")
     fused_form = {"rmsnorm_linear_bs1": 1, "gated_mlp": 1, "lora": 1, "ntrans_bs1": 1, "gqa_bs1": 2}[name]
     assert result.best.kernels == fused_form
 
@@ -262,7 +262,7 @@ def test_result_json_round_trips():
         assert graph_hash(from_json(d["mugraph"])) == d["hash"] == c.hash
         assert d["kernels"] == len(c.graph.ops)
         assert {"method"} <= set(d["verify"])
-    assert result.best.verify["method"] in ("proved", "tested")  # the fused form, verified on a small instance
+    assert result.best.verify.method in ("proved", "tested")  # the fused form, verified on a small instance
 
 
 # --- device limits ---------------------------------------------------------------------------------------------

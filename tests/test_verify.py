@@ -16,7 +16,7 @@ import superopt
 from superopt.cli.verify_cmd import verify_command
 from superopt.interpret import random_inputs
 from superopt.serialize import dump
-from superopt.verify import SignatureMismatch, verify
+from superopt.verification import SignatureMismatch, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 F32 = "float32"

@@ -12,7 +12,7 @@ from test_verify import graph
 
 from superopt.cli.verify_cmd import verify_command
 from superopt.serialize import dump
-from superopt.verify import field, verify
+from superopt.verification import field, verify
 
 OLD_P, OLD_Q = 2147483579, 1073741789  # the fixed primes field.py used before it drew them per test
 ROW = {"x": (2, 8)}

@@ -30,7 +30,7 @@ import superopt
 from superopt.errors import SuperoptError
 from superopt.interpret import random_inputs, run
 from superopt.serialize import from_json, graph_hash, to_json
-from superopt.verify import check_signature, verify
+from superopt.verification import check_signature, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 MUTANTS = int(os.environ.get("SUPEROPT_VERIFY_MUTANTS", "100"))

@@ -13,8 +13,8 @@ import superopt
 from superopt.interpret import TorchEval, random_inputs
 from superopt.interpret import evaluate as literal_evaluate
 from superopt.ops import missing_rules
-from superopt.verify import batched, degree, field, smt
-from superopt.verify.field import P_MIN, Q_MIN, FieldEval
+from superopt.verification import batched, degree, field, smt
+from superopt.verification.field import P_MIN, Q_MIN, FieldEval
 
 
 def _is_prime(n: int) -> bool:

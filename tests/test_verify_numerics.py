@@ -10,10 +10,10 @@ from test_verify import DIFFERENT, VERIFIED, graph
 from test_verify_field import fused_module
 
 import superopt
-from superopt.verify import float_gate, smt
-from superopt.verify.check import false_accept_bound, per_test_bound
-from superopt.verify.degree import analyze
-from superopt.verify.field import P_MIN, PRIME_BITS, Q_MIN, SAFE_PRIMES
+from superopt.verification import float_gate, smt
+from superopt.verification.check import false_accept_bound, per_test_bound
+from superopt.verification.degree import analyze
+from superopt.verification.field import P_MIN, PRIME_BITS, Q_MIN, SAFE_PRIMES
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

@@ -16,8 +16,8 @@ from test_verify_corpus import SOURCES, mutant, single_mutations
 
 import superopt
 from superopt.interpret import random_inputs
-from superopt.verify import verify
-from superopt.verify.shrink import shrink
+from superopt.verification import verify
+from superopt.verification.shrink import shrink
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 F32 = "float32"

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
-from superopt.verify import field, numeric, smt
-from superopt.verify.degree import EXP_FAMILY, Analysis, analyze
-from superopt.verify.shrink import shrink
+from superopt.verification import field, numeric, smt
+from superopt.verification.degree import EXP_FAMILY, Analysis, analyze
+from superopt.verification.shrink import shrink
 
 DRAWS = 8  # redraws after a zero denominator before giving up
 SMT_SIZE = 2000  # proofs are tried on graphs expanding to at most this many scalar operations (z3: ~0.2 ms each)

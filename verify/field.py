@@ -62,7 +62,7 @@ import torch
 
 from superopt.ir import KernelGraph, Op
 from superopt.ops import TensorType
-from superopt.verify import batched
+from superopt.verification import batched
 
 Q_MIN, Q_END = 2**29, 2**30  # each test's Q is drawn from [Q_MIN, Q_END); P = 2Q + 1
 P_MIN = 2 * Q_MIN + 1  # the smallest P, Q_MIN the smallest Q: what the false-accept bound divides by

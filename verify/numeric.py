@@ -15,10 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from superopt.interpret import TORCH_DTYPES, TorchEval, random_inputs
+from superopt.interpret import TorchEval, random_inputs
 from superopt.ir import KernelGraph
-from superopt.ops import TensorType
-from superopt.verify import batched
+from superopt.ops import DTYPES, TensorType
+from superopt.verification import batched
 
 CLEAR = 1e-6  # a float64 difference above this, relative to the outputs' magnitude, is not rounding
 TOLERANCE = {"float32": 1e-4, "bfloat16": 5e-2, "float16": 1e-2}
@@ -103,7 +103,7 @@ class GateResult:
 
 
 def _range(graph: KernelGraph) -> float:
-    return min(torch.finfo(TORCH_DTYPES[graph.tensors[n].dtype]).max for n in graph.tensors)
+    return min(torch.finfo(DTYPES[graph.tensors[n].dtype].torch).max for n in graph.tensors)
 
 
 def float_gate(

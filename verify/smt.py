@@ -23,7 +23,7 @@ import z3
 
 from superopt.ir import KernelGraph, Op
 from superopt.ops import TensorType
-from superopt.verify import batched
+from superopt.verification import batched
 
 Den = tuple[tuple[int, int], ...]  # (factor id, power), sorted; () is 1
 Frac = tuple[z3.ArithRef, Den]

@@ -30,10 +30,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
+from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
-import superopt.kernels  # noqa: F401 (without a GPU: turns the Triton interpreter on before torch imports triton)
 from superopt.cache import Cache
 from superopt.errors import SuperoptError
+from superopt.importers import Unsupported, check_node, from_fx
+from superopt.kernels import compile
+from superopt.kernels.triton_codegen import use_interpreter
 from superopt.pipeline import MODES, Outcome, Settings, optimize_program
 
 log = logging.getLogger("superopt")
@@ -151,6 +155,12 @@ class Optimized:
     def _capture(self, args: tuple, kwargs: dict) -> _Flat | None:
         """The exported program with its fusable parts replaced, or None where torch.export cannot capture it."""
         module = self.fn if isinstance(self.fn, torch.nn.Module) else _AsModule(self.fn)
+        if not torch.cuda.is_available():
+            try:
+                use_interpreter()  # before torch.export, which imports triton: Triton chooses its mode then
+            except SuperoptError as e:
+                self._unsupported("interpreter", str(e))
+                return None
         try:
             gm = torch.export.export(module, args, kwargs, strict=False).module()
         except Exception as e:  # noqa: BLE001 (whatever torch.export cannot trace runs as it is)
@@ -163,11 +173,6 @@ class Optimized:
 
     def _replace(self, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
         """`gm` with each fusable program replaced by its winner's kernels."""
-        from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
-        from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
-
-        from superopt.importers import Unsupported, check_node
-
         supported = set()
         for node in gm.graph.nodes:
             if node.op == "call_function":
@@ -193,8 +198,6 @@ class Optimized:
 
     def _program(self, sub: torch.fx.GraphModule, name: str) -> _Kernels:
         """The winner's kernels for one fused submodule, through the pipeline."""
-        from superopt.importers import from_fx
-
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         program = from_fx(sub.graph, name)
         graph = program.graph
@@ -206,7 +209,7 @@ class Optimized:
             raise SuperoptError(f"superopt.optimize({self._name}): {name}: {outcome.note}")
         self.outcomes.append(outcome)
         feeds = [(placeholders.index(program.origin[i][0]), program.origin[i][1]) for i in graph.inputs]
-        return _Kernels(superopt.kernels.compile(outcome.winner, module_dir=cache.kernel_dir), feeds)
+        return _Kernels(compile(outcome.winner, module_dir=cache.kernel_dir), feeds)
 
 
 def optimize(
