@@ -10,6 +10,8 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from superopt.errors import SuperoptError
 
 KB = 1024
@@ -147,10 +149,6 @@ def spec_for_name(device_name: str) -> DeviceSpec | None:
 def detect() -> DeviceSpec | None:
     """The spec of the current CUDA device, or None without a GPU (or, with a warning, for a GPU not in the
     table). SM count and L2 size are read off the device, so a partitioned GPU is priced as it is."""
-    try:
-        import torch
-    except ImportError:
-        return None
     if not torch.cuda.is_available():
         return None
     props = torch.cuda.get_device_properties(torch.cuda.current_device())

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from superopt.errors import SuperoptError
@@ -706,8 +708,7 @@ class GpuMegakernel:
         trace: bool = False,
         kv_cap: int | None = None,
     ) -> None:
-        import cupy
-        import numpy as np
+        import cupy  # an optional dependency (the gpu extra): only a GPU run needs it
 
         if not torch.cuda.is_available():
             raise SuperoptError("megakernel: no CUDA device")
@@ -852,8 +853,6 @@ class GpuMegakernel:
     def wait(self, timeout_s: float = 120.0) -> None:
         """Waits for the launches so far; raises Hang if they do not finish in time (a kernel that deadlocked
         keeps the GPU busy: nothing after it on this device can run)."""
-        import time
-
         done = torch.cuda.Event()
         done.record()
         deadline = time.time() + timeout_s
@@ -884,7 +883,7 @@ def hf_model(model: Model) -> Any:
     """transformers' LlamaForCausalLM / Qwen3ForCausalLM built from the config (nothing downloaded), on the GPU in
     bf16, with the model's weights loaded."""
     try:
-        import transformers
+        import transformers  # an optional dependency: only the comparison with HF's model needs it
     except ImportError:
         raise SuperoptError(
             "megakernel: transformers is not installed (it is needed only for the HF reference)"
@@ -1096,8 +1095,6 @@ def benchmark(
     """Builds and runs the megakernel, checks its greedy tokens and logits against HF transformers (and the
     bf16 reference decoder), and times it beside the peers. Each phase catches its own failure and records it,
     so one that fails still leaves the others' results."""
-    import time
-
     res: dict[str, Any] = {"model": model.name, "prompt_len": prompt_len, "new_tokens": new_tokens, "errors": {}}
     prompt = prompt_tokens(model.config.vocab, prompt_len, seed=0)
     state: dict[str, Any] = {}

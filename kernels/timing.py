@@ -21,7 +21,10 @@ from typing import Any
 
 import torch
 
+from superopt.interpret import TorchEval, evaluate, random_inputs
 from superopt.ir import KernelGraph
+from superopt.kernels import compile
+from superopt.serialize import from_json, to_json
 
 # Normwise relative error ||out - ref|| / ||ref|| allowed per dtype (METHOD.md's ranges: fp16 operands with
 # fp32 accumulation land near 1e-3; bf16 between 1e-3 and 1e-2).
@@ -76,8 +79,6 @@ def reference_outputs(
 ) -> list[torch.Tensor]:
     """The reference program evaluated in float64 (or, "native", in its own dtypes, op by op) on the inputs'
     device (the GPU, for timed candidates)."""
-    from superopt.interpret import TorchEval, evaluate
-
     cast = [x.to(torch.float64) for x in inputs] if precision == "float64" else list(inputs)
     return evaluate(reference, cast, TorchEval(precision))
 
@@ -126,7 +127,6 @@ def input_scale(graph: KernelGraph, seed: int = 0, largest: float = INPUT_SCALE)
     """The largest scale (halving from `largest`) at which every value the program computes, in float64, stays
     below 1/4 of its dtype's maximum: timing inputs must keep the float64 reference itself representable (the
     attention examples take an unscaled exp, which overflows fp16 at unit-variance inputs)."""
-    from superopt.interpret import TorchEval, evaluate, random_inputs
 
     class InRange(TorchEval):
         fits = True
@@ -147,16 +147,11 @@ def input_scale(graph: KernelGraph, seed: int = 0, largest: float = INPUT_SCALE)
 
 
 def random_device_inputs(graph: KernelGraph, seed: int, scale: float = INPUT_SCALE) -> dict[str, torch.Tensor]:
-    from superopt.interpret import random_inputs
-
     return {name: x.cuda() for name, x in random_inputs(graph, seed=seed, scale=scale).items()}
 
 
 def run_job(job: dict[str, Any]) -> Measurement:
     """Compiles, checks and times one candidate in this process (the subprocess side of `measure`)."""
-    from superopt.kernels import compile
-    from superopt.serialize import from_json
-
     candidate = from_json(job["candidate"])
     reference = from_json(job["reference"])
     scale = job.get("scale") or input_scale(reference, job["seed"])
@@ -198,8 +193,6 @@ def measure(
     """Compiles, checks against `reference` and times `candidate` in its own process; never raises for the
     candidate's faults. `scale`: the inputs' scale (default: `input_scale(reference)`, computed there; pass it
     when timing several candidates of one program); `module_dir`: where its generated modules go."""
-    from superopt.serialize import to_json
-
     job = {
         "candidate": to_json(candidate),
         "reference": to_json(reference),

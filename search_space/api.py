@@ -16,6 +16,7 @@ not cut the enumeration (the states budget cuts it per process).
 from __future__ import annotations
 
 import heapq
+import json
 import multiprocessing
 import os
 import sys
@@ -24,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from tqdm import tqdm
+
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.cost import predict
 from superopt.kernels.device import DeviceSpec, get_device
 from superopt.result import IDENTITY, Candidate, Verification
-from superopt.search_space.enumerator import BudgetExhausted, Counts, Plan, Problem, Searcher, make_problem
+from superopt.search_space.enumerator import Choice, Counts, Found, Plan, Problem, Searcher, make_problem
 from superopt.search_space.instantiate import Sizer, concrete, resize, small_env
 from superopt.search_space.presets import Preset, get_preset
 from superopt.serialize import graph_hash
@@ -98,8 +101,6 @@ class Progress:
         self.mode = ("bar" if sys.stderr.isatty() else "plain") if mode == "auto" else mode
         self.name, self.last, self.bar = name, 0.0, None
         if self.mode == "bar":
-            from tqdm import tqdm
-
             self.bar = tqdm(desc=f"search {name}", unit=" states", file=sys.stderr, leave=False)
 
     def update(self, stage: str, stats: SearchStats, force: bool = False) -> None:
@@ -111,8 +112,6 @@ class Progress:
             self.bar.set_postfix(fields, refresh=False)
         elif self.mode != "none" and (force or now - self.last >= 2.0):
             if self.mode == "json":
-                import json
-
                 print(json.dumps({"search": self.name, **fields}), file=sys.stderr, flush=True)
             else:
                 print(f"search {self.name}: " + ", ".join(f"{k} {v}" for k, v in fields.items()), file=sys.stderr)
@@ -130,19 +129,12 @@ _WORKER: Searcher | None = None
 
 def _worker_init(graph: KernelGraph, preset: Preset, prune: bool, deadline: float, max_states: int) -> None:
     global _WORKER
-    _WORKER = Searcher(make_problem(graph), preset, 1, deadline, max_states, prune)
+    _WORKER = Searcher(make_problem(graph), preset, deadline=deadline, max_states=max_states, prune=prune)
 
 
-def _worker_run(job: tuple[int, tuple]) -> tuple[list[Plan], Counts, bool]:
-    searcher = _WORKER
-    assert searcher is not None
-    searcher.depth, root = job
-    searcher.found, searcher.counts = [], Counts()
-    try:
-        searcher.run_root(root)
-    except BudgetExhausted:
-        return searcher.found, searcher.counts, True
-    return searcher.found, searcher.counts, False
+def _worker_run(job: tuple[int, Choice]) -> Found:
+    assert _WORKER is not None
+    return _WORKER.run(*job)
 
 
 def _enumerate(
@@ -158,33 +150,30 @@ def _enumerate(
         stats.plans = len(plans)
         bar.update(f"enumerate {searcher.depth} kernels", stats)
 
-    def collect(found: list[Plan], counts: Counts) -> None:
-        for plan in found:
+    def collect(found: Found) -> None:
+        for plan in found.plans:
             plans.setdefault(plan.key(), plan)
-        total.add(counts)
+        total.add(found.counts)
         report(Counts())
+        stats.exhausted |= found.cut
 
-    searcher = Searcher(problem, preset, 1, deadline, preset.max_states, prune, on_state=report)
+    searcher = Searcher(problem, preset, deadline=deadline, max_states=preset.max_states, prune=prune, on_state=report)
     pool = None
     if workers > 1:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
         pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline, preset.max_states))
     try:
         for depth in range(1, preset.kernel_ops + 1):
-            searcher.depth = depth
+            searcher.depth = depth  # for the progress line
             roots = searcher.roots()
             if pool is None:
-                try:
-                    for root in roots:
-                        searcher.run_root(root)
-                except BudgetExhausted:
-                    stats.exhausted = True
-                collect(searcher.found, searcher.counts)
-                searcher.found, searcher.counts = [], Counts()
+                for root in roots:
+                    collect(searcher.run(depth, root))
+                    if stats.exhausted:
+                        break
             else:
-                for found, counts, cut in pool.imap(_worker_run, [(depth, r) for r in roots]):
-                    collect(found, counts)
-                    stats.exhausted |= cut
+                for found in pool.imap(_worker_run, [(depth, r) for r in roots]):
+                    collect(found)
             if stats.exhausted:
                 break
             stats.depth = depth

@@ -59,6 +59,32 @@ class Tile:
         return (Tile, (self.shape, self.value, self.labels, self.after))
 
 
+@dataclass(frozen=True, order=True)  # ordered: block plans rank against each other
+class BlockInputPlan:
+    """A block input: the kernel tensor it reads, the tensor dim each grid axis splits (imap) and the loop's."""
+
+    tensor: int
+    imap: tuple[int | None, ...]
+    fmap: int | None
+
+
+@dataclass(frozen=True, order=True)  # ordered: block plans rank against each other
+class BlockOpPlan:
+    """A block op: its name, its operand tiles, and its attributes as (name, value) items."""
+
+    op: str
+    operands: tuple[int, ...]
+    attrs: tuple
+
+
+@dataclass(frozen=True, order=True)  # ordered: block plans rank against each other
+class BlockOutputPlan:
+    """A block output: the tile it writes and the output dim each grid axis concatenates along (omap)."""
+
+    tile: int
+    omap: tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class BlockPlan:
     """A block graph, symbolically. Grid axis a has size symbol g{index}_{a}; the loop has `loop_sym`."""
@@ -66,10 +92,10 @@ class BlockPlan:
     index: int
     axes: tuple[str, ...]  # the class symbol each grid axis splits
     loop: str | None  # the class the loop splits, an upstream grid symbol (tied), or None (no loop)
-    inputs: tuple[tuple[int, tuple[int | None, ...], int | None], ...]  # (kernel tensor, imap, fmap)
-    ops: tuple[tuple[str, tuple[int, ...], tuple], ...]  # (op, operand tiles, attrs as items)
+    inputs: tuple[BlockInputPlan, ...]
+    ops: tuple[BlockOpPlan, ...]
     tiles: tuple[Tile, ...]
-    outputs: tuple[tuple[int, tuple[int, ...]], ...] = ()  # (tile, omap)
+    outputs: tuple[BlockOutputPlan, ...] = ()
 
     @property
     def loop_sym(self) -> str | None:
@@ -89,6 +115,27 @@ class KernelOp:
     inputs: tuple[int, ...]
     attrs: tuple
     block: BlockPlan | None = None
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """A first-level (or any kernel-level) choice: a predefined op over kernel tensors."""
+
+    op: str
+    inputs: tuple[int, ...]
+    attrs: tuple
+
+
+@dataclass(frozen=True)
+class BlockChoice:
+    """A kernel-level choice: a graph-defined op over kernel tensors, with its grid axes' classes and its loop."""
+
+    inputs: tuple[int, ...]
+    axes: tuple[str, ...]
+    loop: str | None
+
+
+Choice = OpChoice | BlockChoice
 
 
 @dataclass(frozen=True)
@@ -116,6 +163,15 @@ class Counts:
     def add(self, other: Counts) -> None:
         for f in fields(self):
             setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+
+@dataclass
+class Found:
+    """What one run of the enumerator found: its plans in DFS order, its counts, and whether a budget cut it."""
+
+    plans: list[Plan]
+    counts: Counts
+    cut: bool = False
 
 
 class BudgetExhausted(Exception):
@@ -155,47 +211,86 @@ def _no_repeated_axis(labels: tuple[frozenset, ...]) -> bool:
     return True
 
 
-def infer(op: str, args: list[Tile], attrs: dict) -> tuple[tuple[Dim, ...], tuple[frozenset, ...]] | None:
-    """Symbolic output shape and labels of `op`, or None where the operands do not line up."""
-    kind = OPS[op].kind
+Shaped = tuple[tuple[Dim, ...], tuple[frozenset, ...]] | None  # an op's output shape and labels, or None
+
+
+def _same(args: list[Tile], attrs: dict) -> Shaped:
+    return args[0].shape, args[0].labels
+
+
+def _binary(args: list[Tile], attrs: dict) -> Shaped:
+    return _broadcast(args[0], args[1])
+
+
+def _matmul(args: list[Tile], attrs: dict) -> Shaped:
+    a, b = args
+    if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[-1] != b.shape[-2] or a.labels[-1] != b.labels[-2]:
+        return None
+    batch = _broadcast(Tile(a.shape[:-2], a.value, a.labels[:-2]), Tile(b.shape[:-2], b.value, b.labels[:-2]))
+    if batch is None:
+        return None
+    labels = batch[1] + (a.labels[-2], b.labels[-1])
+    return (batch[0] + (a.shape[-2], b.shape[-1]), labels) if _no_repeated_axis(labels) else None
+
+
+def _reduce(args: list[Tile], attrs: dict) -> Shaped:
+    a, d = args[0], attrs["dim"]
+    if attrs["keepdim"]:
+        return a.shape[:d] + (UNIT,) + a.shape[d + 1 :], a.labels[:d] + (frozenset(),) + a.labels[d + 1 :]
+    return a.shape[:d] + a.shape[d + 1 :], a.labels[:d] + a.labels[d + 1 :]
+
+
+def _concat(args: list[Tile], attrs: dict) -> Shaped:
+    (a, b), d = args, attrs["dim"]
+    if len(a.shape) != len(b.shape):
+        return None
+    if any((a.shape[k], a.labels[k]) != (b.shape[k], b.labels[k]) for k in range(len(a.shape)) if k != d):
+        return None
+    shape = a.shape[:d] + (("cat", a.shape[d], b.shape[d]),) + a.shape[d + 1 :]
+    return shape, a.labels[:d] + (a.labels[d] | b.labels[d],) + a.labels[d + 1 :]
+
+
+def _after_loop(labels: tuple[frozenset, ...]) -> tuple[frozenset, ...]:
+    return tuple(ls - {LOOP} for ls in labels)
+
+
+def _accum(args: list[Tile], attrs: dict) -> Shaped:
+    """Over loop iterations: the tile's shape, no longer split by the loop."""
+    return args[0].shape, _after_loop(args[0].labels)
+
+
+def _accum_last(args: list[Tile], attrs: dict) -> Shaped:
+    """Over loop iterations and the tile's last dim (which must be one piece, not a concatenation)."""
     a = args[0]
-    if kind in ("unary", "scalar", "norm"):
-        return a.shape, a.labels
-    if kind == "binary" or op == "accum_rescaled_sum":
-        out = _broadcast(a, args[1])
-        if out is None or (op == "accum_rescaled_sum" and out[0] != a.shape):
-            return None
-        return out if op != "accum_rescaled_sum" else (a.shape, tuple(ls - {LOOP} for ls in a.labels))
-    if kind == "matmul":
-        b = args[1]
-        if len(a.shape) < 2 or len(b.shape) < 2 or a.shape[-1] != b.shape[-2] or a.labels[-1] != b.labels[-2]:
-            return None
-        batch = _broadcast(Tile(a.shape[:-2], a.value, a.labels[:-2]), Tile(b.shape[:-2], b.value, b.labels[:-2]))
-        if batch is None:
-            return None
-        labels = batch[1] + (a.labels[-2], b.labels[-1])
-        return (batch[0] + (a.shape[-2], b.shape[-1]), labels) if _no_repeated_axis(labels) else None
-    if kind == "reduce":
-        d = attrs["dim"]
-        if attrs["keepdim"]:
-            return a.shape[:d] + (UNIT,) + a.shape[d + 1 :], a.labels[:d] + (frozenset(),) + a.labels[d + 1 :]
-        return a.shape[:d] + a.shape[d + 1 :], a.labels[:d] + a.labels[d + 1 :]
-    if kind == "concat":
-        b, d = args[1], attrs["dim"]
-        if len(a.shape) != len(b.shape):
-            return None
-        if any((a.shape[k], a.labels[k]) != (b.shape[k], b.labels[k]) for k in range(len(a.shape)) if k != d):
-            return None
-        shape = a.shape[:d] + (("cat", a.shape[d], b.shape[d]),) + a.shape[d + 1 :]
-        return shape, a.labels[:d] + (a.labels[d] | b.labels[d],) + a.labels[d + 1 :]
-    if kind == "accum":
-        labels = tuple(ls - {LOOP} for ls in a.labels)
-        if op in ("accum_sum", "accum_max"):
-            return a.shape, labels
-        if is_cat(a.shape[-1]):
-            return None
-        return a.shape[:-1] + (UNIT,), labels[:-1] + (frozenset(),)
-    raise SuperoptError(f"search: no shape rule for op '{op}'")
+    if is_cat(a.shape[-1]):
+        return None
+    return a.shape[:-1] + (UNIT,), _after_loop(a.labels)[:-1] + (frozenset(),)
+
+
+def _rescaled_sum(args: list[Tile], attrs: dict) -> Shaped:
+    out = _broadcast(args[0], args[1])
+    return None if out is None or out[0] != args[0].shape else _accum(args, attrs)
+
+
+# The shape rule of each op the search may add: rule(operand tiles, attrs) -> its output shape and labels.
+SHAPES: dict[str, Callable[[list[Tile], dict], Shaped]] = {
+    **{name: _same for name, d in OPS.items() if d.kind in ("unary", "scalar", "norm")},
+    **{name: _binary for name, d in OPS.items() if d.kind == "binary"},
+    **{name: _reduce for name, d in OPS.items() if d.kind == "reduce"},
+    "matmul": _matmul,
+    "concat": _concat,
+    "accum_sum": _accum,
+    "accum_max": _accum,
+    "accum_sum_last": _accum_last,
+    "accum_mean_last": _accum_last,
+    "accum_rms_last": _accum_last,
+    "accum_rescaled_sum": _rescaled_sum,
+}
+
+
+def infer(op: str, args: list[Tile], attrs: dict) -> Shaped:
+    """Symbolic output shape and labels of `op`, or None where the operands do not line up."""
+    return SHAPES[op](args, attrs)
 
 
 # --- the program ----------------------------------------------------------------------------------------------
@@ -279,19 +374,18 @@ def _rank(inputs: tuple[int, ...], op: str, attrs: tuple) -> tuple:
 
 @dataclass
 class Searcher:
-    """The DFS for plans of exactly `depth` kernels under a preset's limits (set `depth` for each pass; the
-    caches carry over); `roots` splits its first level for a process pool. Raises BudgetExhausted past
-    `deadline` (monotonic seconds) or `max_states` states; `found` keeps what was found until then."""
+    """The DFS for plans of exactly `depth` kernels under a preset's limits (`run` one first-level choice at a
+    time; the caches carry over between runs); `roots` splits its first level for a process pool. A run stops
+    past `deadline` (monotonic seconds) or `max_states` states over all runs."""
 
     problem: Problem
     preset: Preset
-    depth: int
+    depth: int = 1
     deadline: float = float("inf")
     max_states: int = 10**9  # in this process
     prune: bool = True
     on_state: Callable[[Counts], None] | None = None  # progress, every 256 states
     counts: Counts = field(default_factory=Counts)
-    found: list[Plan] = field(default_factory=list)
     visited: int = 0  # states over all passes, against max_states
     _blocks_memo: dict = field(default_factory=dict)
     _results: dict = field(default_factory=dict)
@@ -316,21 +410,28 @@ class Searcher:
 
     # -- kernel level --
 
-    def roots(self) -> list[tuple]:
-        """The first-level choices: ('op', op, inputs, attrs) or ('block', inputs, axes, loop)."""
+    def roots(self) -> list[Choice]:
+        """The first-level choices, the units a process pool shares out."""
         return list(self._kernel_choices(self.initial()))
 
-    def run_root(self, root: tuple) -> None:
-        """Appends the plans under one first-level choice to `found`, in DFS order."""
-        self._expand(self.initial(), root, self.found)
+    def run(self, depth: int, root: Choice) -> Found:
+        """The plans of exactly `depth` kernels under one first-level choice, in DFS order, with what the walk
+        counted; a budget that runs out cuts it short (`cut`), keeping what was found until then."""
+        self.depth, self.counts = depth, Counts()
+        plans: list[Plan] = []
+        try:
+            self._expand(self.initial(), root, plans)
+        except BudgetExhausted:
+            return Found(plans, self.counts, cut=True)
+        return Found(plans, self.counts)
 
-    def _expand(self, state: KernelState, choice: tuple, found: list[Plan]) -> None:
-        if choice[0] == "op":
-            nxt = self._add_kernel_op(state, KernelOp(choice[1], choice[2], choice[3]))
+    def _expand(self, state: KernelState, choice: Choice, found: list[Plan]) -> None:
+        if isinstance(choice, OpChoice):
+            nxt = self._add_kernel_op(state, KernelOp(choice.op, choice.inputs, choice.attrs))
             if nxt is not None:
                 self._kernel_dfs(nxt, found)
             return
-        for block in self._block_plans(state, *choice[1:]):
+        for block in self._block_plans(state, choice):
             nxt = self._add_graph_def(state, block)
             if nxt is not None:
                 self._kernel_dfs(nxt, found)
@@ -347,7 +448,7 @@ class Searcher:
             for choice in self._kernel_choices(state):
                 self._expand(state, choice, found)
 
-    def _kernel_choices(self, state: KernelState) -> Iterator[tuple]:
+    def _kernel_choices(self, state: KernelState) -> Iterator[Choice]:
         n = len(state.tensors)
         for op in self.kernel_op_names:
             d = OPS[op]
@@ -356,7 +457,7 @@ class Searcher:
                     continue
                 for attrs in self._attr_choices(op, len(state.tensors[inputs[0]].shape)):
                     if _rank(inputs, op, attrs) > state.last_rank:
-                        yield ("op", op, inputs, attrs)
+                        yield OpChoice(op, inputs, attrs)
         if state.graph_defs >= self.preset.graph_defs:
             return
         dangling = {k for k in range(len(self.problem.inputs), n) if state.uses[k] == 0}
@@ -365,7 +466,7 @@ class Searcher:
                 if not dangling <= set(inputs) or _rank(inputs, "graph_def", ())[:3] < state.last_rank[:3]:
                     continue
                 for axes, loop in self._maps_choices(state, inputs):
-                    yield ("block", inputs, axes, loop)
+                    yield BlockChoice(inputs, axes, loop)
 
     def _attr_choices(self, op: str, rank: int) -> list[tuple]:
         """The attributes tried for `op` on a first operand of rank `rank`."""
@@ -426,13 +527,13 @@ class Searcher:
     def _add_graph_def(self, state: KernelState, block: BlockPlan) -> KernelState | None:
         outs = []
         g = block.grid_syms()
-        for tile_idx, omap in block.outputs:
-            tile = block.tiles[tile_idx]
+        for bo in block.outputs:
+            tile = block.tiles[bo.tile]
             shape = list(tile.shape)
-            for a, d in enumerate(omap):
+            for a, d in enumerate(bo.omap):
                 shape[d] = dmul(shape[d], sym(g[a]))
             outs.append(Tile(tuple(shape), tile.value, tuple(frozenset() for _ in shape)))
-        op = KernelOp("graph_def", tuple(i for i, _, _ in block.inputs), (), block)
+        op = KernelOp("graph_def", tuple(bi.tensor for bi in block.inputs), (), block)
         rank = _rank(op.inputs, "graph_def", block.key())
         if rank <= state.last_rank:
             return None
@@ -485,12 +586,12 @@ class Searcher:
         factors = [s for s, e in shape[found[0]] if e > 0]
         return found[0] if len(factors) == 1 or (len(factors) == 2 and symbol.startswith("g")) else False
 
-    def _block_plans(self, state: KernelState, inputs: tuple[int, ...], axes: tuple[str, ...], loop: str | None):
-        """Every closed block graph over `inputs` with these maps (memoized)."""
-        key = (inputs, tuple(state.tensors[i] for i in inputs), axes, loop, state.graph_defs)
+    def _block_plans(self, state: KernelState, choice: BlockChoice) -> list[BlockPlan]:
+        """Every closed block graph over the choice's inputs with its maps (memoized)."""
+        key = (choice, tuple(state.tensors[i] for i in choice.inputs), state.graph_defs)
         plans = self._blocks_memo.get(key)
         if plans is None:
-            plans = self._blocks_memo[key] = list(self._open_block(state, inputs, axes, loop))
+            plans = self._blocks_memo[key] = list(self._open_block(state, choice.inputs, choice.axes, choice.loop))
         return plans
 
     def _open_block(self, state: KernelState, inputs: tuple[int, ...], axes: tuple[str, ...], loop: str | None):
@@ -511,9 +612,9 @@ class Searcher:
             if fmap is not None:
                 shape[fmap] = ddiv(shape[fmap], sym(loop_sym))
                 labels[fmap].add(LOOP)
-            maps.append((i, imap, fmap))
+            maps.append(BlockInputPlan(i, imap, fmap))
             tiles.append(Tile(tuple(shape), t.value, tuple(frozenset(x) for x in labels)))
-        if loop is not None and all(f is None for _, _, f in maps):
+        if loop is not None and all(bi.fmap is None for bi in maps):
             return
         plan = BlockPlan(plan.index, axes, loop, tuple(maps), (), tuple(tiles))
         yield from self._block_dfs(BlockState(plan, (0,) * len(tiles)))
@@ -593,7 +694,12 @@ class Searcher:
             self.counts.pruned_shape += 1
             return None
         new_plan = BlockPlan(
-            plan.index, plan.axes, plan.loop, plan.inputs, plan.ops + ((op, operands, attrs),), plan.tiles + (tile,)
+            plan.index,
+            plan.axes,
+            plan.loop,
+            plan.inputs,
+            plan.ops + (BlockOpPlan(op, operands, attrs),),
+            plan.tiles + (tile,),
         )
         return BlockState(new_plan, tuple(uses), rank)
 
@@ -621,6 +727,5 @@ class Searcher:
                 choices.append(dims if dims else free)
             omaps.append([m for m in itertools.product(*choices) if len(set(m)) == len(m)])
         for combo in itertools.product(*omaps):
-            yield BlockPlan(
-                plan.index, plan.axes, plan.loop, plan.inputs, plan.ops, plan.tiles, tuple(zip(dangling, combo))
-            )
+            outputs = tuple(BlockOutputPlan(k, m) for k, m in zip(dangling, combo))
+            yield BlockPlan(plan.index, plan.axes, plan.loop, plan.inputs, plan.ops, plan.tiles, outputs)

@@ -46,12 +46,12 @@ def block_graph(bp: BlockPlan, inputs: list[TensorType | Tensor], env: dict[str,
     """The block graph of `bp` at `env`; raises IRError where a split does not divide."""
     grid = [env[s] for s in bp.grid_syms()]
     block = BlockGraph(grid, env[bp.loop_sym] if bp.loop_sym else 1, block_size)
-    tiles = [block.input(src, imap, fmap) for src, (_, imap, fmap) in zip(inputs, bp.inputs)]
-    for op, operands, attrs in bp.ops:
-        tiles.append(block.op(op, *(tiles[i] for i in operands), **dict(attrs)))
-    for k, omap in bp.outputs:
-        out = tiles[k] if bp.loop_sym else block.accum_sum(tiles[k])  # a loop-free block: the identity accumulator
-        block.output(out, omap)
+    tiles = [block.input(src, bi.imap, bi.fmap) for src, bi in zip(inputs, bp.inputs)]
+    for bop in bp.ops:
+        tiles.append(block.op(bop.op, *(tiles[i] for i in bop.operands), **dict(bop.attrs)))
+    for bo in bp.outputs:
+        tile = tiles[bo.tile]
+        block.output(tile if bp.loop_sym else block.accum_sum(tile), bo.omap)  # loop-free: the identity accumulator
     return block
 
 

@@ -17,7 +17,7 @@ from superopt.errors import SuperoptError
 ELEMENTWISE = ("add", "sub", "mul", "div", "exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Preset:
     name: str
     kernel_ops: int  # kernel launches in a candidate
@@ -45,37 +45,106 @@ PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
         Preset(
-            "mlp", 2, 1, 6, 3, 1, 1, "required", False,
-            ("matmul", "mul", "div", "add", "silu", "gelu", "relu", "sigmoid", "accum_sum", "accum_rms_last"),
-            "one graph-defined kernel: one grid axis, a loop over a reduction dim, matmuls and an epilogue",
+            name="mlp",
+            kernel_ops=2,
+            graph_defs=1,
+            block_ops=6,
+            block_inputs=3,
+            block_outputs=1,
+            grid_axes=1,
+            loops="required",
+            split_reductions=False,
+            block_op_names=(
+                "matmul",
+                "mul",
+                "div",
+                "add",
+                "silu",
+                "gelu",
+                "relu",
+                "sigmoid",
+                "accum_sum",
+                "accum_rms_last",
+            ),  # fmt: skip
+            description="one graph-defined kernel: one grid axis, a loop over a reduction dim, matmuls and an epilogue",
         ),
         Preset(
-            "lora", 2, 1, 5, 4, 1, 1, "required", False,
-            ("matmul", "concat", "add", "accum_sum"),
-            "one graph-defined kernel over up to four inputs: matmuls, concatenation, accumulation",
+            name="lora",
+            kernel_ops=2,
+            graph_defs=1,
+            block_ops=5,
+            block_inputs=4,
+            block_outputs=1,
+            grid_axes=1,
+            loops="required",
+            split_reductions=False,
+            block_op_names=("matmul", "concat", "add", "accum_sum"),
+            description="one graph-defined kernel over up to four inputs: matmuls, concatenation, accumulation",
         ),
         Preset(
-            "attention", 4, 2, 5, 3, 2, 3, "required", True,
-            ("matmul", "exp", "div", "accum_sum", "accum_sum_last"),
-            "up to two graph-defined kernels (split-KV: partial sums, then a combine kernel), three grid axes",
+            name="attention",
+            kernel_ops=4,
+            graph_defs=2,
+            block_ops=5,
+            block_inputs=3,
+            block_outputs=2,
+            grid_axes=3,
+            loops="required",
+            split_reductions=True,
+            block_op_names=("matmul", "exp", "div", "accum_sum", "accum_sum_last"),
+            description="up to two graph-defined kernels (split-KV: partial sums, then a combine kernel), three grid "
+            "axes",
         ),
         Preset(
-            "attention_norm", 4, 2, 7, 3, 2, 3, "required", True,
-            ("matmul", "exp", "div", "rms_norm", "accum_sum", "accum_sum_last"),
-            "attention whose operands are rms-normalized (qk-norm): the norms on the tiles, up to seven block ops",
+            name="attention_norm",
+            kernel_ops=4,
+            graph_defs=2,
+            block_ops=7,
+            block_inputs=3,
+            block_outputs=2,
+            grid_axes=3,
+            loops="required",
+            split_reductions=True,
+            block_op_names=("matmul", "exp", "div", "rms_norm", "accum_sum", "accum_sum_last"),
+            description="attention whose operands are rms-normalized (qk-norm): the norms on the tiles, up to seven "
+            "block ops",
         ),
         Preset(
-            "norm", 2, 1, 5, 3, 1, 1, "never", False,
-            ("add", "sub", "mul", "div", "rms_norm"),
-            "one graph-defined kernel without a loop: whole rows per block, elementwise ops and norms",
+            name="norm",
+            kernel_ops=2,
+            graph_defs=1,
+            block_ops=5,
+            block_inputs=3,
+            block_outputs=1,
+            grid_axes=1,
+            loops="never",
+            split_reductions=False,
+            block_op_names=("add", "sub", "mul", "div", "rms_norm"),
+            description="one graph-defined kernel without a loop: whole rows per block, elementwise ops and norms",
         ),
         Preset(
-            "default", 3, 1, 5, 3, 1, 2, "optional", True,
-            ("matmul", *ELEMENTWISE, "rms_norm", "concat", "accum_sum", "accum_sum_last", "accum_rms_last"),
-            "one graph-defined kernel with up to two grid axes, a loop or none, any op",
+            name="default",
+            kernel_ops=3,
+            graph_defs=1,
+            block_ops=5,
+            block_inputs=3,
+            block_outputs=1,
+            grid_axes=2,
+            loops="optional",
+            split_reductions=True,
+            block_op_names=(
+                "matmul",
+                *ELEMENTWISE,
+                "rms_norm",
+                "concat",
+                "accum_sum",
+                "accum_sum_last",
+                "accum_rms_last",
+            ),  # fmt: skip
+            description="one graph-defined kernel with up to two grid axes, a loop or none, any op",
         ),
     )
-}  # fmt: skip
+}
 
 FUNCTION_OF = {  # op -> the function it puts in an abstract expression
     "exp": "exp", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid",

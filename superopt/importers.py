@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from superopt.errors import IRError, SpecError, SuperoptError
 from superopt.ir import KernelGraph, identifier
 from superopt.ops import DTYPES, TORCH_TO_IR, TensorType, infer, opdef
@@ -287,8 +289,6 @@ def map_aten(b: Builder, target: Any, args: Sequence[Any], kwargs: dict[str, Any
 def check_node(node: Any) -> None:
     """Raises Unsupported (or IRError) unless FX node `node`, an ATen call, maps to the IR with its operands as
     the program's inputs."""
-    import torch
-
     b = Builder("probe")
     env = {}
     for a in node.all_input_nodes:
@@ -315,8 +315,6 @@ def from_fx(graph: Any, name: str, input_name: Callable[[Any], str] = lambda nod
     """The program of an FX graph of ATen ops whose nodes carry meta["val"]: its placeholders (and get_attr
     weights) are the program's inputs, the output node's values its outputs. Raises Unsupported naming the first
     op without an IR form."""
-    import torch
-
     b = Builder(name)
     env: dict[Any, Any] = {}
 
@@ -369,8 +367,6 @@ def _first_line(e: Exception) -> str:
 
 def load_pt2(path: str | Path) -> KernelGraph:
     """The program of a torch.export program saved with torch.export.save (.pt2)."""
-    import torch
-
     path = Path(path)
     try:
         with _quiet():
@@ -437,7 +433,7 @@ def load_onnx(path: str | Path) -> KernelGraph:
     constants of one element, which fold into scalar ops. Needs the onnx package (`pip install superopt[onnx]`)."""
     path = Path(path)
     try:
-        import onnx
+        import onnx  # an optional dependency (the onnx extra): only ONNX files need it
         from onnx import helper, numpy_helper
     except ImportError:
         raise SpecError(f"{path}: reading ONNX models needs the onnx package: pip install 'superopt[onnx]'") from None

@@ -229,7 +229,7 @@ _ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """A safetensors file: 8-byte little-endian header length, a JSON header, then the raw tensors."""
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # an optional dependency; the reader below serves without it
     except ImportError:
         load_file = None
     if load_file is not None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from superopt import importers
 from superopt.errors import IRError, SpecError
 from superopt.ir import MAX_DIM, KernelGraph, Tensor
 from superopt.ops import OPS
@@ -297,8 +298,6 @@ def load(path: str | Path, dims: dict[str, int] | None = None) -> KernelGraph:
     if path.suffix in (".onnx", ".pt2"):
         if dims:
             raise SpecError(f"{path}: dims can be overridden only in YAML specs")
-        from superopt import importers  # torch.export and onnx load only for these files
-
         return importers.load(path)
     if path.suffix not in (".yaml", ".yml", ".json"):
         raise SpecError(f"{path}: unknown file type '{path.suffix}' (expected .yaml, .yml, .json, .onnx or .pt2)")

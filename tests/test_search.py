@@ -23,7 +23,7 @@ from superopt.kernels.device import DEVICES
 from superopt.ops import missing_rules
 from superopt.search_space import PRESETS, search
 from superopt.search_space import abstract_expr as ae
-from superopt.search_space.enumerator import Searcher, make_problem
+from superopt.search_space.enumerator import SHAPES, Searcher, make_problem
 from superopt.search_space.instantiate import concrete, fits, smem_bytes
 from superopt.serialize import from_json, graph_hash
 from superopt.spec import parse_spec
@@ -160,15 +160,18 @@ def test_subexpression_check():
     assert missing_rules(ae.RULES) == ["graph_def"]  # graph_def is expanded by the search itself
 
 
+def test_every_op_has_a_shape_rule():
+    assert missing_rules(SHAPES, "block") == []
+    assert missing_rules(SHAPES, "kernel") == ["graph_def"]  # a graph-defined op's shape is its block graph's
+
+
 # --- the enumerator: pruning keeps the known-good µGraph ------------------------------------------------------
 
 
 def _plans(graph: superopt.KernelGraph, preset, prune: bool) -> list:
-    searcher = Searcher(make_problem(graph), preset, 1, prune=prune)
-    for searcher.depth in range(1, preset.kernel_ops + 1):
-        for root in searcher.roots():
-            searcher.run_root(root)
-    return searcher.found
+    searcher = Searcher(make_problem(graph), preset, prune=prune)
+    depths = range(1, preset.kernel_ops + 1)
+    return [plan for depth in depths for root in searcher.roots() for plan in searcher.run(depth, root).plans]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))
