@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -128,12 +129,18 @@ def direct(recipe: dict, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
-def import_fused(name: str = "examples_fused"):
-    """examples/fused.py as a fresh module (it is a script, not a package; callers may change its tile knobs)."""
-    spec = importlib.util.spec_from_file_location(name, EXAMPLES / "fused.py")
+def import_file(path: Path, name: str):
+    """A script of the repository (an example, a benchmark) as a fresh module named `name`."""
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def import_fused(name: str = "examples_fused"):
+    """examples/fused.py as a fresh module (it is a script, not a package; callers may change its tile knobs)."""
+    return import_file(EXAMPLES / "fused.py", name)
 
 
 # Shrunk dims: each fused kernel still has several blocks and loop iterations, and each case runs in well under

@@ -3,7 +3,6 @@ CPU-side pieces."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from graphs import import_file, import_fused
 
 import superopt
 from superopt.kernels.timing import Measurement, bench, check, measure, relative_error
@@ -22,16 +22,8 @@ gpu = pytest.mark.gpu
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def _import(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-fused = _import(EXAMPLES / "fused.py", "examples_fused")
-peers = _import(ROOT / "benchmarks" / "peers.py", "benchmarks_peers")
+fused = import_fused()
+peers = import_file(ROOT / "benchmarks" / "peers.py", "benchmarks_peers")
 
 DIMS = {"B": 2, "D": 1024, "N": 256}
 
@@ -102,7 +94,7 @@ def test_peer_table_counts_wins_and_geometric_mean():
 def _tile_sweep():
     sys.path.insert(0, str(ROOT / "benchmarks"))  # tile_sweep imports its neighbour peers.py
     try:
-        return _import(ROOT / "benchmarks" / "tile_sweep.py", "benchmarks_tile_sweep")
+        return import_file(ROOT / "benchmarks" / "tile_sweep.py", "benchmarks_tile_sweep")
     finally:
         sys.path.remove(str(ROOT / "benchmarks"))
 

@@ -7,7 +7,6 @@ the axioms), and shared-memory sizes derived by hand.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import z3
+from graphs import import_fused
 
 import superopt
 from superopt.errors import IRError, SuperoptError
@@ -29,9 +29,7 @@ from superopt.serialize import from_json, graph_hash
 from superopt.spec import parse_spec
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-_spec = importlib.util.spec_from_file_location("examples_fused", EXAMPLES / "fused.py")
-fused = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fused)
+fused = import_fused()
 
 SMALL = {
     "rmsnorm_linear_bs1": {"B": 2, "D": 64, "N": 32},

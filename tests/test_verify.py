@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-from graphs import FUSED_SMALL
-from test_verify_field import fused_module
+from graphs import FUSED_SMALL, import_fused
+from pairs import DIFFERENT, EQUIVALENT, VEC, VERIFIED, graph
 
 import superopt
 from superopt.cli.verify_cmd import verify_command
@@ -19,97 +19,6 @@ from superopt.serialize import dump
 from superopt.verification import SignatureMismatch, verify
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-F32 = "float32"
-
-
-def graph(name: str, inputs: dict[str, tuple[int, ...]], body) -> superopt.KernelGraph:
-    """A kernel graph with float32 inputs; body(g, *inputs) returns its output tensor(s)."""
-    g = superopt.Graph(name)
-    ts = [g.input(n, s, F32) for n, s in inputs.items()]
-    outs = body(g, *ts)
-    for o in outs if isinstance(outs, tuple) else (outs,):
-        g.output(o)
-    return g
-
-
-MAT = {"a": (3, 4), "b": (4, 5), "c": (5, 2)}
-VEC = {"x": (3, 6), "y": (3, 6), "z": (3, 6)}
-ROWS = {"x": (3, 6), "w": (6, 4)}
-LORA = {"x": (2, 6), "w": (6, 5), "a": (6, 2), "b": (2, 5)}
-SOFTMAX = {"s": (3, 7)}
-
-
-def _softmax(g, s):
-    e = g.exp(s)
-    return g.div(e, g.sum(e, 1, keepdim=True))
-
-
-def _softmax_shifted(g, s):
-    e = g.exp(g.sub(s, g.max(s, 1, keepdim=True)))
-    return g.div(e, g.sum(e, 1, keepdim=True))
-
-
-def _row_scale(g, x):
-    return g.rsqrt(g.add_scalar(g.mean(g.square(x), 1, keepdim=True), 1e-6))  # 1 / rms(x), per row
-
-
-# Pairs of graphs equal as real functions: the rewrites the search relies on.
-EQUIVALENT = {
-    "matmul associativity": (
-        graph("l", MAT, lambda g, a, b, c: g.matmul(g.matmul(a, b), c)),
-        graph("r", MAT, lambda g, a, b, c: g.matmul(a, g.matmul(b, c))),
-    ),
-    "distributivity": (
-        graph("l", VEC, lambda g, x, y, z: g.mul(g.add(x, y), z)),
-        graph("r", VEC, lambda g, x, y, z: g.add(g.mul(x, z), g.mul(y, z))),
-    ),
-    "exp(a + b) = exp(a) exp(b)": (
-        graph("l", VEC, lambda g, x, y, z: g.exp(g.add(x, y))),
-        graph("r", VEC, lambda g, x, y, z: g.mul(g.exp(x), g.exp(y))),
-    ),
-    "division moved past a sum": (
-        graph("l", ROWS, lambda g, x, w: g.sum(g.mul(x, _row_scale(g, x)), 1, keepdim=True)),
-        graph("r", ROWS, lambda g, x, w: g.mul(g.sum(x, 1, keepdim=True), _row_scale(g, x))),
-    ),
-    "division moved past a matmul": (
-        graph("l", ROWS, lambda g, x, w: g.matmul(g.rms_norm(x, eps=1e-6), w)),
-        graph("r", ROWS, lambda g, x, w: g.mul(g.matmul(x, w), _row_scale(g, x))),
-    ),
-    "lora concat form": (
-        graph("l", LORA, lambda g, x, w, a, b: g.add(g.matmul(x, w), g.matmul(g.matmul(x, a), b))),
-        graph("r", LORA, lambda g, x, w, a, b: g.matmul(g.concat(x, g.matmul(x, a), 1), g.concat(w, b, 0))),
-    ),
-    "row max subtracted in softmax": (graph("l", SOFTMAX, _softmax), graph("r", SOFTMAX, _softmax_shifted)),
-    "silu = x * sigmoid(x)": (
-        graph("l", VEC, lambda g, x, y, z: g.silu(x)),
-        graph("r", VEC, lambda g, x, y, z: g.mul(x, g.sigmoid(x))),
-    ),
-    "x / sqrt(v) = x * rsqrt(v)": (
-        graph("l", VEC, lambda g, x, y, z: g.div(x, g.sqrt(g.add_scalar(g.square(y), 1.0)))),
-        graph("r", VEC, lambda g, x, y, z: g.mul(x, g.rsqrt(g.add_scalar(g.square(y), 1.0)))),
-    ),
-}
-
-
-def _online_softmax() -> tuple[superopt.KernelGraph, superopt.KernelGraph]:
-    """softmax(q @ k) @ v against a flash-attention block graph: running max, rescaled sums."""
-    shapes = {"q": (2, 3), "k": (3, 8), "v": (8, 2)}
-    spec = graph("spec", shapes, lambda g, q, k, v: g.matmul(_softmax(g, g.matmul(q, k)), v))
-    g = superopt.Graph("flash")
-    q, k, v = (g.input(n, s, F32) for n, s in shapes.items())
-    b = g.block_graph(grid=(1,), forloop_range=4)
-    s = b.matmul(b.input(q, imap=(None,)), b.input(k, imap=(None,), fmap=1))
-    m = b.max(s, 1, keepdim=True)
-    e = b.exp(b.sub(s, m))
-    num = b.accum_rescaled_sum(b.matmul(e, b.input(v, imap=(None,), fmap=0)), m)
-    den = b.accum_rescaled_sum(b.sum(e, 1, keepdim=True), m)
-    b.output(b.div(num, den), omap=(None,))
-    (o,) = g.graph_def(b)
-    g.output(o)
-    return spec, g
-
-
-EQUIVALENT["online softmax (accum_max, accum_rescaled_sum)"] = _online_softmax()
 
 
 @pytest.mark.parametrize("name", sorted(EQUIVALENT))
@@ -127,40 +36,10 @@ def test_known_rewrites_are_accepted(name):
 def test_small_rewrites_are_proved():
     for name in ("matmul associativity", "distributivity", "exp(a + b) = exp(a) exp(b)", "lora concat form"):
         assert verify(*EQUIVALENT[name], seed=0).method == "proved", name
-    assert verify(*_online_softmax(), seed=0).method == "proved"
+    assert verify(*EQUIVALENT["online softmax (accum_max, accum_rescaled_sum)"], seed=0).method == "proved"
 
 
 # Pairs that differ as real functions, several of them only through the opaque encodings.
-DIFFERENT = {
-    "matmul operands reassociated wrongly": (
-        graph("l", {"a": (3, 3), "b": (3, 3)}, lambda g, a, b: g.matmul(a, b)),
-        graph("r", {"a": (3, 3), "b": (3, 3)}, lambda g, a, b: g.matmul(b, a)),
-    ),
-    "eps changed": (
-        graph("l", ROWS, lambda g, x, w: g.rms_norm(x, eps=1e-6)),
-        graph("r", ROWS, lambda g, x, w: g.rms_norm(x, eps=1e-5)),
-    ),
-    "sqrt(x^2) is |x|, not x": (
-        graph("l", VEC, lambda g, x, y, z: g.sqrt(g.square(x))),
-        graph("r", VEC, lambda g, x, y, z: x),
-    ),
-    "sqrt(a + b) is not sqrt(a) + sqrt(b)": (
-        graph("l", VEC, lambda g, x, y, z: g.sqrt(g.add(g.square(x), g.square(y)))),
-        graph("r", VEC, lambda g, x, y, z: g.add(g.sqrt(g.square(x)), g.sqrt(g.square(y)))),
-    ),
-    "silu swapped for gelu": (
-        graph("l", VEC, lambda g, x, y, z: g.silu(x)),
-        graph("r", VEC, lambda g, x, y, z: g.gelu(x)),
-    ),
-    "relu(x) is not x": (graph("l", VEC, lambda g, x, y, z: g.relu(x)), graph("r", VEC, lambda g, x, y, z: x)),
-    "max over the wrong axis": (
-        graph("l", SOFTMAX, lambda g, s: g.sub(s, g.max(s, 1, keepdim=True))),
-        graph("r", SOFTMAX, lambda g, s: g.sub(s, g.max(g.neg(s), 1, keepdim=True))),
-    ),
-    "softmax without its denominator": (graph("l", SOFTMAX, _softmax), graph("r", SOFTMAX, lambda g, s: g.exp(s))),
-}
-
-
 @pytest.mark.parametrize("name", sorted(DIFFERENT))
 def test_known_differences_are_rejected_with_a_reproducible_counterexample(name):
     a, b = DIFFERENT[name]
@@ -217,13 +96,12 @@ def test_same_seed_same_verdict_fresh_seed_by_default():
 
 # --- the example candidates ---------------------------------------------------------------------------------
 
-VERIFIED = ("rmsnorm_linear_bs1", "gated_mlp", "lora", "gqa_bs1", "qknorm_gqa_bs1")
 CLI_LORA = {"B": 4, "D": 256, "N": 32, "R": 4}  # small enough, once shrunk, for z3 to prove
 
 
 @pytest.mark.parametrize("name", VERIFIED)
 def test_fused_candidates_verify_at_small_dims(name):
-    fused = fused_module().build(name, FUSED_SMALL[name])
+    fused = import_fused("examples_fused_for_verify").build(name, FUSED_SMALL[name])
     spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
     result = verify(spec, fused, seed=0)
     assert result.equivalent is True and result.method in ("proved", "tested")
@@ -252,7 +130,7 @@ def _invoke(*args: str):
 
 @pytest.fixture
 def files(tmp_path):
-    fused = fused_module().build("lora", CLI_LORA)
+    fused = import_fused("examples_fused_for_verify").build("lora", CLI_LORA)
     dump(fused, tmp_path / "fused.json")
     dims = ", ".join(f"{k}: {v}" for k, v in CLI_LORA.items())
     lines = (EXAMPLES / "lora.yaml").read_text().splitlines()

@@ -8,7 +8,7 @@ import random
 
 import pytest
 from click.testing import CliRunner
-from test_verify import graph
+from pairs import graph
 
 from superopt.cli.verify_cmd import verify_command
 from superopt.serialize import dump

@@ -184,12 +184,8 @@ def block_zoo() -> superopt.KernelGraph:
     return g
 
 
-def fused_module():
-    return import_fused("examples_fused_for_verify")
-
-
 def test_batched_executor_equals_the_literal_interpreter():
-    fused = fused_module()
+    fused = import_fused("examples_fused_for_verify")
     graphs = [
         block_zoo(),
         fused.build("rmsnorm_linear_bs1", {"B": 2, "D": 512, "N": 64}),

@@ -5,9 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from graphs import FUSED_SMALL
-from test_verify import DIFFERENT, VERIFIED, graph
-from test_verify_field import fused_module
+from graphs import FUSED_SMALL, import_fused
+from pairs import DIFFERENT, VERIFIED, graph
 
 import superopt
 from superopt.verification import float_gate, smt
@@ -38,7 +37,7 @@ def _softmax(g, q, k, shift: bool):
 
 @pytest.mark.parametrize("name", VERIFIED)
 def test_fused_candidates_pass_the_gate(name):
-    fused = fused_module().build(name, FUSED_SMALL[name])
+    fused = import_fused("examples_fused_for_verify").build(name, FUSED_SMALL[name])
     spec = superopt.load(EXAMPLES / f"{name}.yaml", dims=FUSED_SMALL[name])
     result = float_gate(fused, spec)
     assert result.passed, result.reason

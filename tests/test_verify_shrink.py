@@ -12,7 +12,7 @@ import torch
 from graphs import build, recipes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_verify_corpus import SOURCES, mutant, single_mutations
+from mutants import SOURCES, mutant, single_mutations
 
 import superopt
 from superopt.interpret import random_inputs
