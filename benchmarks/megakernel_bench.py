@@ -1,5 +1,5 @@
 """The megakernel on a GPU: Llama-3.2-1B and Qwen3-0.6B shapes, random bf16 weights, batch 1, 32-token prompt,
-128 new tokens (shared/ANCHORS.md, "The megakernel").
+128 new tokens (docs/workloads.md, "Decoder models").
 
 For each model it builds and runs the megakernel, then checks, each phase on its own (a failure is recorded and
 the rest still runs):

@@ -28,7 +28,7 @@ from superopt.kernels.lower import lower, padded, sums_after_loop, unrolled
 from superopt.ops import ACCUMULATORS, DTYPES, OPS, TensorType
 
 # Achievable fractions of the datasheet peaks: on the lent H100, copies reach 3.0 of 3.35 TB/s and a bf16
-# matmul about 800 of 989 TFLOP/s (shared/ANCHORS.md); on the H200 copies reach 4.19 of 4.8 TB/s, and the
+# matmul about 800 of 989 TFLOP/s (measured there); on the H200 copies reach 4.19 of 4.8 TB/s, and the
 # fastest weight-streaming GEMVs less (benchmarks/results/gemv_probe.md): 0.8 ranks the 235 candidates of
 # sweep_h200.md best among 0.6-0.9.
 DRAM_EFFICIENCY = 0.8

@@ -143,12 +143,13 @@ def _enumerate(
     """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the budget."""
     plans: dict[tuple, Plan] = {}
     total = Counts()
+    depth = 1
 
     def report(counts: Counts) -> None:
         for name in ("states", "pruned_abstract", "pruned_shape", "pruned_redundant"):
             setattr(stats, name, getattr(total, name) + getattr(counts, name))
         stats.plans = len(plans)
-        bar.update(f"enumerate {searcher.depth} kernels", stats)
+        bar.update(f"enumerate {depth} kernels", stats)
 
     def collect(found: Found) -> None:
         for plan in found.plans:
@@ -164,7 +165,6 @@ def _enumerate(
         pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline, preset.max_states))
     try:
         for depth in range(1, preset.kernel_ops + 1):
-            searcher.depth = depth  # for the progress line
             roots = searcher.roots()
             if pool is None:
                 for root in roots:

@@ -1,4 +1,5 @@
-"""The result cache: search results stored under a content-addressed key (DESIGN.md "Results and cache").
+"""The result cache: search results stored under a content-addressed key (docs/architecture.md, "Ranking, code
+and results").
 
 key = sha256 of the program's canonical hash (renaming-invariant; shapes, dtypes, attributes), the search
 settings that change the answer (preset, seed, prune; not the time budget), the device class and the superopt,

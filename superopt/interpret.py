@@ -55,7 +55,7 @@ def _sum_last(xs: list[torch.Tensor]) -> torch.Tensor:
 
 def _rescaled_sum(xs: list[torch.Tensor], ms: list[torch.Tensor]) -> torch.Tensor:
     top = torch.stack(ms).amax(0)
-    return sum(x * torch.exp(m - top) for x, m in zip(xs, ms))
+    return torch.stack([x * torch.exp(m - top) for x, m in zip(xs, ms)]).sum(0)
 
 
 # Accumulators: rule(per-iteration values of each operand, **attrs) -> tensor.

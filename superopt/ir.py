@@ -2,7 +2,7 @@
 
 A graph keeps its tensors by name (`tensors`), its ops in topological order (`ops`), and its inputs and outputs
 by name. Graphs are built through the builder methods (one per op of the table, generated below), which check
-every op as it is added: a graph that exists is well-formed. See shared/DESIGN.md, "The IR".
+every op as it is added: a graph that exists is well-formed. See docs/architecture.md, "The IR".
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ class Op:
 class Tensor:
     """A handle to a named tensor of a graph, returned by the builder methods."""
 
-    graph: KernelGraph | BlockGraph = field(repr=False, compare=False)
+    graph: _GraphBase = field(repr=False, compare=False)
     name: str
 
     @property
@@ -404,7 +404,8 @@ class KernelGraph(_GraphBase):
         """Adds a graph-defined op running `block`; its inputs default to the tensors given to block.input()."""
         if inputs is None and None in block.sources:
             raise IRError("graph_def: the block graph's inputs were given as types; pass inputs=[...]")
-        names = tuple(self._name(t) for t in (block.sources if inputs is None else inputs))
+        given = [t for t in block.sources if t is not None] if inputs is None else list(inputs)
+        names = tuple(self._name(t) for t in given)
         if len(names) != len(block.inputs):
             raise IRError(f"graph_def: the block graph has {len(block.inputs)} inputs, got {len(names)} tensors")
         for i, (name, bi) in enumerate(zip(names, block.inputs)):

@@ -32,6 +32,10 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _integer(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _number_json(x: float | None) -> float | str | None:
     """JSON has no inf or nan: they are written as the strings "inf", "-inf", "nan"."""
     return x if x is None or math.isfinite(x) else str(x)
@@ -57,32 +61,43 @@ class _Doc:
             raise ResultError(f"{self.where}.{key} is {brief(value)}, not {what}")
         return value
 
-    def num(self, key: str, optional: bool = False) -> float | None:
-        value = self._get(key, _finite, "a finite number", optional)
+    def number(self, key: str) -> float:
+        return float(self._get(key, _finite, "a finite number", False))
+
+    def maybe_number(self, key: str) -> float | None:
+        value = self._get(key, _finite, "a finite number", True)
         return None if value is None else float(value)
 
-    def measure(self, key: str, optional: bool = True) -> float | None:
-        """A number that may be null or infinite (written as a string), and may be missing if `optional`."""
-        value = self._get(key, lambda x: x is None or _finite(x) or x in ("inf", "-inf", "nan"), "a number", optional)
+    def measure(self, key: str) -> float | None:
+        """A measured number: missing, null, finite, or infinite (written as a string)."""
+        value = self._get(key, lambda x: _finite(x) or x in ("inf", "-inf", "nan"), "a number", True)
         return None if value is None else float(value)
 
-    def int(self, key: str, optional: bool = False) -> int | None:
-        return self._get(key, lambda x: isinstance(x, int) and not isinstance(x, bool), "an integer", optional)
+    def integer(self, key: str) -> int:
+        return int(self._get(key, _integer, "an integer", False))
 
-    def str(self, key: str, optional: bool = False) -> str | None:
-        return self._get(key, lambda x: isinstance(x, str), "a string", optional)
+    def maybe_integer(self, key: str) -> int | None:
+        value = self._get(key, _integer, "an integer", True)
+        return None if value is None else int(value)
 
-    def bool(self, key: str) -> bool:
-        return self._get(key, lambda x: isinstance(x, bool), "true or false", False)
+    def text(self, key: str) -> str:
+        return str(self._get(key, lambda x: isinstance(x, str), "a string", False))
+
+    def maybe_text(self, key: str) -> str | None:
+        value = self._get(key, lambda x: isinstance(x, str), "a string", True)
+        return None if value is None else str(value)
+
+    def flag(self, key: str) -> bool:
+        return bool(self._get(key, lambda x: isinstance(x, bool), "true or false", False))
 
     def hash(self, key: str) -> str:
-        return self._get(key, lambda x: isinstance(x, str) and _HASH.fullmatch(x), "64 hex digits", False)
+        return str(self._get(key, lambda x: isinstance(x, str) and _HASH.fullmatch(x), "64 hex digits", False))
 
     def obj(self, key: str) -> _Doc:
         return _Doc(self._get(key, lambda x: True, "", False), f"{self.where}.{key}")
 
-    def list(self, key: str) -> list[Any]:
-        return self._get(key, lambda x: isinstance(x, list), "a list", False)
+    def items(self, key: str) -> list[Any]:
+        return list(self._get(key, lambda x: isinstance(x, list), "a list", False))
 
     def graph(self, key: str) -> KernelGraph:
         try:
@@ -111,8 +126,8 @@ class Verification:
     @classmethod
     def from_json(cls, doc: Any, where: str) -> Verification:
         d = _Doc(doc, where)
-        tests, bound, checked = d.int("tests", True) or 0, d.num("bound", True) or 0.0, d.str("checked", True) or ""
-        return cls(d.str("method"), tests, bound, d.int("seed", True), checked)
+        tests, bound = d.maybe_integer("tests") or 0, d.maybe_number("bound") or 0.0
+        return cls(d.text("method"), tests, bound, d.maybe_integer("seed"), d.maybe_text("checked") or "")
 
 
 IDENTITY = Verification("identity", checked="the input program itself")
@@ -167,11 +182,11 @@ class Trial:
     @classmethod
     def from_json(cls, d: _Doc) -> Trial | None:
         """The trial fields of a candidate's object, or None where it was not tried."""
-        status = d.str("status", True)
+        status = d.maybe_text("status")
         if status is None:
             return None
         measured, error = d.measure("measured_us"), d.measure("error_vs_tolerance")
-        return cls(status, measured, error, d.str("checked_on", True), d.str("message", True))
+        return cls(status, measured, error, d.maybe_text("checked_on"), d.maybe_text("message"))
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,7 @@ class Baseline:
     @classmethod
     def from_json(cls, doc: Any, where: str) -> Baseline:
         d = _Doc(doc, where)
-        return cls(d.str("status"), d.num("median_us", True), d.str("message", True))
+        return cls(d.text("status"), d.maybe_number("median_us"), d.maybe_text("message"))
 
 
 @dataclass(frozen=True)
@@ -214,9 +229,20 @@ class Row:
     def from_json(cls, doc: Any, where: str) -> Row:
         d = _Doc(doc, where)
         prefix = "speedup_vs_"
-        speedups = {k[len(prefix) :]: d.num(k) for k in d.doc if k.startswith(prefix)}
-        head = d.int("rank"), d.str("hash"), d.str("source"), d.int("kernels"), d.measure("predicted_us", False)
-        return cls(*head, Trial.from_json(d), speedups, d.num("fraction_of_floor", True))
+        speedups = {k[len(prefix) :]: d.number(k) for k in d.doc if k.startswith(prefix)}
+        predicted = d.measure("predicted_us")
+        if predicted is None:
+            raise ResultError(f"{where}.predicted_us is missing")
+        return cls(
+            d.integer("rank"),
+            d.text("hash"),
+            d.text("source"),
+            d.integer("kernels"),
+            predicted,
+            Trial.from_json(d),
+            speedups,
+            d.maybe_number("fraction_of_floor"),
+        )
 
 
 @dataclass(frozen=True)
@@ -290,17 +316,17 @@ class Result:
         d = _Doc(doc, "result")
         s = d.obj("settings")
         settings = {
-            "preset": s.str("preset", True),
-            "budget_s": s.num("budget_s"),
-            "seed": s.int("seed"),
-            "prune": s.bool("prune"),
-            "device": s.str("device"),
+            "preset": s.maybe_text("preset"),
+            "budget_s": s.number("budget_s"),
+            "seed": s.integer("seed"),
+            "prune": s.flag("prune"),
+            "device": s.text("device"),
         }
         versions = d.obj("versions")
         b = d.obj("best")
         verify = Verification.from_json(b.obj("verify").doc, "result.best.verify")
         best = Candidate(
-            b.graph("graph"), b.hash("hash"), b.int("kernels"), b.num("predicted_us"), verify, b.str("source")
+            b.graph("graph"), b.hash("hash"), b.integer("kernels"), b.number("predicted_us"), verify, b.text("source")
         )
         program = d.graph("program")
         if d.hash("program_hash") != graph_hash(program):
@@ -315,20 +341,20 @@ class Result:
         if search is not None and not isinstance(search, dict):
             raise ResultError(f"result.search is {brief(search)}, not an object")
         return cls(
-            name=d.str("name"),
+            name=d.text("name"),
             program=program,
             settings=settings,
-            device=d.str("device"),
-            gpu=d.str("gpu", True),
-            versions={k: versions.str(k) for k in versions.doc},
-            floor_us=d.num("floor_us"),
+            device=d.text("device"),
+            gpu=d.maybe_text("gpu"),
+            versions={k: versions.text(k) for k in versions.doc},
+            floor_us=d.number("floor_us"),
             best=best,
             best_trial=Trial.from_json(b),
-            candidates=tuple(Row.from_json(r, f"result.candidates[{k}]") for k, r in enumerate(d.list("candidates"))),
-            candidates_total=d.int("candidates_total"),
+            candidates=tuple(Row.from_json(r, f"result.candidates[{k}]") for k, r in enumerate(d.items("candidates"))),
+            candidates_total=d.integer("candidates_total"),
             baselines={n: Baseline.from_json(x, f"result.baselines.{n}") for n, x in d.obj("baselines").doc.items()},
             key=d.hash("key"),
-            created=d.str("created"),
-            seconds=d.num("seconds"),
+            created=d.text("created"),
+            seconds=d.number("seconds"),
             search=search,
         )

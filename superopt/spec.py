@@ -1,4 +1,4 @@
-"""Program specs (YAML, DESIGN.md "Program spec") and `load` for specs and JSON graphs.
+"""Program specs (YAML; README.md, "Quickstart") and `load` for specs and JSON graphs.
 
 Op lines are parsed with `ast` and read through a whitelist: assignments of calls to ops of the table, tensor
 and dim names, number constants, lists of those, and the operators + - * / @ as sugar for add, sub, mul

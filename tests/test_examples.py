@@ -1,4 +1,4 @@
-"""The example specs: ANCHORS.md's workloads at its shapes, computing the programs torch writes for them; and the
+"""The example specs: docs/workloads.md's workloads at its shapes, computing the programs torch writes for them; and the
 hand-fused µGraphs of examples/fused.py, which must equal their specs and their committed JSON forms."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 fused = import_fused()
 
-# ANCHORS.md's table, fp16: the input shapes of each workload in order, and the output shape.
+# docs/workloads.md's table, fp16: the input shapes of each workload in order, and the output shape.
 SHAPES = {
     "rmsnorm_linear_bs1": ({"x": (2, 4096), "w": (4096, 6144)}, (2, 6144)),
     "rmsnorm_linear_bs8": ({"x": (16, 4096), "w": (4096, 6144)}, (16, 6144)),

@@ -245,7 +245,7 @@ def test_floor_of_a_program():
     assert f.dram_bytes == bytes_
     assert f.memory_us == pytest.approx(bytes_ / 3.35e12 * 1e6)
     assert f.tensor_flops == 2 * 2 * 4096 * 6144
-    assert f.us == f.memory_us > f.compute_us  # memory-bound, as ANCHORS.md says
+    assert f.us == f.memory_us > f.compute_us  # memory-bound, as docs/workloads.md says
     # and the fused form's prediction stays above it
     assert predict(fused.build("rmsnorm_linear_bs1"), H100).us > f.us
 

@@ -59,7 +59,7 @@ def qwen() -> Model:
 def test_specs_read_fields_and_config_json() -> None:
     llama, qwen = load_spec(MODELS / "llama-3.2-1b.yaml").config, load_spec(MODELS / "qwen3-0.6b.yaml").config
     assert (llama.hidden, llama.layers, llama.group, llama.rope_scaling["factor"]) == (2048, 16, 4, 32.0)
-    assert llama.weight_bytes() == pytest.approx(2.47e9, rel=0.01)  # ANCHORS.md: 2.47 GB read a step
+    assert llama.weight_bytes() == pytest.approx(2.47e9, rel=0.01)  # docs/workloads.md: 2.47 GB read a step
     assert (qwen.qk_norm, qwen.head_dim * qwen.heads, qwen.hidden) == (True, 2048, 1024)
     tiny = load_spec(MODELS / "tiny-qwen3.yaml")  # `model:` names an HF config.json
     assert (tiny.config.arch, tiny.config.tie_embeddings, tiny.seed) == ("qwen3", False, 1)

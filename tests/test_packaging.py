@@ -1,4 +1,4 @@
-"""A plain `pip install .` (not editable) installs the four subpackages under superopt/ (DESIGN.md)."""
+"""A plain `pip install .` (not editable) installs the four subpackages under superopt/ (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     )
     (wheel,) = tmp_path.glob("superopt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for sub in ("search_space", "verify", "kernels", "cli"):
+    for sub in ("search_space", "verification", "kernels", "cli"):
         assert f"superopt/{sub}/__init__.py" in names
     assert "superopt/cli/main.py" in names
     assert any(n.endswith("entry_points.txt") for n in names)
