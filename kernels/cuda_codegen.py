@@ -24,6 +24,7 @@ CUDA_EXPR: dict[str, str] = {
     "exp": "expf({0})",
     "silu": "{0} / (1.0f + expf(-{0}))",
     "gelu": "0.5f * {0} * (1.0f + erff({0} * 0.70710678118654752f))",
+    "gelu_tanh": "0.5f * {0} * (1.0f + tanhf(0.7978845608028654f * ({0} + 0.044715f * {0} * {0} * {0})))",
     "relu": "fmaxf({0}, 0.0f)",
     "sigmoid": "1.0f / (1.0f + expf(-{0}))",
     "sqrt": "sqrtf({0})",

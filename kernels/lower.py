@@ -109,6 +109,8 @@ def _lower_pointwise(graph: KernelGraph, op: Op) -> BlockGraph:
         base, whole = ins[0].shape, {op.attrs["dim"]}
     elif kind == "norm":
         base, whole = ins[0].shape, {len(out.shape) - 1}
+    elif kind == "rope":
+        base, whole = out.shape, {len(out.shape) - 1}
     elif kind == "concat":
         base, whole = out.shape, {op.attrs["dim"]}
     else:

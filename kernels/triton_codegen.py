@@ -212,6 +212,8 @@ UNARY = {
     "exp": ("tl.exp({x})", False),
     "silu": ("{x} * tl.sigmoid({x})", True),
     "gelu": ("0.5 * {x} * (1.0 + tl.math.erf({x} * 0.7071067811865476))", True),  # torch's exact (erf) gelu
+    # gelu's tanh form, tanh(u) written 2 sigmoid(2u) - 1, with 2 sqrt(2 / pi) = 1.5957691216057308
+    "gelu_tanh": ("{x} * tl.sigmoid(1.5957691216057308 * ({x} + 0.044715 * {x} * {x} * {x}))", True),
     "relu": ("tl.maximum({x}, 0.0)", True),
     "sigmoid": ("tl.sigmoid({x})", False),
     "sqrt": ("tl.sqrt({x})", True),
@@ -304,6 +306,39 @@ def _rms_norm(em: Emitter, op: Op, args: list[Value]) -> Value:
     ms = _reduce_value(em, "sum", _square(em, x), last, True)
     rms = em.assign(f"tl.sqrt({_atom(ms.expr)} / {x.shape[last]} + {op.attrs['eps']!r})", "rms")
     return _map_tiles(x, lambda t: Tile(f"{t.expr} / {rms}", t.shape, t.zero_pads))
+
+
+def _layer_norm(em: Emitter, op: Op, args: list[Value]) -> Value:
+    """x minus its mean, over the square root of the mean square of that (its padding masked: it is -mean)."""
+    x = em.var_value(args[0])
+    last = len(x.shape) - 1
+    n = x.shape[last]
+    mean = em.assign(f"{_atom(_reduce_value(em, 'sum', x, last, True).expr)} / {n}", "mean")
+    centered = em.var_value(_map_tiles(x, lambda t: Tile(f"{t.expr} - {mean}", t.shape, False)))
+    ms = _reduce_value(em, "sum", _square(em, centered), last, True)
+    rms = em.assign(f"tl.sqrt({_atom(ms.expr)} / {n} + {op.attrs['eps']!r})", "rms")
+    return _map_tiles(centered, lambda t: Tile(f"{t.expr} / {rms}", t.shape, False))
+
+
+def _rope(em: Emitter, op: Op, args: list[Value]) -> Value:
+    """x * cos + rotate_half(x) * sin. rotate_half is a signed permutation of the last dim, applied as a sum
+    over x's last dim against its +-1 matrix (exact, and free of tl.dot's limits on small tiles)."""
+    x, cos, sin = args
+    if any(isinstance(v, Pieces) for v in args):
+        raise CodegenError("rope: a concatenated operand is not supported")
+    x = em.var(x)
+    rank, half = len(x.shape), x.shape[-1] // 2
+    k = em.index(x.shape[-1])
+    src, dst = f"{k}[:, None]", f"{k}[None, :]"  # x's index, rotate_half's
+    sign = em.assign(
+        f"tl.where(({src} == {dst} + {half}) & ({dst} < {half}), -1.0, "
+        f"tl.where(({src} + {half} == {dst}) & ({dst} >= {half}), 1.0, 0.0))",
+        "rotate",
+    )
+    rotated = Tile(f"tl.sum({_insert_none(x.expr, rank, rank)} * {sign}, axis={rank - 1})", x.shape, False)
+    terms = [_binary(em, Op("mul", (), ()), [x, cos]), _binary(em, Op("mul", (), ()), [rotated, sin])]
+    out = _binary(em, Op("add", (), ()), terms)
+    return out
 
 
 def _map_tiles(x: Value, fn: Callable[[Tile], Tile]) -> Value:
@@ -399,6 +434,8 @@ EMIT: dict[str, Callable[[Emitter, Op, list[Value]], Value]] = {
     "max": _reduce,
     "mean": _reduce,
     "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "rope": _rope,
     "matmul": _matmul,
     "concat": _concat,
 }

@@ -209,15 +209,32 @@ def _accum_last(ctx: Ctx, a: Value, fn: Callable[[Monomial, Poly], Poly]) -> Val
     return None if last is None else fn(dmul(ctx.loop, last), a)
 
 
-def _rms_norm(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
-    (x,) = args
-    if isinstance(x, Cat):
-        if x.dim == -1:
-            return None
-        parts = [_rms_norm(ctx, (p,)) for p in (x.left, x.right)]
-        return None if None in parts else Cat(x.dim, parts[0], parts[1], x.sizes)
-    n = _last_size(ctx.shapes[0])
-    return None if n is None else div(x, rms(n, x))
+def _per_row(fn: Callable[[Monomial, Poly], Poly]) -> Callable[[Ctx, tuple[Value, ...]], Value | None]:
+    """An op over the last dim: the parts of a concatenation along another dim each normalized on their own."""
+
+    def rule(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
+        (x,) = args
+        if isinstance(x, Cat):
+            if x.dim == -1:
+                return None
+            parts = [rule(ctx, (p,)) for p in (x.left, x.right)]
+            return None if None in parts else Cat(x.dim, parts[0], parts[1], x.sizes)
+        n = _last_size(ctx.shapes[0])
+        return None if n is None else fn(n, x)
+
+    return rule
+
+
+def _layer_norm(n: Monomial, x: Poly) -> Poly:
+    """x minus its mean (a sum, with signs and constants forgotten), then normalized as rms_norm is."""
+    centered = add(x, sum_(n, x))
+    return div(centered, rms(n, centered))
+
+
+def _rope(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
+    """x * cos + rotate_half(x) * sin: with indices and signs forgotten, rotate_half(x) is x."""
+    x, cos, sin = args
+    return None if any(isinstance(a, Cat) for a in args) else add(mul(x, cos), mul(x, sin))
 
 
 def _concat(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
@@ -241,7 +258,7 @@ RULES: dict[str, Callable[[Ctx, tuple[Value, ...]], Value | None]] = {
     "sub": _elementwise(add),
     "mul": _elementwise(mul),
     "div": _elementwise(div),
-    **{f: _function(f) for f in ("exp", "silu", "gelu", "relu", "sigmoid", "sqrt")},
+    **{f: _function(f) for f in ("exp", "silu", "gelu", "gelu_tanh", "relu", "sigmoid", "sqrt")},
     "rsqrt": _elementwise(lambda x: div(frozenset({ONE}), sqrt(x))),
     "square": _elementwise(lambda x: mul(x, x)),
     "neg": _same,
@@ -250,7 +267,9 @@ RULES: dict[str, Callable[[Ctx, tuple[Value, ...]], Value | None]] = {
     "sum": lambda ctx, args: _reduce_dim(ctx, args[0], sum_),
     "mean": lambda ctx, args: _reduce_dim(ctx, args[0], sum_),
     "max": lambda ctx, args: _reduce_dim(ctx, args[0], lambda n, x: atom(("max", n, x))),
-    "rms_norm": _rms_norm,
+    "rms_norm": _per_row(lambda n, x: div(x, rms(n, x))),
+    "layer_norm": _per_row(_layer_norm),
+    "rope": _rope,
     "concat": _concat,
     "accum_sum": lambda ctx, args: _elementwise(lambda x: sum_(ctx.loop, x))(ctx, args),
     "accum_sum_last": lambda ctx, args: _accum_last(ctx, args[0], sum_),

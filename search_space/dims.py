@@ -101,7 +101,7 @@ def dim_classes(graph: KernelGraph) -> tuple[dict[str, tuple[Dim, ...]], dict[st
                 for k in range(3, r + 1):
                     if graph.tensors[t].shape[-k] != 1:
                         union((out, ro - k), (t, r - k))
-        elif kind in ("unary", "scalar", "norm", "binary"):
+        elif kind in ("unary", "scalar", "norm", "binary", "rope"):
             for src in op.inputs:
                 aligned(out, src)
         elif kind == "reduce":

@@ -250,6 +250,18 @@ def _concat(args: list[Tile], attrs: dict) -> Shaped:
     return shape, a.labels[:d] + (a.labels[d] | b.labels[d],) + a.labels[d + 1 :]
 
 
+def _rope(args: list[Tile], attrs: dict) -> Shaped:
+    """x's shape, cos and sin broadcast to it; the last dim whole in a tile (its halves pair up)."""
+    x = args[0]
+    if x.labels[-1]:
+        return None
+    for t in args[1:]:
+        out = _broadcast(x, t)
+        if out is None or out != (x.shape, x.labels):
+            return None
+    return x.shape, x.labels
+
+
 def _after_loop(labels: tuple[frozenset, ...]) -> tuple[frozenset, ...]:
     return tuple(ls - {LOOP} for ls in labels)
 
@@ -278,6 +290,7 @@ SHAPES: dict[str, Callable[[list[Tile], dict], Shaped]] = {
     **{name: _binary for name, d in OPS.items() if d.kind == "binary"},
     **{name: _reduce for name, d in OPS.items() if d.kind == "reduce"},
     "matmul": _matmul,
+    "rope": _rope,
     "concat": _concat,
     "accum_sum": _accum,
     "accum_max": _accum,

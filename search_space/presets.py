@@ -14,7 +14,10 @@ from dataclasses import dataclass
 
 from superopt.errors import SuperoptError
 
-ELEMENTWISE = ("add", "sub", "mul", "div", "exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg")
+ELEMENTWISE = (
+    *("add", "sub", "mul", "div", "exp", "silu", "gelu", "gelu_tanh", "relu", "sigmoid", "sqrt", "rsqrt"),
+    *("square", "neg"),
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -119,8 +122,9 @@ PRESETS: dict[str, Preset] = {
             grid_axes=1,
             loops="never",
             split_reductions=False,
-            block_op_names=("add", "sub", "mul", "div", "rms_norm"),
-            description="one graph-defined kernel without a loop: whole rows per block, elementwise ops and norms",
+            block_op_names=("add", "sub", "mul", "div", "rms_norm", "layer_norm", "rope"),
+            description="one graph-defined kernel without a loop: whole rows per block, elementwise ops, norms and "
+            "rotary embeddings",
         ),
         Preset(
             name="default",
@@ -147,8 +151,8 @@ PRESETS: dict[str, Preset] = {
 }
 
 FUNCTION_OF = {  # op -> the function it puts in an abstract expression
-    "exp": "exp", "silu": "silu", "gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid",
-    "sqrt": "sqrt", "rsqrt": "sqrt", "rms_norm": "sqrt", "accum_rms_last": "sqrt",
+    "exp": "exp", "silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_tanh", "relu": "relu", "sigmoid": "sigmoid",
+    "sqrt": "sqrt", "rsqrt": "sqrt", "rms_norm": "sqrt", "layer_norm": "sqrt", "accum_rms_last": "sqrt",
     "max": "max", "accum_max": "max", "accum_rescaled_sum": "max",
 }  # fmt: skip
 
@@ -160,8 +164,15 @@ def get_preset(name: str | None) -> Preset:
     return preset
 
 
+# Ops tried only where the program has one of these: abstract expressions forget signs, so sub would repeat every
+# add; and forget indices, so rope (x * cos + rotate_half(x) * sin) would pass for any x * cos + x * sin.
+ONLY_IF_PROGRAM_HAS = {"sub": {"sub", "neg"}, "rope": {"rope"}}
+
+
 def usable(ops: tuple[str, ...], functions: set[str], program_ops: set[str]) -> tuple[str, ...]:
-    """The ops whose function, if any, the program computes; sub only where the program subtracts (abstract
-    expressions forget signs, so sub would repeat every add)."""
+    """The ops whose function, if any, the program computes, and those of ONLY_IF_PROGRAM_HAS it asks for."""
     keep = functions | {""}
-    return tuple(op for op in ops if FUNCTION_OF.get(op, "") in keep and (op != "sub" or program_ops & {"sub", "neg"}))
+    wanted = {op: ONLY_IF_PROGRAM_HAS.get(op) for op in ops}
+    return tuple(
+        op for op in ops if FUNCTION_OF.get(op, "") in keep and (wanted[op] is None or program_ops & wanted[op])
+    )

@@ -222,6 +222,16 @@ def _rms_norm(b: Builder, x: Val, shape: Any, weight: Any = None, eps: Any = Non
     return b.add("mul", y, weight) if weight is not None else y
 
 
+def _layer_norm(
+    b: Builder, x: Val, shape: Any, weight: Any = None, bias: Any = None, eps: float = 1e-5, *rest: Any
+) -> Val:
+    if len(shape) != 1:
+        raise Unsupported("layer_norm over more than the last dim")
+    y = b.add("layer_norm", x, eps=float(eps))
+    y = b.add("mul", y, weight) if weight is not None else y
+    return b.add("add", y, bias) if bias is not None else y
+
+
 def _linear(b: Builder, x: Val, w: Val, bias: Any = None) -> Val:
     y = b.add("matmul", x, b.transpose_of(w))
     return b.add("add", y, bias) if bias is not None else y
@@ -235,9 +245,10 @@ def _softmax(b: Builder, x: Val, dim: int, *flags: Any) -> Val:
 
 
 def _gelu(b: Builder, x: Val, approximate: str = "none") -> Val:
-    if approximate != "none":
-        raise Unsupported(f"gelu(approximate='{approximate}') (the IR's gelu is the exact one)")
-    return b.add("gelu", x)
+    ops = {"none": "gelu", "tanh": "gelu_tanh"}
+    if approximate not in ops:
+        raise Unsupported(f"gelu(approximate='{approximate}') (the IR has the exact gelu and gelu_tanh)")
+    return b.add(ops[approximate], x)
 
 
 def _cat(b: Builder, tensors: Sequence[Val], dim: int = 0) -> Val:
@@ -256,6 +267,7 @@ ATEN: dict[str, Callable[..., Val]] = {
     **{f"aten.{op}.default": lambda b, x, y: b.add("matmul", x, y) for op in ("matmul", "mm", "bmm")},
     "aten.linear.default": _linear,
     "aten.rms_norm.default": _rms_norm,
+    "aten.layer_norm.default": _layer_norm,
     "aten.sum.dim_IntList": _reduce("sum"),
     "aten.mean.dim": _reduce("mean"),
     "aten.amax.default": _reduce("max"),

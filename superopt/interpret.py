@@ -23,6 +23,17 @@ def _rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x / torch.sqrt(x.square().mean(-1, keepdim=True) + eps)
 
 
+def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
+    centered = x - x.mean(-1, keepdim=True)
+    return centered / torch.sqrt(centered.square().mean(-1, keepdim=True) + eps)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """[-x2, x1] for the halves x1, x2 of the last dim."""
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat([-x2, x1], -1)
+
+
 # Predefined ops: rule(*operands, **attrs) -> tensor.
 REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "matmul": torch.matmul,
@@ -33,6 +44,7 @@ REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "exp": torch.exp,
     "silu": F.silu,
     "gelu": F.gelu,
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "relu": torch.relu,
     "sigmoid": torch.sigmoid,
     "sqrt": torch.sqrt,
@@ -45,6 +57,8 @@ REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "max": lambda x, dim, keepdim: x.amax(dim, keepdim=keepdim),
     "mean": lambda x, dim, keepdim: x.mean(dim, keepdim=keepdim),
     "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "rope": lambda x, cos, sin: x * cos + rotate_half(x) * sin,
     "concat": lambda a, b, dim: torch.cat([a, b], dim),
 }
 

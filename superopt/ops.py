@@ -62,7 +62,7 @@ class OpDef:
 
     name: str
     arity: int
-    kind: str  # unary | binary | scalar | reduce | matmul | norm | concat | accum | graph_def
+    kind: str  # unary | binary | scalar | reduce | matmul | norm | rope | concat | accum | graph_def
     attrs: tuple[tuple[str, Any], ...] = ()  # (name, default or REQUIRED), in positional order
     levels: frozenset[str] = frozenset({"kernel", "block"})
     doc: str = ""
@@ -168,6 +168,17 @@ def _infer_concat(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
     return TensorType(tuple(shape), _same_dtype(op.name, ins))
 
 
+def _infer_rope(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    x, cos, sin = ins
+    if not x.shape or x.shape[-1] % 2:
+        raise IRError(f"rope: the rotated dim must be even, got {list(x.shape)}")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if broadcast_shapes(op.name, x.shape, t.shape) != x.shape:
+            raise IRError(f"rope: {name} {list(t.shape)} does not broadcast to x {list(x.shape)}")
+    _same_dtype(op.name, ins)
+    return x
+
+
 def _infer_accum(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
     if op.name == "accum_rescaled_sum":
         x, m = ins
@@ -188,6 +199,7 @@ INFER: dict[str, Callable[[OpDef, list[TensorType], dict], TensorType]] = {
     "binary": _infer_binary,
     "reduce": _infer_reduce,
     "matmul": _infer_matmul,
+    "rope": _infer_rope,
     "concat": _infer_concat,
     "accum": _infer_accum,
 }
@@ -219,12 +231,27 @@ OPS: dict[str, OpDef] = _table(
         OpDef(n, 1, "unary", doc=f"elementwise {n}")
         for n in ("exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg")
     ),
+    OpDef("gelu_tanh", 1, "unary", doc="gelu's tanh approximation (torch's approximate='tanh')"),
     OpDef("mul_scalar", 1, "scalar", (("c", REQUIRED),), doc="x * c"),
     OpDef("add_scalar", 1, "scalar", (("c", REQUIRED),), doc="x + c"),
     OpDef("sum", 1, "reduce", _DIM, doc="sum over dim"),
     OpDef("max", 1, "reduce", _DIM, doc="max over dim (values only)"),
     OpDef("mean", 1, "reduce", _DIM, doc="mean over dim"),
     OpDef("rms_norm", 1, "norm", (("eps", 1e-6),), doc="x / sqrt(mean(x^2, -1) + eps), no weight"),
+    OpDef(
+        "layer_norm",
+        1,
+        "norm",
+        (("eps", 1e-5),),
+        doc="(x - mean(x, -1)) / sqrt(var(x, -1) + eps), the biased variance, no weight or bias",
+    ),
+    OpDef(
+        "rope",
+        3,
+        "rope",
+        doc="x * cos + rotate_half(x) * sin over the last dim (HF's rotary embedding; rotate_half(x) = "
+        "[-x2, x1] for the halves x1, x2 of the last dim; cos and sin broadcast to x)",
+    ),
     OpDef("concat", 2, "concat", (("dim", REQUIRED),), doc="torch.cat([a, b], dim)"),
     OpDef("graph_def", -1, "graph_def", levels=frozenset({"kernel"}), doc="a kernel whose body is a block graph"),
     *(

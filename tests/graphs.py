@@ -18,13 +18,14 @@ from hypothesis import strategies as st
 import superopt
 
 INPUT_SHAPES = [(4, 6), (4, 6), (6, 6)]
-UNARY = ["exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg"]
+UNARY = ["exp", "silu", "gelu", "gelu_tanh", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg"]
 BINARY = ["add", "sub", "mul", "div"]
 
 DIRECT = {
     "exp": lambda x: math.e**x,
     "silu": lambda x: x / (1 + math.e ** (-x)),
     "gelu": lambda x: 0.5 * x * (1 + torch.special.erf(x / math.sqrt(2))),
+    "gelu_tanh": lambda x: 0.5 * x * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3))),
     "relu": lambda x: torch.where(x > 0, x, torch.zeros_like(x)),
     "sigmoid": lambda x: 1 / (1 + math.e ** (-x)),
     "sqrt": lambda x: x**0.5,
@@ -42,6 +43,11 @@ DIRECT = {
     "mean": lambda x, dim, keepdim: torch.sum(x, dim, keepdim) / x.shape[dim],
     "matmul": lambda a, b: torch.einsum("ik,kj->ij", a, b),
     "rms_norm": lambda x, eps: x * (torch.sum(x * x, -1, keepdim=True) / x.shape[-1] + eps) ** -0.5,
+    "layer_norm": lambda x, eps: (
+        (x - x.mean(-1, keepdim=True)) / (x.var(-1, unbiased=False, keepdim=True) + eps) ** 0.5
+    ),
+    # HF's form: the halves of the last dim rotated, with signs
+    "rope": lambda x, c, s: x * c + torch.cat([-x[..., x.shape[-1] // 2 :], x[..., : x.shape[-1] // 2]], -1) * s,
     "concat": lambda a, b, dim: torch.cat([a, b], dim),
 }
 
@@ -62,11 +68,11 @@ def _shape_of(op: str, args: tuple[int, ...], attrs: dict, shapes: list[tuple[in
 
 @st.composite
 def recipes(draw: st.DrawFn, max_steps: int = 8) -> dict:
-    """Elementwise ops, scalars, reductions, matmul, rms_norm and concat over inputs (4, 6), (4, 6), (6, 6)."""
+    """Elementwise ops, scalars, reductions, matmul, the norms, rope and concat over inputs (4, 6), (4, 6), (6, 6)."""
     shapes = list(INPUT_SHAPES)
     steps = []
     for _ in range(draw(st.integers(1, max_steps))):
-        kind = draw(st.sampled_from(["unary", "binary", "scalar", "reduce", "matmul", "rms_norm", "concat"]))
+        kind = draw(st.sampled_from(["unary", "binary", "scalar", "reduce", "matmul", "norm", "rope", "concat"]))
         a = draw(st.sampled_from(range(len(shapes))))
         like_a = [i for i, s in enumerate(shapes) if s == shapes[a]]
         rank2 = len(shapes[a]) == 2
@@ -86,8 +92,14 @@ def recipes(draw: st.DrawFn, max_steps: int = 8) -> dict:
         elif kind == "matmul" and rank2 and shapes[a][1] == 6:
             square = [i for i, s in enumerate(shapes) if s == (6, 6)]
             step = ("matmul", (a, draw(st.sampled_from(square))), {})
-        elif kind == "rms_norm":
-            step = ("rms_norm", (a,), {"eps": draw(st.sampled_from([1e-6, 1e-2]))})
+        elif kind == "norm":
+            step = (
+                draw(st.sampled_from(["rms_norm", "layer_norm"])),
+                (a,),
+                {"eps": draw(st.sampled_from([1e-6, 1e-2]))},
+            )
+        elif kind == "rope":
+            step = ("rope", (a, draw(st.sampled_from(like_a)), draw(st.sampled_from(like_a))), {})
         elif kind == "concat" and rank2:
             step = ("concat", (a, draw(st.sampled_from(like_a))), {"dim": draw(st.sampled_from([0, 1]))})
         else:

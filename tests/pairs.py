@@ -75,6 +75,14 @@ EQUIVALENT = {
         graph("l", VEC, lambda g, x, y, z: g.div(x, g.sqrt(g.add_scalar(g.square(y), 1.0)))),
         graph("r", VEC, lambda g, x, y, z: g.mul(x, g.rsqrt(g.add_scalar(g.square(y), 1.0)))),
     ),
+    "layer_norm = rms_norm of x minus its mean": (
+        graph("l", VEC, lambda g, x, y, z: g.layer_norm(x, eps=1e-5)),
+        graph("r", VEC, lambda g, x, y, z: g.rms_norm(g.sub(x, g.mean(x, 1, keepdim=True)), eps=1e-5)),
+    ),
+    "rope is linear in x": (
+        graph("l", VEC, lambda g, x, y, z: g.rope(g.add(x, y), z, z)),
+        graph("r", VEC, lambda g, x, y, z: g.add(g.rope(x, z, z), g.rope(y, z, z))),
+    ),
 }
 
 
@@ -126,6 +134,18 @@ DIFFERENT = {
         graph("r", SOFTMAX, lambda g, s: g.sub(s, g.max(g.neg(s), 1, keepdim=True))),
     ),
     "softmax without its denominator": (graph("l", SOFTMAX, _softmax), graph("r", SOFTMAX, lambda g, s: g.exp(s))),
+    "rope with cos and sin swapped": (
+        graph("l", VEC, lambda g, x, y, z: g.rope(x, y, z)),
+        graph("r", VEC, lambda g, x, y, z: g.rope(x, z, y)),
+    ),
+    "rope is not x * cos + x * sin": (
+        graph("l", VEC, lambda g, x, y, z: g.rope(x, y, z)),
+        graph("r", VEC, lambda g, x, y, z: g.add(g.mul(x, y), g.mul(x, z))),
+    ),
+    "gelu_tanh is not gelu": (
+        graph("l", VEC, lambda g, x, y, z: g.gelu(x)),
+        graph("r", VEC, lambda g, x, y, z: g.gelu_tanh(x)),
+    ),
 }
 
 

@@ -98,6 +98,20 @@ def test_rms_norm_written_out_is_rms_norm(tmp_path):
     assert onnx_graph.ops[0].attrs["eps"] == pytest.approx(1e-6, rel=0.02)  # stored in float16 by the exporter
 
 
+class LayerNormGelu(torch.nn.Module):
+    def forward(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return F.gelu(F.layer_norm(x, (x.shape[-1],), w, b, eps=1e-5), approximate="tanh")
+
+
+def test_layer_norm_and_tanh_gelu_map_to_their_ops(tmp_path):
+    example = args((2, 64), (64,), (64,))
+    graph = superopt.load(export_pt2(LayerNormGelu(), example, tmp_path / "ln.pt2"))
+    assert [op.op for op in graph.ops] == ["layer_norm", "mul", "add", "gelu_tanh"]
+    inputs = dict(zip(graph.inputs, (x.double() for x in example)))
+    (out,) = superopt.run(graph, inputs, "float64")
+    torch.testing.assert_close(out, LayerNormGelu()(*inputs.values()), rtol=1e-9, atol=1e-9)
+
+
 def test_linear_weight_becomes_its_transpose(tmp_path):
     layer = torch.nn.Linear(64, 16, bias=False).half()
     graph = superopt.load(export_pt2(layer, args((2, 64)), tmp_path / "linear.pt2"))

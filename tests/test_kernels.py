@@ -164,8 +164,20 @@ def test_concat_op(dim):
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_rms_norm_op(dtype):
-    assert_matches_reference(_one_op("rms_norm", [(5, 40)], dtype, eps=1e-5), scale=1.0)
+@pytest.mark.parametrize("op", ["rms_norm", "layer_norm"])
+def test_norm_ops(op, dtype):
+    assert_matches_reference(_one_op(op, [(5, 40)], dtype, eps=1e-5), scale=1.0)
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [
+        [(3, 64), (1, 64), (1, 64)],  # one cos/sin row for every head
+        [(2, 4, 96), (2, 1, 96), (2, 1, 96)],  # a head dim the padding does not halve
+    ],
+)
+def test_rope_op(shapes):
+    assert_matches_reference(_one_op("rope", shapes, "float32"), scale=1.0)
 
 
 @pytest.mark.parametrize(

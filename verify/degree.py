@@ -156,6 +156,23 @@ def _rms_norm(ctx: _Ctx, x: Deg, eps: float) -> Deg:
     return _binary("div")(replace(ctx, ins=[ctx.out, ctx.out]), x, root)
 
 
+def _layer_norm(ctx: _Ctx, x: Deg, eps: float) -> Deg:
+    """rms_norm of x minus its mean over the last dim (a sum of x over that dim, as `sum` counts it)."""
+    last = len(ctx.out.shape) - 1
+    mean = _reduced(x, last, ctx.out.shape[last], True, True)
+    centered = _binary("add")(replace(ctx, ins=[ctx.out, ctx.out]), x, mean)
+    return _rms_norm(ctx, centered, eps)
+
+
+def _rope(ctx: _Ctx, x: Deg, cos: Deg, sin: Deg) -> Deg:
+    """x * cos + rotate_half(x) * sin: rotate_half(x) has x's degrees (its elements are x's, negated)."""
+    rank = len(ctx.out.shape)
+    lifted = [_lift(d, len(t.shape), rank) for d, t in zip((cos, sin), ctx.ins[1:])]
+    mul = _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, lifted[0])
+    rotated = _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, lifted[1])
+    return _binary("add")(replace(ctx, ins=[ctx.out, ctx.out]), mul, rotated)
+
+
 def _matmul(ctx: _Ctx, a: Deg, b: Deg) -> Deg:
     ra, rb, rank = len(ctx.ins[0].shape), len(ctx.ins[1].shape), len(ctx.out.shape)
     k = ctx.ins[0].shape[-1]
@@ -237,6 +254,7 @@ DEGREE: dict[str, Callable[..., Deg]] = {
     "exp": _atom("exp"),
     "silu": lambda ctx, x: _binary("mul")(replace(ctx, ins=[ctx.out, ctx.out]), x, _sigmoid(ctx, x)),
     "gelu": _atom("opaque"),
+    "gelu_tanh": _atom("opaque"),
     "relu": _atom("opaque"),
     "sigmoid": _sigmoid,
     "sqrt": _root,
@@ -249,6 +267,8 @@ DEGREE: dict[str, Callable[..., Deg]] = {
     "max": _max,
     "mean": _sum,
     "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "rope": _rope,
     "concat": _concat,
     "accum_sum": _accum,
     "accum_sum_last": lambda ctx, x: _accum(ctx, x, last=True),

@@ -75,10 +75,24 @@ _SMALL_PRIMES = (3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 43, 47)
 # Ops encoded exactly: the field image of every real identity they satisfy holds. Any other op (and exp nested
 # inside an exponent, see degree.py) makes a mismatch inconclusive.
 COMPLETE = frozenset(
-    {"matmul", "add", "sub", "mul", "div", "exp", "silu", "sigmoid", "square", "neg", "mul_scalar", "add_scalar"}
+    {
+        "matmul",
+        "add",
+        "sub",
+        "mul",
+        "div",
+        "exp",
+        "silu",
+        "sigmoid",
+        "square",
+        "neg",
+        "mul_scalar",
+        "add_scalar",
+        "rope",
+    }
     | {"sum", "mean", "concat", "accum_sum", "accum_sum_last", "accum_mean_last", "graph_def"}
 )
-OPAQUE = ("sqrt", "gelu", "relu", "max", "max.elem", "exp.q")  # keyed pseudo-random functions
+OPAQUE = ("sqrt", "gelu", "gelu_tanh", "relu", "max", "max.elem", "exp.q")  # keyed pseudo-random functions
 
 
 class ZeroDenominator(Exception):
@@ -346,6 +360,19 @@ def _rms_norm(ev: FieldEval, x: torch.Tensor, eps: float) -> torch.Tensor:
     return ev.mul(x, ev.inv(ev.rms(total % ev.m(total), x.shape[-1], eps)))
 
 
+def _layer_norm(ev: FieldEval, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """(x - mean) / R_sqrt(mean((x - mean)^2) + eps): the same R_sqrt as rms_norm, on the centered values."""
+    centered = ev.sub(x, ev.mean(x, x.dim() - 2, keepdim=True))
+    total = ev.mul(centered, centered).sum(-1, keepdim=True)
+    return ev.mul(centered, ev.inv(ev.rms(total % ev.m(total), x.shape[-1], eps)))
+
+
+def _rope(ev: FieldEval, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    rotated = torch.cat([(-x2) % ev.m(x2), x1], -1)
+    return ev.add(ev.mul(x, cos), ev.mul(rotated, sin))
+
+
 def _rms_last(ev: FieldEval, xs: list[torch.Tensor], eps: float) -> torch.Tensor:
     return ev.rms(_sum_last(ev, [ev.mul(x, x) for x in xs]), len(xs) * xs[0].shape[-1], eps)
 
@@ -371,6 +398,7 @@ FIELD = {
     "exp": FieldEval.exp,
     "silu": lambda ev, x: ev.mul(x, ev.sigmoid(x)),
     "gelu": lambda ev, x: ev.opaque(x, "gelu"),
+    "gelu_tanh": lambda ev, x: ev.opaque(x, "gelu_tanh"),
     "relu": lambda ev, x: ev.opaque(x, "relu"),
     "sigmoid": FieldEval.sigmoid,
     "sqrt": FieldEval.sqrt,
@@ -383,6 +411,8 @@ FIELD = {
     "max": _max,
     "mean": FieldEval.mean,
     "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "rope": _rope,
     "concat": lambda ev, a, b, dim: torch.cat(_common(a, b), dim + 1),
     "accum_sum": _accum_sum,
     "accum_sum_last": _sum_last,

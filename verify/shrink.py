@@ -105,6 +105,11 @@ def _op(op: Op, graph: Graph, dims: list[int | None]) -> int | None:
         if d == rank - 1:
             raise _Conflict
         return d
+    if kind == "rope":  # elementwise over the operands, but the last dim stays whole
+        d = _elementwise(names, shapes, dims, rank)
+        if d == rank - 1:
+            raise _Conflict
+        return d
     if kind in ("unary", "scalar", "accum"):
         return d
     raise _Conflict
@@ -171,7 +176,7 @@ def _sources(graph: Graph, name: str, dim: int, producers: dict[str, Op] | None 
     elif kind == "matmul" and dim >= rank - 2:
         k = dim - rank + 2  # 0: the rows of a, 1: the columns of b
         wanted = [(op.inputs[k], len(shapes[k]) - 2 + k)]
-    elif kind in ("binary", "matmul") or op.op == "accum_rescaled_sum":
+    elif kind in ("binary", "matmul", "rope") or op.op == "accum_rescaled_sum":
         wanted = [(i, dim - rank + len(s)) for i, s in zip(op.inputs, shapes) if dim - rank + len(s) >= 0]
         wanted = [(i, d) for i, d in wanted if graph.tensors[i].shape[d] > 1]
     elif kind == "reduce":

@@ -238,6 +238,17 @@ def _rms_norm(ev: SymbolicEval, x: torch.Tensor, eps: float) -> torch.Tensor:
     return ev.map(lambda v, r: ev.mul(v, ev.inv(r)), x, root.unsqueeze(-1))
 
 
+def _layer_norm(ev: SymbolicEval, x: torch.Tensor, eps: float) -> torch.Tensor:
+    mean = ev.fold(x, -1, lambda ids: ev.mul(ev.total(ids), ev.const(Fraction(1, len(ids)))))
+    return _rms_norm(ev, ev.map(lambda v, m: ev.add(v, ev.neg(m)), x, mean.unsqueeze(-1)), eps)
+
+
+def _rope(ev: SymbolicEval, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, -1)
+    rotated = torch.cat([ev.map(ev.neg, x2), x1], -1)
+    return ev.map(lambda v, c, r, s: ev.add(ev.mul(v, c), ev.mul(r, s)), x, cos, rotated, sin)
+
+
 def _reduce(fn: Callable[[SymbolicEval, list[int]], int]) -> Callable[..., torch.Tensor]:
     def rule(ev: SymbolicEval, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
         out = ev.fold(x, dim, lambda ids: fn(ev, ids))
@@ -274,6 +285,7 @@ SYMBOLIC = {
     "exp": _unary(SymbolicEval.exp),
     "silu": _unary(lambda ev, v: ev.mul(v, _sigmoid(ev, v))),
     "gelu": _unary(lambda ev, v: ev.opaque("gelu", v)),
+    "gelu_tanh": _unary(lambda ev, v: ev.opaque("gelu_tanh", v)),
     "relu": _unary(lambda ev, v: ev.opaque("relu", v)),
     "sigmoid": _unary(_sigmoid),
     "sqrt": _unary(lambda ev, v: ev.opaque("sqrt", v)),
@@ -286,6 +298,8 @@ SYMBOLIC = {
     "max": _reduce(lambda ev, ids: ev.multiset(ids)),
     "mean": _reduce(lambda ev, ids: ev.mul(ev.total(ids), ev.const(Fraction(1, len(ids))))),
     "rms_norm": _rms_norm,
+    "layer_norm": _layer_norm,
+    "rope": _rope,
     "concat": lambda ev, a, b, dim: torch.cat([a, b], dim),
     "accum_sum": lambda ev, xs: ev.fold(ev.stack(xs), -1, ev.total),
     "accum_sum_last": _sum_last,
