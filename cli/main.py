@@ -90,7 +90,7 @@ def show_command(file: Path, dot_out: Path | None) -> None:
 def validate_command(file: Path) -> None:
     """Check FILE (YAML spec or JSON graph) and print a one-line summary."""
     graph = load(file)
-    settings_for(file, graph, {})  # the `search:` section too
+    settings_for(file, graph.search_settings, {})  # the `search:` section too
     kernels = len(graph.ops)
     click.echo(
         f"{file}: ok: {graph.name}, {len(graph.inputs)} inputs, {kernels} kernel ops, "

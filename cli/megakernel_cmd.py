@@ -15,11 +15,15 @@ from pathlib import Path
 import click
 import torch
 
-from superopt.cli.errors import Folder, reports_errors
+from superopt.cache import Cache
+from superopt.cli.errors import Checked, Folder, reports_errors
+from superopt.cli.search_cmd import settings_for
 from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
-from superopt.kernels.megakernel import benchmark, build_report, source, timing_table
+from superopt.kernels.megakernel import benchmark, build_report, report_lines, source, timing_table
 from superopt.model import load_spec
+from superopt.model_search import search_model
+from superopt.pipeline import SETTING_CHECKS
 from superopt.serialize import write_atomic
 
 H100_SMS = 132
@@ -40,25 +44,52 @@ MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
     default=None,
     help="SMs to schedule for with --emit (default: this GPU's, or 132).",
 )
+@click.option(
+    "--budget",
+    "budget_s",
+    type=Checked("budget", float, SETTING_CHECKS["budget_s"]),
+    help="Search time per layer program where the plan is not cached (default: the spec's, else 120).",
+)
+@click.option("--offline", is_flag=True, help="Never search: without a cached plan, the unfused layer programs.")
+@click.option("--cache-dir", type=Folder(), help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).")
 @reports_errors
 def megakernel_command(
-    spec: Path, prompt_len: int, new_tokens: int, bench: bool, emit_dir: Path | None, sms: int | None
+    spec: Path,
+    prompt_len: int,
+    new_tokens: int,
+    bench: bool,
+    emit_dir: Path | None,
+    sms: int | None,
+    budget_s: float | None,
+    offline: bool,
+    cache_dir: Path | None,
 ) -> None:
-    """Build MODEL.yaml's decoder as one persistent kernel: emit it, or run and check it on the GPU."""
+    """Build MODEL.yaml's decoder as one persistent kernel from its plan (cached, or searched now: see `superopt
+    search MODEL.yaml`): emit it, or run and check it on the GPU."""
     ms = load_spec(spec)
     gpu = torch.cuda.is_available()
+    n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
+    settings = settings_for(spec, ms.search_settings, {"budget_s": budget_s})
+    say = lambda line: click.echo(line, err=True)  # noqa: E731
+    planned = search_model(ms, settings, Cache(cache_dir), "offline" if offline else "search", n_sms, "none", say)
+    say(planned.note)
+    programs = {name: o.winner for name, o in planned.programs.items()}
+    results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
     if emit_dir is not None:
-        n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
         tg = taskgraph.build(ms.config, n_sms)
+        report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status}
+        report["kinds"] = build_report(tg, results)
         try:
-            write_atomic(emit_dir / "megakernel.cu", source(tg, ms.name, ms.max_seq, ms.max_seq))
+            write_atomic(emit_dir / "megakernel.cu", source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs))
             write_atomic(emit_dir / "taskgraph.json", json.dumps(tg.to_json()))
-            write_atomic(emit_dir / "build_report.txt", "\n".join(build_report(tg)) + "\n")
+            write_atomic(emit_dir / "build_report.json", json.dumps(report, indent=1) + "\n")
         except OSError as e:
             raise SuperoptError(f"{emit_dir}: cannot write: {e.strerror or e}") from None
+        for line in report_lines(report["kinds"]):
+            click.echo(line)
         click.echo(
             f"{ms.name}: {len(tg.tasks)} tasks a step on {n_sms} SMs, {len(tg.counters)} counters; "
-            f"wrote {emit_dir}/megakernel.cu, taskgraph.json, build_report.txt"
+            f"wrote {emit_dir}/megakernel.cu, taskgraph.json, build_report.json"
         )
         if not gpu:
             return
@@ -67,9 +98,7 @@ def megakernel_command(
     if prompt_len + new_tokens - 1 > ms.max_seq:
         raise SuperoptError(f"{spec}: {prompt_len + new_tokens - 1} positions exceed max_seq {ms.max_seq}")
     model = ms.load("cuda")
-    res = benchmark(
-        model, prompt_len, new_tokens, peers=bench, compile_peer=bench, log=lambda m: click.echo(m, err=True)
-    )
+    res = benchmark(model, prompt_len, new_tokens, peers=bench, compile_peer=bench, log=say, programs=programs)
     click.echo(f"tokens: {res.get('tokens', [])[prompt_len:]}")
     for key in ("vs_reference_bf16", "vs_hf"):
         if key in res:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,9 @@ from superopt.cli.errors import Checked, Folder, OutputFile, reports_errors
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.device import DEVICES
-from superopt.pipeline import SETTING_CHECKS, Outcome, Settings, optimize_program
+from superopt.model import ModelSpec, is_model_spec, load_spec
+from superopt.model_search import search_model
+from superopt.pipeline import SETTING_CHECKS, Settings, device_spec, optimize_program
 from superopt.result import Result
 from superopt.serialize import write_atomic
 from superopt.spec import load
@@ -82,12 +86,50 @@ def summary(result: Result) -> list[str]:
     return lines
 
 
-def settings_for(spec: Path, graph: KernelGraph, overrides: dict[str, Any]) -> Settings:
-    """The spec's search settings under the options given; a SuperoptError naming the spec."""
+def settings_for(spec: Path, given: dict[str, Any], overrides: dict[str, Any]) -> Settings:
+    """The spec's search settings (`given`, its `search:` section) under the options given; a SuperoptError
+    naming the spec."""
     try:
-        return Settings.for_graph(graph, **overrides)
+        return Settings(**{**given, **{k: v for k, v in overrides.items() if v is not None}})
     except SuperoptError as e:
         raise SuperoptError(f"{spec}: {e}") from None
+
+
+@dataclass
+class Job:
+    """One SPEC of the command: a program, or a model (whose layer programs are searched and planned)."""
+
+    path: Path
+    settings: Settings
+    graph: KernelGraph | None = None
+    model: ModelSpec | None = None
+
+
+def read_job(path: Path, overrides: dict[str, Any]) -> Job:
+    if is_model_spec(path):
+        model = load_spec(path)
+        return Job(path, settings_for(path, model.search_settings, overrides), model=model)
+    graph = load(path)
+    return Job(path, settings_for(path, graph.search_settings, overrides), graph=graph)
+
+
+def run_model(job: Job, cache: Cache, mode: str, progress: str, say: Callable[[str], None], tables: bool) -> tuple:
+    """A model spec: its plan, each layer program's outcome said as it comes; (status, key, its JSON)."""
+    assert job.model is not None
+    n_sms = device_spec(job.settings.device).sm_count
+    outcome = search_model(job.model, job.settings, cache, mode, n_sms, progress, say)
+    for name, o in outcome.programs.items():
+        if o.result is not None and tables:
+            say(f"-- {name}: {o.note}")
+            for line in summary(o.result):
+                say(f"   {line}")
+    say(outcome.note)
+    doc = {
+        "model": job.model.name,
+        "plan": outcome.plan.to_json() if outcome.plan else None,
+        "programs": {n: o.result.to_json() for n, o in outcome.programs.items() if o.result is not None},
+    }
+    return outcome.status, outcome.key, doc
 
 
 @click.command("search")
@@ -140,24 +182,32 @@ def search_command(
     progress: str | None,
     cache_dir: Path | None,
 ) -> None:
-    """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first."""
-    graphs = [load(spec) for spec in specs]  # every file is read before any search: bad input fails fast
+    """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first. A model
+    spec (YAML with a `model:` section, or an HF config.json) searches each program of its decode step and
+    plans its megakernel."""
     overrides = {"preset": preset, "budget_s": budget_s, "seed": seed, "device": device}
-    settings = [settings_for(spec, graph, overrides) for spec, graph in zip(specs, graphs)]
+    jobs = [read_job(spec, overrides) for spec in specs]  # every file is read before any search: bad input fails fast
     cache = Cache(cache_dir)
     mode = "require-hit" if require_hit else "offline" if offline else "search"
-    outcomes: list[Outcome] = []
-    for spec, graph, setting in zip(specs, graphs, settings):
-        say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
-        say(f"== {graph.name} ({spec})")
-        outcome = optimize_program(graph, setting, cache, mode, progress or "auto", say=say)
-        outcomes.append(outcome)
-        say(outcome.note)
-        if outcome.result is not None and not as_json:
-            click.echo(table(outcome.result))
-            for line in summary(outcome.result):
-                click.echo(line)
-    docs = [o.result.to_json() | {"cache": {"status": o.status, "key": o.key}} for o in outcomes if o.result]
+    say = (lambda line: click.echo(line, err=True)) if as_json else click.echo
+    statuses, docs = [], []
+    for job in jobs:
+        if job.model is not None:
+            say(f"== {job.model.name} ({job.path}): a model")
+            status, key, doc = run_model(job, cache, mode, progress or "auto", say, tables=not as_json)
+        else:
+            assert job.graph is not None
+            say(f"== {job.graph.name} ({job.path})")
+            outcome = optimize_program(job.graph, job.settings, cache, mode, progress or "auto", say=say)
+            say(outcome.note)
+            if outcome.result is not None and not as_json:
+                click.echo(table(outcome.result))
+                for line in summary(outcome.result):
+                    click.echo(line)
+            status, key, doc = outcome.status, outcome.key, outcome.result.to_json() if outcome.result else None
+        statuses.append(status)
+        if doc is not None and status != "miss":
+            docs.append(doc | {"cache": {"status": status, "key": key}})
     text = json.dumps(docs[0] if len(specs) == 1 and docs else docs, indent=1) + "\n"
     if as_json:
         click.echo(text, nl=False)
@@ -167,10 +217,8 @@ def search_command(
         except OSError as e:
             raise SuperoptError(f"{out}: cannot write: {e.strerror or e}") from None
         click.echo(f"wrote {out}", err=True)
-    hits = sum(o.status == "hit" for o in outcomes)
-    click.echo(
-        f"cache: {hits} hit{'s' * (hits != 1)}, {len(outcomes) - hits} miss{'es' * (len(outcomes) - hits != 1)}",
-        err=True,
-    )
-    if any(o.status == "miss" for o in outcomes):
+    hits = sum(status == "hit" for status in statuses)
+    misses = len(statuses) - hits
+    click.echo(f"cache: {hits} hit{'s' * (hits != 1)}, {misses} miss{'es' * (misses != 1)}", err=True)
+    if "miss" in statuses:
         sys.exit(EXIT_MISS)

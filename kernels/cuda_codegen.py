@@ -36,26 +36,63 @@ CUDA_EXPR: dict[str, str] = {
 }
 
 
+Step = tuple[str, tuple[str, ...], dict, str, str]  # (op, operand names, attributes, result name, result dtype)
+
+
+def elementwise_steps(graph: KernelGraph) -> tuple[list[Step], list[str]]:
+    """The program's element-wise computation as steps in order, and the names its outputs have among them. A
+    graph-defined op (a search winner) is lowered by its block graph: without a loop, each block op on
+    tiles is the same op on their elements, and the loop-free block's accum_sum is the identity; its outputs take
+    the names of the kernel op's. Anything else is a SuperoptError naming the op."""
+    steps = []
+    alias: dict[str, str] = {}
+
+    def name(t: str) -> str:
+        return alias.get(t, t)
+
+    def step(op: str, inputs: tuple[str, ...], attrs: dict, out: str, dtype: str) -> None:
+        if op not in CUDA_EXPR or not OPS[op].elementwise:
+            raise SuperoptError(f"{graph.name}: op '{op}' is not elementwise; the CUDA emitter cannot inline it")
+        steps.append((op, tuple(name(i) for i in inputs), attrs, out, dtype))
+
+    for op in graph.ops:
+        if op.block is None:
+            step(op.op, op.inputs, op.attrs, op.outputs[0], graph.tensors[op.outputs[0]].dtype)
+            continue
+        block = op.block
+        if block.forloop_range != 1:
+            raise SuperoptError(f"{graph.name}: a graph-defined op with a loop is not elementwise")
+        alias |= {bi.name: name(src) for bi, src in zip(block.inputs, op.inputs)}
+        for bop in block.ops:
+            result = bop.outputs[0]
+            if bop.op == "accum_sum":
+                alias[result] = name(bop.inputs[0])
+            else:
+                alias[result] = f"{op.outputs[0]}.{result}"
+                step(bop.op, bop.inputs, bop.attrs, alias[result], block.tensors[result].dtype)
+        alias |= {out: name(bo.name) for bo, out in zip(block.outputs, op.outputs)}
+    return steps, [name(o) for o in graph.outputs]
+
+
 def emit_elementwise(graph: KernelGraph, name: str) -> str:
-    """A `__device__ float name(float in0, ...)` computing one element of an elementwise program: one
-    argument per graph input (its value, already in the input's dtype), each op rounded to its dtype."""
-    args = {n: f"in{i}" for i, n in enumerate(graph.inputs)}
+    """A `__device__ float name(float in0, ...)` computing one element of an elementwise program (or of a search
+    winner for one: see elementwise_steps): one argument per graph input (its value, already in the input's
+    dtype), each op rounded to its dtype, as the reference interpreter rounds."""
     if len(graph.outputs) != 1:
         raise SuperoptError(f"{graph.name}: an elementwise device function has one output, not {len(graph.outputs)}")
+    args = {n: f"in{i}" for i, n in enumerate(graph.inputs)}
     lines = []
-    for k, op in enumerate(graph.ops):
-        if op.op not in CUDA_EXPR or not OPS[op.op].elementwise:
-            raise SuperoptError(f"{graph.name}: op '{op.op}' is not elementwise; the CUDA emitter cannot inline it")
-        dtype = graph.tensors[op.outputs[0]].dtype
+    steps, (result,) = elementwise_steps(graph)
+    for k, (op, inputs, attrs, out, dtype) in enumerate(steps):
         if DTYPES[dtype].cuda_round is None:
             raise SuperoptError(f"{graph.name}: dtype {dtype} is not supported by the CUDA emitter (bfloat16, float32)")
-        c = f"{float(op.attrs['c'])!r}f" if "c" in op.attrs else ""
-        expr = CUDA_EXPR[op.op].format(*(args[i] for i in op.inputs), c=c)
-        args[op.outputs[0]] = f"t{k}"
+        c = f"{float(attrs['c'])!r}f" if "c" in attrs else ""
+        expr = CUDA_EXPR[op].format(*(args[i] for i in inputs), c=c)
+        args[out] = f"t{k}"
         lines.append(f"  const float t{k} = {DTYPES[dtype].cuda_round}({expr});")
     params = ", ".join(f"float {args[n]}" for n in graph.inputs)
     body = "\n".join(lines)
-    return f"__device__ __forceinline__ float {name}({params}) {{\n{body}\n  return {args[graph.outputs[0]]};\n}}\n"
+    return f"__device__ __forceinline__ float {name}({params}) {{\n{body}\n  return {args[result]};\n}}\n"
 
 
 PRELUDE = r"""

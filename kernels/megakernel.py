@@ -18,11 +18,11 @@ where the last launch stopped.
 Prefill runs as decode steps whose argmax is not written while the next position is still inside the prompt;
 the argmax task writes the greedy token, so N steps need no host round trip.
 
-Task bodies: the GEMV tiles, attention, combine and argmax are hand-written templates (kernels/cuda_codegen.py:
-its emitter lowers elementwise programs, not searched block graphs, so a search result for a layer's block is
-not used yet; RoPE, the KV append and argmax have no IR op); the elementwise epilogues (residual add,
-silu(gate) * up) are generated from the layer programs of superopt/model.py. `build_report` says which, per task
-kind.
+Task bodies: the GEMV tiles, attention (with the rotary embedding and the KV append), the split-KV combine and
+argmax are hand-written templates (kernels/cuda_codegen.py); the elementwise epilogues (residual add,
+silu(gate) * up) are generated from the plan's verified winners for those layer programs (superopt/model_search.py;
+the emitter lowers elementwise programs and loop-free block graphs of elementwise ops). `build_report` says which,
+per task kind, with each program's winner and verification.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body in torch with the kernel's rounding,
@@ -48,11 +48,12 @@ import torch
 
 from superopt.errors import SuperoptError
 from superopt.interpret import TorchEval, evaluate
-from superopt.ir import identifier
+from superopt.ir import KernelGraph, identifier
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import PRELUDE, TEMPLATES, emit_elementwise
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Decoder, Model, inv_freq, layer_programs, rope_table
+from superopt.result import Result
 from superopt.serialize import graph_hash
 
 NCONSUMERS = 256  # 8 consumer warps; one more warp loads weights
@@ -146,14 +147,17 @@ def source(
     logit_slots: int,
     trace: bool = False,
     kv_cap: int | None = None,
+    programs: dict[str, KernelGraph] | None = None,
 ) -> str:
     """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
     `trace` records each task's STAMP_NAMES times (%globaltimer, ns) in the last step; attention holds `kv_cap`
-    cached positions in shared memory (None: as many as fit, see smem_plan)."""
+    cached positions in shared memory (None: as many as fit, see smem_plan). `programs`: the layer programs'
+    verified search winners by name (superopt/model_search.py), whose bodies are generated where the CUDA
+    emitter lowers them (default: the layer programs themselves)."""
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
     sp = smem_plan(tg, max_seq, kv_cap)
-    progs = layer_programs(c)
+    progs = programs or layer_programs(c)
     consts = {
         "HID": c.hidden,
         "INTER": c.intermediate,
@@ -422,35 +426,70 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
 """
 
 
-def build_report(tg: TaskGraph) -> list[str]:
-    """Per task kind: how many tasks, the layer program it computes (and that program's hash), and where its
-    body comes from."""
+# The layer programs each task kind computes (superopt.model.layer_programs), and which of them its body is
+# generated from: the rest of its body is a hand-written template (kernels/cuda_codegen.py).
+TASK_PROGRAMS = {
+    "qkv": ("attn_in",),
+    "attn": ("qk_rope", "kv_append", "attention"),
+    "oproj": ("attn_out", "residual"),
+    "gateup": ("mlp", "mlp_act"),
+    "down": ("mlp", "residual"),
+    "lmhead": ("lm_head",),
+    "argmax": (),
+}
+GENERATED = {"oproj": "residual", "gateup": "mlp_act", "down": "residual"}  # epilogues from the winners
+
+
+def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> list[dict[str, Any]]:
+    """Per task kind: its tasks and tiling, the layer programs it computes with their hashes, and, from the
+    plan's `results` (each program's search result, by name), each program's winner, verification and predicted
+    time; `body` says whether the task's code is generated from a winner or a template (with the part that is)."""
     progs = layer_programs(tg.config)
-
-    def ref(*names: str) -> str:
-        return ", ".join(f"{n} ({graph_hash(progs[n])[:12]})" for n in names if n in progs)
-
-    template = "hand-written GEMV template (the CUDA emitter lowers elementwise programs, not searched block graphs)"
-    kinds = {
-        "qkv": (ref("attn_in"), template),
-        "attn": (
-            ref("qk_norm", "attention") + ", rope, kv_append",
-            "hand-written template (rope and kv_append have no IR op; split-KV partials)",
-        ),
-        "oproj": (ref("attn_out"), template + "; split-KV combine in its prologue; epilogue 'residual' generated"),
-        "gateup": (ref("mlp"), template + " (gate and up rows); epilogue 'mlp_act' generated from the IR"),
-        "down": (ref("mlp"), template + "; epilogue 'residual' generated from the IR"),
-        "lmhead": (ref("lm_head"), template + " with a per-tile argmax"),
-        "argmax": ("argmax", "hand-written template (argmax has no IR op)"),
-    }
-    lines = []
+    rows = []
     for op in taskgraph.OPS:
-        n = len(tg.by_op(op))
         plan = tg.gemv.get(op)
-        tiling = (
-            f", {plan.tile} rows of {plan.k} a task, {plan.chunks} chunk(s) of {plan.chunk_bytes} B" if plan else ""
+        row: dict[str, Any] = {"kind": op, "tasks": len(tg.by_op(op))}
+        if plan is not None:
+            row["tiling"] = {"rows": plan.tile, "k": plan.k, "chunks": plan.chunks, "chunk_bytes": plan.chunk_bytes}
+        computes = []
+        for name in TASK_PROGRAMS[op]:
+            entry: dict[str, Any] = {"program": name, "program_hash": graph_hash(progs[name])}
+            result = (results or {}).get(name)
+            if result is not None:
+                entry |= {
+                    "winner_hash": result.best.hash,
+                    "winner_kernels": result.best.kernels,
+                    "verification": result.best.verify.to_json(),
+                    "predicted_us": result.best.predicted_us,
+                    "measured_us": result.best_trial.measured_us if result.best_trial else None,
+                    "fraction_of_floor": result.floor_us / result.best.predicted_us
+                    if result.best.predicted_us
+                    else None,
+                }
+            computes.append(entry)
+        row["computes"] = computes
+        generated = GENERATED.get(op)
+        row["body"] = "template"
+        row["generated_part"] = f"epilogue '{generated}'" if generated else None
+        rows.append(row)
+    return rows
+
+
+def report_lines(report: list[dict[str, Any]]) -> list[str]:
+    """The build report, a line a task kind."""
+    lines = []
+    for row in report:
+        t = row.get("tiling")
+        tiling = f", {t['rows']} rows of {t['k']} a task in {t['chunks']} chunk(s)" if t else ""
+        names = ", ".join(
+            f"{c['program']} ({c.get('winner_hash', c['program_hash'])[:12]}, {c['verification']['method']})"
+            if "verification" in c
+            else f"{c['program']} ({c['program_hash'][:12]}, not searched)"
+            for c in row["computes"]
         )
-        lines.append(f"{op}: {n} tasks{tiling}; computes {kinds[op][0]}; body: {kinds[op][1]}")
+        part = f"; generated: {row['generated_part']}" if row["generated_part"] else ""
+        lines.append(f"{row['kind']}: {row['tasks']} tasks{tiling}; computes {names or 'the argmax'}; "
+                     f"body: {row['body']}{part}")  # fmt: skip
     return lines
 
 
@@ -537,12 +576,19 @@ class Generation:
 
 
 def replay(
-    model: Model, tg: TaskGraph, prompt: list[int], new_tokens: int, seed: int | None = None, launches: int = 2
+    model: Model,
+    tg: TaskGraph,
+    prompt: list[int],
+    new_tokens: int,
+    seed: int | None = None,
+    launches: int = 2,
+    programs: dict[str, KernelGraph] | None = None,
 ) -> Generation:
     """Runs the task list on the CPU: prefill and generation as decode steps over `launches` launches, the SMs
     interleaved under the counter protocol (seed None: always the runnable task latest in the step, so a
     consumer runs as soon as its waits allow; else a seeded random runnable SM). Raises StaleRead for a read of
-    data its step has not written, SuperoptError for a deadlock."""
+    data its step has not written, SuperoptError for a deadlock. The generated bodies run `programs` (the
+    winners the source was emitted from) through the reference interpreter, as `source` lowers them."""
     c = tg.config
     steps_total = len(prompt) + new_tokens - 1
     if steps_total > model.max_seq:
@@ -550,7 +596,7 @@ def replay(
     weights = {k: v.float() for k, v in packed_weights(model, tg).items()}
     small = {k: v.float() for k, v in small_params(model).items()}
     embed = model.w("model.embed_tokens.weight").float()
-    progs = layer_programs(c)
+    progs = programs or layer_programs(c)
     native = TorchEval("native")
     buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
     written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
@@ -707,6 +753,7 @@ class GpuMegakernel:
         logit_slots: int | None = None,
         trace: bool = False,
         kv_cap: int | None = None,
+        programs: dict[str, KernelGraph] | None = None,
     ) -> None:
         import cupy  # an optional dependency (the gpu extra): only a GPU run needs it
 
@@ -717,7 +764,7 @@ class GpuMegakernel:
         self.model = model
         self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits)
         self.logit_slots = logit_slots or model.max_seq
-        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap)
+        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap, programs)
         self.plan = smem_plan(self.tg, model.max_seq, kv_cap)
         dev = torch.device("cuda")
         self.weights = {k: v.to(dev) for k, v in packed_weights(model, self.tg).items()}
@@ -1091,10 +1138,11 @@ def benchmark(
     compile_peer: bool = True,
     log: Callable[[str], None] = print,
     trace: bool = False,
+    programs: dict[str, KernelGraph] | None = None,
 ) -> dict[str, Any]:
-    """Builds and runs the megakernel, checks its greedy tokens and logits against HF transformers (and the
-    bf16 reference decoder), and times it beside the peers. Each phase catches its own failure and records it,
-    so one that fails still leaves the others' results."""
+    """Builds and runs the megakernel (from `programs`, the plan's winners; see `source`), checks its greedy
+    tokens and logits against HF transformers (and the bf16 reference decoder), and times it beside the peers.
+    Each phase catches its own failure and records it, so one that fails still leaves the others' results."""
     res: dict[str, Any] = {"model": model.name, "prompt_len": prompt_len, "new_tokens": new_tokens, "errors": {}}
     prompt = prompt_tokens(model.config.vocab, prompt_len, seed=0)
     state: dict[str, Any] = {}
@@ -1113,7 +1161,7 @@ def benchmark(
             return None
 
     def build() -> None:
-        mk = state["mk"] = GpuMegakernel(model)
+        mk = state["mk"] = GpuMegakernel(model, programs=programs)
         res["resources"] = mk.resources
         res["tasks"] = len(mk.tg.tasks)
         res["build_report"] = build_report(mk.tg)
@@ -1151,7 +1199,7 @@ def benchmark(
     if trace and "out" in state:
 
         def traced() -> dict[str, Any]:
-            mk = GpuMegakernel(model, trace=True)
+            mk = GpuMegakernel(model, trace=True, programs=programs)
             mk.generate(prompt, new_tokens)
             return mk.trace_summary()
 

@@ -347,6 +347,10 @@ def _map_tiles(x: Value, fn: Callable[[Tile], Tile]) -> Value:
 
 def _dot_operand(em: Emitter, x: Tile, k_dim: int, dtype: str, batch: tuple[int, ...]) -> str:
     """An operand of tl.dot: padding of K zeroed, in the graph's dtype, lifted to the batch shape."""
+    if dtype == "bfloat16" and interpreting():
+        # Triton's interpreter computes a bf16 dot wrongly (numpy has no bf16); float32 operands hold the bf16
+        # values exactly, and accumulate in float32 as the GPU's bf16 MMA does
+        dtype = "float32"
     expr = em.masked(x, k_dim, "0.0", needed=not x.zero_pads)
     if em.native.get(expr, (None, None))[1] == dtype:
         expr = em.native[expr][0]
@@ -587,7 +591,18 @@ def _store(em: Emitter, value: Value, ptr: str, strides: list[str], offsets: lis
         terms.append(f"({offsets[d]} + {index}) * {strides[d]}" if offsets[d] != "0" else f"{index} * {strides[d]}")
     mask = em.tile_mask(value.shape)
     masking = f", mask={mask}" if mask else ""
-    em.post.append(f"tl.store({ptr} + {' + '.join(terms)}, {_atom(value.expr)}.to({DTYPES[dtype].triton}){masking})")
+    em.post.append(f"tl.store({ptr} + {' + '.join(terms)}, {_rounded(em, value.expr, dtype)}{masking})")
+
+
+def _rounded(em: Emitter, expr: str, dtype: str) -> str:
+    """float32 `expr` rounded to `dtype`, to nearest even as the GPU rounds. Triton's interpreter truncates to
+    bf16 instead, which biases every value toward zero (a chain of bf16 ops drifts by an ulp an op), so there the
+    rounding is written out on the bits."""
+    if dtype != "bfloat16" or not interpreting():
+        return f"{_atom(expr)}.to({DTYPES[dtype].triton})"
+    bits = em.fresh("bits")
+    em.post.append(f"{bits} = {_atom(expr)}.to(tl.uint32, bitcast=True)")
+    return f"(({bits} + 0x7FFF + (({bits} >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True).to(tl.bfloat16)"
 
 
 def _num_warps(block_size: int) -> int:
@@ -771,9 +786,11 @@ def interpreting() -> bool:
 
 def use_interpreter() -> None:
     """Switches the Triton interpreter on for this process, as CPU tensors need; a SuperoptError if triton was
-    already imported without it (Triton cannot change modes then)."""
+    already imported without it (Triton cannot change modes then) or TRITON_INTERPRET=0 asks for the GPU."""
     if interpreting():
         return
+    if "TRITON_INTERPRET" in os.environ:
+        raise SuperoptError("CPU tensors need the Triton interpreter, and TRITON_INTERPRET=0 turns it off")
     if "triton" in sys.modules:
         raise SuperoptError(
             "CPU tensors need the Triton interpreter, and triton was already imported for the GPU: "
@@ -790,6 +807,8 @@ class CompiledGraph:
     TRITON_INTERPRET=1 asks for it), else on the GPU, the outputs copied back."""
 
     def __init__(self, graph: KernelGraph, module_dir: Path | None = None) -> None:
+        if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+            use_interpreter()  # without a GPU the kernels run only there, and their code depends on it (a bf16 dot)
         self.graph = graph
         self.kernels = generate(graph, module_dir)
 

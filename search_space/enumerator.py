@@ -324,6 +324,7 @@ class Problem:
     kernel_ops: tuple[str, ...]  # predefined ops that may appear at kernel level
     kept: frozenset[str]  # classes of the outputs' dims
     reduced: frozenset[str]  # classes some op reduces (contracts, sums, normalizes over)
+    even: frozenset[str] = frozenset()  # classes rope rotates: their size stays even in any instance
 
 
 def make_problem(graph: KernelGraph) -> Problem:
@@ -355,6 +356,7 @@ def make_problem(graph: KernelGraph) -> Problem:
         kernel_ops=tuple(dict.fromkeys(op.op for op in graph.ops)),
         kept=frozenset(s for o in graph.outputs for d in shapes[o] for s, _ in d),
         reduced=frozenset(reduced),
+        even=frozenset(s for op in graph.ops if op.op == "rope" for s, _ in shapes[op.inputs[0]][-1]),
     )
 
 
@@ -646,10 +648,12 @@ class Searcher:
                     continue
                 if d.arity == 1:
                     tuples: Iterator[tuple[int, ...]] = iter([(newest,)])
-                else:
+                elif d.arity == 2:
                     tuples = itertools.chain(
                         ((i, newest) for i in range(newest + 1)), ((newest, i) for i in range(newest))
                     )
+                else:  # rope: every tuple of earlier tiles that has the newest
+                    tuples = (t for t in itertools.product(range(newest + 1), repeat=d.arity) if newest in t)
                 for operands in tuples:
                     if d.arity == 2 and operands[0] == operands[1] and op != "matmul":
                         continue

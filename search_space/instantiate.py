@@ -102,7 +102,8 @@ def resize(problem: Problem, env: dict[str, int]) -> KernelGraph:
 
 def small_env(problem: Problem, plan: Plan) -> dict[str, int]:
     """Every free symbol 2; each class a distinct small size (2, 3, 5, ...: dims that would be confused with one
-    another differ) times the largest power of two any of the plan's dims divides it by."""
+    another differ) times the largest power of two any of the plan's dims divides it by, and even where rope
+    rotates it."""
     dims: list[Dim] = []
     for t in plan.tensors:
         dims += t.shape
@@ -121,6 +122,8 @@ def small_env(problem: Problem, plan: Plan) -> dict[str, int]:
     for k, c in enumerate(sorted(problem.sizes)):
         splits = max((-sum(e for _, e in d if e < 0) for d in flat if dict(d).get(c, 0) > 0), default=0)
         env[c] = (2, 3, 5)[k % 3] * 2**splits
+        if c in problem.even and env[c] % 2:  # rope's halves
+            env[c] *= 2
     for op in plan.ops:
         if op.block:
             env.update({s: 2 for s in op.block.grid_syms()})

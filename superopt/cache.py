@@ -38,7 +38,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -53,6 +53,7 @@ LOCK_NOTE_S = 2.0  # waiting this long for the lock is worth a line
 LOCK_TIMEOUT_S = 120.0  # default of $SUPEROPT_LOCK_TIMEOUT_S
 _HEX = re.compile(r"[0-9a-f]{1,64}")
 Check = Callable[[Result], str | None]
+T = TypeVar("T")
 
 
 def package_version(name: str) -> str:
@@ -141,6 +142,7 @@ class Cache:
         self.root = Path(root) if root is not None else default_dir()
         self.results = self.root / "results"
         self.quarantine = self.results / "quarantine"
+        self.plans = self.root / "plans"  # models' plans (superopt/model_search.py), apart from the results
         self.kernel_dir = self.root / "triton"  # generated Triton modules (Triton compiles from a source file)
 
     def path(self, key: str) -> Path:
@@ -149,8 +151,8 @@ class Cache:
     def trial_log_path(self, key: str) -> Path:
         return self.results / f"{check_key(key, 'cache key')}.trials.jsonl"
 
-    def _load(self, path: Path) -> tuple[bytes | None, Stored | None, str | None]:
-        """The file's bytes, the entry if it passes read_entry, else why not; (None, None, None) if absent."""
+    def _read_json(self, path: Path) -> tuple[bytes | None, Any, str | None]:
+        """The file's bytes and its JSON document, or why it has none; (None, None, None) if absent."""
         try:
             data = path.read_bytes()
         except FileNotFoundError:
@@ -158,14 +160,21 @@ class Cache:
         except OSError as e:
             raise SuperoptError(f"{path}: cannot read the cache entry: {e.strerror or e}") from None
         try:
-            doc = json.loads(data, parse_constant=_no_constant)
-            return data, Stored(path, read_entry(doc, path.stem), doc), None
+            return data, json.loads(data, parse_constant=_no_constant), None
         except json.JSONDecodeError as e:
             return data, None, f"truncated or not JSON ({e.msg} at line {e.lineno})"
-        except ResultError as e:
-            return data, None, str(e)
         except (ValueError, RecursionError) as e:  # not UTF-8, NaN or Infinity, nested too deep
             return data, None, f"not a JSON result ({type(e).__name__}: {str(e)[:100]})"
+
+    def _load(self, path: Path) -> tuple[bytes | None, Stored | None, str | None]:
+        """The file's bytes, the entry if it passes read_entry, else why not; (None, None, None) if absent."""
+        data, doc, why = self._read_json(path)
+        if doc is None:
+            return data, None, why
+        try:
+            return data, Stored(path, read_entry(doc, path.stem), doc), None
+        except ResultError as e:
+            return data, None, str(e)
 
     def _move_aside(self, path: Path, data: bytes, why: str) -> Path | None:
         """Moves the entry file `path` into the quarantine folder, with `why` beside it, unless it no longer
@@ -283,6 +292,33 @@ class Cache:
             write_atomic(path, text)
         return True
 
+    def plan_path(self, key: str) -> Path:
+        return self.plans / f"{check_key(key, 'plan key')}.json"
+
+    def get_plan(self, key: str, read: Callable[[Any], T]) -> T | None:
+        """The model plan stored under `key`, as `read` makes it of the stored document (read checks it and
+        raises ResultError saying why not); None if absent or failing, which quarantines it with one warning."""
+        path = self.plan_path(key)
+        data, doc, why = self._read_json(path)
+        if doc is not None:
+            try:
+                return read(doc)
+            except ResultError as e:
+                why = str(e)
+        if why is not None:
+            self._reject(path, data, why)
+        return None
+
+    def put_plan(self, key: str, doc: dict[str, Any]) -> None:
+        """Stores a model plan's document under `key`, signed like a result."""
+        try:
+            text = json.dumps(doc | {"signature": _sign(self._secret(create=True), doc)}, indent=1, allow_nan=False)
+        except ValueError:
+            raise SuperoptError(f"cannot store the plan {key[:16]}: it holds NaN or Infinity") from None
+        with self._locked():
+            self.plans.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.plan_path(key), text + "\n")
+
     def entries(self) -> Iterator[Stored]:
         """Every entry that passes read_entry, oldest first; the others are quarantined as they are found."""
         if not self.results.is_dir():
@@ -360,7 +396,7 @@ class Cache:
             raise SuperoptError(f"clear: the age must be a finite number of days >= 0, not {older_than_days:g}")
         cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
         removed = 0
-        for folder in (self.results, self.quarantine, self.kernel_dir):
+        for folder in (self.results, self.quarantine, self.plans, self.kernel_dir):
             if not folder.is_dir():
                 continue
             for path in folder.iterdir():

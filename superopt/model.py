@@ -6,9 +6,8 @@ the path of an HF `config.json` (relative to the spec). `weights:` names a safet
 without it the weights are random, seeded by `seed:`, bf16. Weights are kept under HF's parameter names, so the
 same dict loads into transformers' model.
 
-The layer programs (`layer_programs`) state each block of one decode step as a KernelGraph; identical layers
-share one program (one hash). RoPE, the KV-cache append and argmax have no op in the IR: `TEMPLATE_ONLY` names
-them, and the megakernel runs hand-written templates for them.
+The layer programs (`layer_programs`) state each part of one decode step as a KernelGraph; identical layers
+share one program (one hash). `superopt search MODEL.yaml` searches each once (superopt/model_search.py).
 
 `Decoder` is the reference: one token per step over a static KV cache (static shapes, so it can also be
 captured in a CUDA graph on a GPU). precision="bfloat16" rounds where HF's bf16 model rounds (each op's
@@ -27,18 +26,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from superopt.errors import SpecError, brief
+from superopt.errors import IRError, SpecError, brief
 from superopt.ir import MAX_DIM, KernelGraph
-from superopt.spec import MAX_SEED, read_text, read_yaml
+from superopt.spec import MAX_SEED, SEARCH_CHECKS, read_text, read_yaml
 
 ARCHS = ("llama", "qwen3")
-MODEL_SPEC_KEYS = ("name", "model", "weights", "seed", "max_seq")
+MODEL_SPEC_KEYS = ("name", "model", "weights", "seed", "max_seq", "search")
 MAX_CONTEXT = 2**20  # KV-cache positions a spec may ask for (the cache is allocated whole)
-TEMPLATE_ONLY = {
-    "rope": "RoPE: position-dependent rotation of each head (no IR op; cos/sin come from a table)",
-    "kv_append": "KV-cache append: a write at a run-time position (no IR op)",
-    "argmax": "greedy argmax over the vocabulary (no IR op)",
-}
 
 
 @dataclass(frozen=True)
@@ -295,6 +289,7 @@ class ModelSpec:
     weights: Path | None = None
     seed: int = 0
     max_seq: int = 256
+    search_settings: dict[str, Any] = field(default_factory=dict)  # the spec's `search:` section
 
     def load(self, device: str | torch.device = "cpu") -> Model:
         """The model with its weights: read from `weights`, else random, drawn on `device` (fast on a GPU; the
@@ -306,12 +301,41 @@ class ModelSpec:
         return Model(self.name, self.config, weights, self.max_seq)
 
 
+def _document(path: Path) -> Any:
+    """A model spec's document: the YAML, or for an HF config.json, its fields as the `model` section."""
+    text = read_text(path)
+    if path.suffix != ".json":
+        return read_yaml(text, str(path))[1]
+    try:
+        fields = json.loads(text)
+    except (json.JSONDecodeError, RecursionError, ValueError) as e:
+        raise SpecError(f"{path}: not an HF config.json: {type(e).__name__}: {str(e)[:100]}") from None
+    return {"name": path.parent.name if path.stem == "config" else path.stem, "model": fields}
+
+
+def is_model_spec(path: str | Path) -> bool:
+    """Whether `path` is a model spec (YAML with a `model:` section) or an HF config.json (`model_type`), not a
+    program; a file that cannot be read counts as a program, whose loader says what is wrong."""
+    path = Path(path)
+    if path.suffix not in (".yaml", ".yml", ".json"):
+        return False
+    try:
+        doc = _document(path)
+    except SpecError:
+        return False
+    fields = doc.get("model") if isinstance(doc, dict) else None
+    if path.suffix == ".json":
+        return isinstance(fields, dict) and "model_type" in fields and "format" not in fields
+    return isinstance(doc, dict) and "model" in doc
+
+
 def load_spec(path: str | Path) -> ModelSpec:
     """A model spec (YAML): `name`, `model` (HF config fields, or the path of a config.json relative to the
-    spec), optional `weights` (a safetensors file or folder, relative to the spec), `seed`, `max_seq`. The file is
-    read as any spec is (size, UTF-8, no YAML aliases, nesting), every field checked before use."""
+    spec), optional `weights` (a safetensors file or folder, relative to the spec), `seed`, `max_seq`, `search`
+    (the search settings of its programs, as a program spec's); or an HF config.json itself. The file is read as
+    any spec is (size, UTF-8, no YAML aliases, nesting), every field checked before use."""
     path = Path(path)
-    _, doc = read_yaml(read_text(path), str(path))
+    doc = _document(path)
     if not isinstance(doc, dict) or "model" not in doc:
         raise SpecError(f"{path}: a model spec is a mapping with a 'model:' section")
     unknown = sorted(map(str, set(doc) - set(MODEL_SPEC_KEYS)))
@@ -336,12 +360,21 @@ def load_spec(path: str | Path) -> ModelSpec:
     weights = doc.get("weights")
     if weights is not None and not isinstance(weights, str):
         raise SpecError(f"{path}: 'weights' must be the path of a safetensors file or folder, got {brief(weights)}")
+    search = doc.get("search") or {}
+    if not isinstance(search, dict) or set(search) - set(SEARCH_CHECKS):
+        raise SpecError(f"{path}: 'search' takes the keys: {', '.join(SEARCH_CHECKS)}")
+    for key, value in search.items():
+        try:
+            SEARCH_CHECKS[key](value)
+        except IRError as e:
+            raise SpecError(f"{path}: search {key}: {e}") from None
     return ModelSpec(
         name,
         ModelConfig.from_hf(fields, where),
         path.parent / weights if weights else None,
         seed,
         max_seq,
+        search,
     )
 
 
@@ -354,10 +387,15 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
 
 
 def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph]:
-    """One decode step's blocks as KernelGraphs (batch 1, bf16). Linear weights are [in, out] (x @ w, the
-    transpose of HF's layout). `attention` is the GQA decode core over `context` cached positions, q already
-    normed and rotated (RoPE and the KV append are templates). `mlp_act` and `residual` are the elementwise
-    epilogues the CUDA code generator compiles into the megakernel's task bodies."""
+    """One decode step as KernelGraphs (batch 1, bf16), named by the part of the step they compute; identical
+    layers share them. Linear weights are [in, out] (x @ w, the transpose of HF's layout).
+
+    attn_in: the input norm, weighted, and the fused QKV projection. qk_rope: the rotary embedding of q's and k's
+    heads (q/k norm first where the model has it), one cos/sin row for every head. kv_append: the new k and v
+    after the cached ones. attention: GQA decode over `context` positions of the cache. attn_out: the O
+    projection and the residual. mlp: the post-attention norm, the gated MLP and the residual. lm_head: the final
+    norm and the LM head. mlp_act and residual: the elementwise epilogues of the MLP and the projections, which the
+    megakernel's GEMV tasks run."""
     h, d, i, nh, nkv, g = cfg.hidden, cfg.head_dim, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.group
     bf = "bfloat16"
     progs: dict[str, KernelGraph] = {}
@@ -365,14 +403,20 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     def norm(graph: KernelGraph, x: Any, gamma: Any) -> Any:
         return graph.mul(graph.rms_norm(x, eps=cfg.eps), gamma)
 
-    p = KernelGraph("attn_in")  # rms_norm, weighted, then the fused QKV projection
+    p = KernelGraph("attn_in")
     x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("wqkv", (h, cfg.qkv_rows), bf)
     p.output(p.matmul(norm(p, x, gamma), w))
     progs["attn_in"] = p
-    if cfg.qk_norm:
-        p = KernelGraph("qk_norm")  # Qwen3: rms_norm over each head's dims
-        p.output(norm(p, p.input("q", (nh + nkv, d), bf), p.input("gamma", (1, d), bf)))
-        progs["qk_norm"] = p
+    p = KernelGraph("qk_rope")
+    qk = p.input("qk", (nh + nkv, d), bf)
+    if cfg.qk_norm:  # Qwen3: rms_norm over each head's dims, then the rotation
+        qk = norm(p, qk, p.input("gamma", (1, d), bf))
+    p.output(p.rope(qk, p.input("cos", (1, d), bf), p.input("sin", (1, d), bf)))
+    progs["qk_rope"] = p
+    p = KernelGraph("kv_append")  # the new position's k and v after the cached ones (k is stored transposed)
+    p.output(p.concat(p.input("k_cache", (nkv, d, context - 1), bf), p.input("k", (nkv, d, 1), bf), dim=2))
+    p.output(p.concat(p.input("v_cache", (nkv, context - 1, d), bf), p.input("v", (nkv, 1, d), bf), dim=1))
+    progs["kv_append"] = p
     p = KernelGraph("attention")
     q, k, v = p.input("q", (nkv, g, d), bf), p.input("k", (nkv, d, context), bf), p.input("v", (nkv, context, d), bf)
     s = p.mul_scalar(p.matmul(q, k), c=1.0 / math.sqrt(d))

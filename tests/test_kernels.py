@@ -190,7 +190,7 @@ def test_rope_op(shapes):
         [(3, 20, 16), (3, 16, 24)],
     ],
 )
-@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
 def test_matmul_op(shapes, dtype):
     assert_matches_reference(_one_op("matmul", shapes, dtype), scale=1.0)
 
@@ -299,6 +299,15 @@ def test_source_is_readable_and_cached_by_block_graph():
 
 def test_padded_extents():
     assert [padded(n) for n in (1, 2, 15, 16, 17, 48, 64, 100)] == [1, 16, 16, 16, 32, 64, 64, 128]
+
+
+def test_bf16_results_round_to_nearest_even():
+    """As the GPU rounds (the interpreter alone would truncate): x / 3 in bf16 equals torch's, element for
+    element."""
+    g = _one_op("mul_scalar", [(4, 256)], "bfloat16", c=1 / 3)
+    x = torch.randn(4, 256, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    (got,) = compile(g)(x)
+    assert torch.equal(got, (x.float() * (1 / 3)).to(torch.bfloat16))
 
 
 def test_inputs_by_position_or_name_and_checked():

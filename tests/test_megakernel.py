@@ -36,7 +36,16 @@ from superopt.kernels.megakernel import (
     source,
     tables,
 )
-from superopt.model import Decoder, Model, layer_programs, load_model, load_spec, random_weights
+from superopt.model import (
+    Decoder,
+    Model,
+    apply_rope,
+    layer_programs,
+    load_model,
+    load_spec,
+    random_weights,
+    rope_table,
+)
 from superopt.ops import OPS, missing_rules
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
@@ -128,14 +137,24 @@ def test_layer_programs_compute_the_decoder_blocks(qwen: Model) -> None:
     v = torch.randn(c.kv_heads, 8, c.head_dim, generator=gen, dtype=torch.float64)
     expect = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c.head_dim), -1) @ v
     assert torch.allclose(f64("attention", q=q, k=k.transpose(1, 2), v=v), expect)
+    kt = k.transpose(1, 2)  # the cached positions, then the new one
+    k_all, v_all = run(
+        progs["kv_append"],
+        {"k_cache": kt[..., :7], "k": kt[..., 7:], "v_cache": v[:, :7], "v": v[:, 7:]},
+        "float64",
+    )
+    assert torch.equal(k_all, kt) and torch.equal(v_all, v)
     wg, wu, wd = (w[p + f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down"))
     gpost = w[p + "post_attention_layernorm.weight"]
     y = rms(h, gpost)
     expect = h + (F.silu(y @ wg.T) * (y @ wu.T)) @ wd.T
     assert torch.allclose(f64("mlp", h=h, gamma=gpost[None], wg=wg.T, wu=wu.T, wd=wd.T), expect)
-    qn = torch.randn(c.heads + c.kv_heads, c.head_dim, generator=gen, dtype=torch.float64)
+    qk = torch.randn(c.heads + c.kv_heads, c.head_dim, generator=gen, dtype=torch.float64)
     gq = w[p + "self_attn.q_norm.weight"]
-    assert torch.allclose(f64("qk_norm", q=qn, gamma=gq[None]), rms(qn, gq))
+    cos, sin = (t[5:6].double() for t in rope_table(c, 8))
+    expect = apply_rope(rms(qk, gq), cos, sin)
+    cs = {"cos": torch.cat([cos, cos], -1), "sin": torch.cat([sin, sin], -1)}
+    assert torch.allclose(f64("qk_rope", qk=qk, gamma=gq[None], **cs), expect)
 
 
 def test_elementwise_emitter_rounds_each_op() -> None:
@@ -400,17 +419,16 @@ def test_emitted_cuda_compiles_for_sm90a(spec: str, tmp_path: Path) -> None:
 
 
 def test_cli_emit_writes_source_graph_and_report(tmp_path: Path) -> None:
-    result = CliRunner().invoke(
-        megakernel_command, [str(MODELS / "tiny-qwen3.yaml"), "--emit", str(tmp_path), "--sms", "16"]
-    )
+    """--offline: no search, the unfused layer programs (tests/test_model_search.py builds from a searched plan)."""
+    args = [str(MODELS / "tiny-qwen3.yaml"), "--emit", str(tmp_path), "--sms", "16", "--offline"]
+    result = CliRunner().invoke(megakernel_command, [*args, "--cache-dir", str(tmp_path / "cache")])
     assert result.exit_code == 0, result.output
     graph = json.loads((tmp_path / "taskgraph.json").read_text())
     assert graph["n_sms"] == 16 and len(graph["tasks"]) == sum(len(ids) for ids in graph["sm_tasks"])
     assert 'extern "C" __global__' in (tmp_path / "megakernel.cu").read_text()
-    assert "argmax has no IR op" in (tmp_path / "build_report.txt").read_text()
-    if not torch.cuda.is_available():
-        result = CliRunner().invoke(megakernel_command, [str(MODELS / "tiny-qwen3.yaml")])
-        assert result.exit_code == 2 and "no CUDA GPU" in result.output
+    report = json.loads((tmp_path / "build_report.json").read_text())
+    assert report["plan_status"] == "offline" and [k["kind"] for k in report["kinds"]] == list(taskgraph.OPS)
+    assert all(c["verification"]["method"] == "identity" for k in report["kinds"] for c in k["computes"])
 
 
 @pytest.mark.gpu

@@ -1,0 +1,172 @@
+"""`superopt search MODEL.yaml`: a decoder's decode step searched as programs, and the plan its megakernel is
+built from.
+
+The step is cut into layer programs (superopt.model.layer_programs: norms, projections, the rotary embedding, the
+KV append, attention, residuals, the MLP, the final norm and LM head); identical layers share one program. Each
+goes through the pipeline like any program: a cache hit, or a search whose verified winner is stored. The plan
+ties them together: the model's config, each program's cache key and winner, and the SMs its task graph is
+scheduled for. It is stored under the model's key (the config, the programs' keys, the SM count), so that
+`--require-hit` and `--offline` work for a model as for a program, and CI reuses a plan. A plan read back is
+checked as a result is: its fields, its key recomputed, and each program's entry read through the cache (which
+re-verifies every winner); a plan whose programs are not all cached, with the winners it names, is a miss.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from superopt.cache import Cache, cache_key, now, versions
+from superopt.errors import SuperoptError, brief
+from superopt.ir import KernelGraph
+from superopt.model import ModelConfig, ModelSpec, layer_programs
+from superopt.pipeline import MODES, Outcome, Settings, device_spec, optimize_program, trusted_winner
+from superopt.result import Result, ResultError
+from superopt.serialize import graph_hash
+
+PLAN_FORMAT = "superopt.model-plan/1"
+
+
+def preset_for(graph: KernelGraph) -> str:
+    """The preset a layer program is searched with, by its ops: attention (a softmax and matmuls), mlp (matmuls
+    and their epilogues), norm (rows: norms, rotary embeddings, elementwise ops)."""
+    ops = {op.op for op in graph.ops}
+    if {"exp", "max", "matmul"} <= ops:
+        return "attention"
+    return "mlp" if "matmul" in ops else "norm"
+
+
+@dataclass(frozen=True)
+class ProgramPlan:
+    """One layer program of a plan: its name (the part of the step), its cache key, and its winner's hash."""
+
+    name: str
+    key: str
+    program_hash: str
+    winner_hash: str
+
+    def to_json(self) -> dict[str, str]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What a model's megakernel is built from: its config (HF's fields), the layer programs' cache entries and
+    winners, and the SMs its task graph is scheduled for."""
+
+    name: str
+    config: dict[str, Any]
+    n_sms: int
+    programs: tuple[ProgramPlan, ...]
+    key: str
+    created: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "name": self.name,
+            "config": self.config,
+            "n_sms": self.n_sms,
+            "programs": [p.to_json() for p in self.programs],
+            "key": self.key,
+            "created": self.created,
+        }
+
+
+def plan_key(config: ModelConfig, program_keys: list[str], n_sms: int) -> str:
+    """The key of a model's plan: its config, its programs' cache keys (their settings, device and versions among
+    them) and the SM count."""
+    parts = [PLAN_FORMAT, config.hf_fields(), program_keys, n_sms, versions()]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+
+def read_plan(doc: Any, key: str, cache: Cache) -> tuple[ModelPlan, dict[str, Result]]:
+    """The plan a stored document holds, with its programs' results, if it is well formed, its key is `key` and
+    the one its config, programs and SM count make, and each of its programs is cached (re-verified) with the
+    winner it names; else ResultError saying why."""
+    if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
+        raise ResultError(f'not a model plan (expected "format": "{PLAN_FORMAT}")')
+    try:
+        config = ModelConfig.from_hf(doc["config"], "plan.config")
+        programs = tuple(ProgramPlan(**p) for p in doc["programs"])
+        plan = ModelPlan(str(doc["name"]), doc["config"], int(doc["n_sms"]), programs, doc["key"], str(doc["created"]))
+    except (KeyError, TypeError, ValueError, SuperoptError) as e:
+        raise ResultError(f"a malformed plan ({type(e).__name__}: {brief(str(e))})") from None
+    if plan.key != key or plan_key(config, [p.key for p in programs], plan.n_sms) != key:
+        raise ResultError("its key is not the one its config, programs and SM count make")
+    results = {}
+    for p in programs:
+        result = cache.get(p.key, trusted_winner)
+        if result is None or result.best.hash != p.winner_hash or result.program_hash != p.program_hash:
+            raise ResultError(f"its program '{brief(p.name)}' is not cached with the winner it names")
+        results[p.name] = result
+    return plan, results
+
+
+@dataclass
+class ModelOutcome:
+    """status: hit (the plan from the cache), searched, offline (unfused programs, nothing stored) or miss
+    (require-hit); `programs` holds each layer program's outcome by name (empty on a miss)."""
+
+    status: str
+    key: str
+    plan: ModelPlan | None
+    programs: dict[str, Outcome]
+    note: str
+
+
+def program_settings(graph: KernelGraph, settings: Settings) -> Settings:
+    return dataclasses.replace(settings, preset=settings.preset or preset_for(graph))
+
+
+def search_model(
+    spec: ModelSpec,
+    settings: Settings,
+    cache: Cache | None,
+    mode: str = "search",
+    n_sms: int = 132,
+    progress: str = "auto",
+    say: Callable[[str], None] = lambda line: None,
+) -> ModelOutcome:
+    """The plan of `spec`'s decode step: from the cache, or each layer program through the pipeline (searched
+    where it misses) and the plan stored. mode as for optimize_program; the settings apply to every program, a
+    preset chosen per program (`preset_for`) where they name none."""
+    if mode not in MODES:
+        raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
+    programs = layer_programs(spec.config)
+    device = device_spec(settings.device)
+    per_program = {name: program_settings(g, settings) for name, g in programs.items()}
+    keys = [cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()]
+    key = plan_key(spec.config, keys, n_sms)
+    stored = cache.get_plan(key, lambda doc: read_plan(doc, key, cache)) if cache is not None else None
+    if stored is not None:
+        plan, results = stored
+        outcomes = {p.name: Outcome("hit", p.key, results[p.name], f"cache hit {p.key[:16]}") for p in plan.programs}
+        return ModelOutcome("hit", key, plan, outcomes, f"plan hit {key[:16]} ({len(programs)} programs)")
+    if mode == "require-hit":
+        return ModelOutcome("miss", key, None, {}, f"plan miss {key[:16]} (--require-hit: no search)")
+    outcomes = {}
+    for name, graph in programs.items():
+        say(f"-- {spec.name}: {name} ({graph_hash(graph)[:12]})")
+        outcomes[name] = optimize_program(graph, per_program[name], cache, mode, progress, say=say)
+        say(outcomes[name].note)
+    plan = ModelPlan(
+        name=spec.name,
+        config=spec.config.hf_fields(),
+        n_sms=n_sms,
+        programs=tuple(
+            ProgramPlan(name, o.key, graph_hash(programs[name]), graph_hash(o.winner)) for name, o in outcomes.items()
+        ),
+        key=key,
+        created=now(),
+    )
+    if mode == "offline":
+        return ModelOutcome("offline", key, plan, outcomes, f"plan miss {key[:16]}: offline, the unfused programs")
+    if cache is not None:
+        cache.put_plan(key, plan.to_json())
+    where = f"; stored in {cache.plan_path(key)}" if cache is not None else ""
+    return ModelOutcome("searched", key, plan, outcomes, f"planned {len(programs)} programs{where}")
