@@ -4,7 +4,7 @@
 task graph is built for the detected GPU's SM count, else --sms). On a GPU it builds the kernel, decodes
 --new-tokens greedy tokens after a seeded random prompt, and checks the tokens and logits against the bf16
 reference decoder on the same sequence; --bench adds the timing table beside HF transformers and a
-CUDA-graph torch decode (kernels/megakernel.py `benchmark`).
+CUDA-graph torch decode (kernels/megakernel/bench.py `benchmark`).
 """
 
 from __future__ import annotations

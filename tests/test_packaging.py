@@ -22,6 +22,8 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     for sub in ("search_space", "verification", "kernels", "cli"):
         assert f"superopt/{sub}/__init__.py" in names
     assert "superopt/cli/main.py" in names
+    for cuda in ("prelude", "templates", "kernel"):  # the megakernel's CUDA, package data
+        assert f"superopt/kernels/megakernel/{cuda}.cuh" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 
     target = tmp_path / "site"
@@ -29,7 +31,8 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
         [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", target, wheel], check=True
     )
     modules = "superopt, superopt.cli.main, superopt.search_space, superopt.verification, superopt.kernels"
-    code = f"import {modules}; print(superopt.__file__)"
+    reads_cuda = "from superopt.kernels.megakernel.source import cuda; cuda('kernel')"
+    code = f"import {modules}; {reads_cuda}; print(superopt.__file__)"
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, check=True

@@ -1,0 +1,64 @@
+"""The megakernel: a whole decoder model's decode steps in one persistent GPU kernel, and its CPU replay.
+
+One CTA per SM (grid = SM count; the compiled kernel's registers and shared memory are checked to fit one CTA
+per SM, so every CTA is resident and no spinner waits on a CTA that cannot start). Each CTA has 8 consumer warps
+that run its task list (kernels/taskgraph.py) in topological order, N decode steps per launch, and one loader
+warp that streams the weights of its upcoming tasks through a ring of shared-memory slots with the bulk copy
+engine (cp.async.bulk, completing on mbarriers, evict-first in L2), one chunk in flight at a time. Weights depend
+on nothing, so the loader runs ahead across tasks and steps while the consumers wait on their dependency
+counters: the next tasks' weights arrive during every wait. Likewise an attention task copies the KV cache of
+earlier positions into shared memory (cp.async) before it waits for this step's q, k and v.
+
+Counters are u64, only ever incremented (after the CTA's barrier, one thread's red.release.gpu adds) and waited
+on with ld.acquire.gpu in asm volatile spins; a task leaves out the waits its SM already met earlier in the step.
+Activations other SMs wrote are read with ld.global.cg (L2, never a stale L1 line). Targets scale with the
+global step, which lives on the device (state: steps run so far, position, prompt length) and which the last task
+of a launch advances: nothing is reset inside a launch or between launches, so a CUDA-graph replay continues
+where the last launch stopped.
+Prefill runs as decode steps whose argmax is not written while the next position is still inside the prompt;
+the argmax task writes the greedy token, so N steps need no host round trip.
+
+Task bodies: the GEMV tiles, attention (with the rotary embedding and the KV append), the split-KV combine and
+argmax are hand-written templates (kernels/cuda_codegen.py); the elementwise epilogues (residual add,
+silu(gate) * up) are generated from the plan's verified winners for those layer programs (superopt/model_search.py;
+the emitter lowers elementwise programs and loop-free block graphs of elementwise ops). `build_report` says which,
+per task kind, with each program's winner and verification.
+
+`replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
+adversarial order by default: the latest runnable task first), each task body in torch with the kernel's rounding,
+and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read.
+
+On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with
+trace=True each task's STAMP_NAMES times in the last step are recorded);
+`benchmark` checks it against HF transformers and the bf16 reference decoder and times it beside them
+(benchmarks/megakernel_bench.py).
+"""
+
+from superopt.kernels.megakernel.bench import benchmark, prompt_tokens, timing_table, versus_reference_bf16
+from superopt.kernels.megakernel.layout import SMEM_PER_BLOCK, STAMP_NAMES, WORKSPACE, smem_plan, tables
+from superopt.kernels.megakernel.replay import Generation, StaleRead, agrees_with_replay, replay
+from superopt.kernels.megakernel.runtime import GpuMegakernel, Hang, critical_path, time_megakernel
+from superopt.kernels.megakernel.source import build_report, report_lines, source
+
+__all__ = [
+    "SMEM_PER_BLOCK",
+    "STAMP_NAMES",
+    "WORKSPACE",
+    "Generation",
+    "GpuMegakernel",
+    "Hang",
+    "StaleRead",
+    "agrees_with_replay",
+    "benchmark",
+    "build_report",
+    "critical_path",
+    "prompt_tokens",
+    "replay",
+    "report_lines",
+    "smem_plan",
+    "source",
+    "tables",
+    "time_megakernel",
+    "timing_table",
+    "versus_reference_bf16",
+]

@@ -1,0 +1,201 @@
+"""The megakernel's CPU replay: the same task list as the GPU runs, the per-SM lists interleaved under the
+counter protocol (an adversarial order by default: the latest runnable task first), each task body in torch with
+the kernel's rounding (the generated bodies through the reference interpreter of the winners they come from),
+and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from superopt.errors import SuperoptError
+from superopt.interpret import TorchEval, evaluate
+from superopt.ir import KernelGraph
+from superopt.kernels import taskgraph
+from superopt.kernels.megakernel.layout import packed_weights, small_params
+from superopt.kernels.taskgraph import TaskGraph
+from superopt.model import Model, layer_programs
+
+
+def rbf(x: torch.Tensor) -> torch.Tensor:
+    """Rounds float32 values to bf16 and back (the kernel's f2bf/bf2f)."""
+    return x.to(torch.bfloat16).float()
+
+
+class StaleRead(SuperoptError):
+    """A task read data not yet written in its step: a dependency the counters do not enforce."""
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    logits: torch.Tensor  # [generated positions, vocab]: the logits each generated token came from
+
+
+def replay(
+    model: Model,
+    tg: TaskGraph,
+    prompt: list[int],
+    new_tokens: int,
+    seed: int | None = None,
+    launches: int = 2,
+    programs: dict[str, KernelGraph] | None = None,
+) -> Generation:
+    """Runs the task list on the CPU: prefill and generation as decode steps over `launches` launches, the SMs
+    interleaved under the counter protocol (seed None: always the runnable task latest in the step, so a
+    consumer runs as soon as its waits allow; else a seeded random runnable SM). Raises StaleRead for a read of
+    data its step has not written, SuperoptError for a deadlock. The generated bodies run `programs` (the
+    winners the source was emitted from) through the reference interpreter, as `source` lowers them."""
+    c = tg.config
+    steps_total = len(prompt) + new_tokens - 1
+    if steps_total > model.max_seq:
+        raise SuperoptError(f"megakernel: {steps_total} positions exceed the KV cache ({model.max_seq})")
+    weights = {k: v.float() for k, v in packed_weights(model, tg).items()}
+    small = {k: v.float() for k, v in small_params(model).items()}
+    embed = model.w("model.embed_tokens.weight").float()
+    progs = programs or layer_programs(c)
+    native = TorchEval("native")
+    buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
+    written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
+    kcache = torch.zeros(c.layers, c.kv_heads, model.max_seq, c.head_dim)
+    vcache = torch.zeros_like(kcache)
+    kv_step = torch.full(kcache.shape[:3], -1)
+    tokens = list(prompt) + [0] * new_tokens
+    logits = torch.zeros(new_tokens, c.vocab)
+    counters = [0] * len(tg.counters)
+    rng = random.Random(seed)
+
+    def check_read(r: taskgraph.Region, g: int, pos: int) -> None:
+        """Same-step reads need this step's data; the token needs the previous step's; the KV cache needs each
+        earlier position written at its own step (per element, which the per-head region does not resolve)."""
+        if r.buffer.startswith("kv."):
+            seen = kv_step[int(r.buffer[3:]), r.lo, :pos]
+            ok = bool((seen == torch.arange(pos)).all())
+        else:
+            ok = bool((written[r.buffer][r.lo : r.hi] == (g - 1 if r.prev else g)).all())
+        if not ok:
+            raise StaleRead(f"replay: step {g} reads {r.buffer}[{r.lo}:{r.hi}] before it is written")
+
+    def write(name: str, lo: int, values: torch.Tensor, g: int) -> None:
+        buf[name][lo : lo + len(values)] = values
+        written[name][lo : lo + len(values)] = g
+
+    def norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
+        return rbf(gamma * rbf(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + c.eps)))
+
+    def tile_rows(t: taskgraph.Task, x: torch.Tensor) -> torch.Tensor:
+        plan = tg.gemv[t.op]
+        w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
+        return w @ x
+
+    def epilogue(name: str, *args: torch.Tensor) -> torch.Tensor:
+        return evaluate(progs[name], [a.to(torch.bfloat16) for a in args], native)[0].float()
+
+    def run(t: taskgraph.Task, g: int, pos: int) -> None:
+        for r in t.reads:
+            check_read(r, g, pos)
+        i, d, hd = t.layer, c.head_dim, c.head_dim // 2
+        h_in = embed[tokens[pos]] if i == 0 else None
+        if t.op == "qkv":
+            x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
+            write(f"qkv.{i}", t.row0, rbf(tile_rows(t, norm(x, small["gin"][i]))), g)
+        elif t.op == "attn":
+            qkv, kv, grp = buf[f"qkv.{i}"], t.head, c.group
+            q = qkv[kv * grp * d : (kv + 1) * grp * d].view(grp, d)
+            k = qkv[(c.heads + kv) * d : (c.heads + kv + 1) * d]
+            v = qkv[(c.heads + c.kv_heads + kv) * d : (c.heads + c.kv_heads + kv + 1) * d]
+            if c.qk_norm:
+                q, k = norm(q, small["gq"][i]), norm(k, small["gk"][i])
+            cs, sn = small["cos"][pos], small["sin"][pos]
+
+            def rope(x: torch.Tensor) -> torch.Tensor:
+                x1, x2 = x[..., :hd], x[..., hd:]
+                return torch.cat([rbf(rbf(x1 * cs) - rbf(x2 * sn)), rbf(rbf(x2 * cs) + rbf(x1 * sn))], -1)
+
+            q, k = rope(q), rope(k)
+            if t.split == 0:
+                kcache[i, kv, pos], vcache[i, kv, pos], kv_step[i, kv, pos] = k, v, g
+            n = pos + 1
+            per = -(-n // tg.kv_splits)
+            p0, p1 = t.split * per, min(n, t.split * per + per)
+            keys = torch.cat([kcache[i, kv, :pos], k[None]])[p0:p1]
+            vals = torch.cat([vcache[i, kv, :pos], v[None]])[p0:p1]
+            out = torch.zeros(grp, taskgraph.PART_HEAD + d)  # max, sum, pad, outputs
+            out[:, 0] = -1e30
+            if p1 > p0:
+                s = (q @ keys.T) * (1 / math.sqrt(d))
+                out[:, 0] = s.amax(-1)
+                e = torch.exp(s - out[:, :1])
+                out[:, 1], out[:, taskgraph.PART_HEAD :] = e.sum(-1), e @ vals
+            write(f"part.{i}", (t.split * c.kv_heads + kv) * out.numel(), out.reshape(-1), g)
+        elif t.op == "oproj":
+            part = buf[f"part.{i}"].view(tg.kv_splits, c.heads, taskgraph.PART_HEAD + d)
+            w = torch.exp(part[:, :, 0] - part[:, :, 0].amax(0))
+            outs = part[:, :, taskgraph.PART_HEAD :]
+            a = rbf((outs * w[..., None]).sum(0) / (part[:, :, 1] * w).sum(0)[:, None]).reshape(-1)
+            x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
+            res = x[t.row0 : t.row0 + t.nrows]
+            write(f"hattn.{i}", t.row0, epilogue("residual", res, rbf(tile_rows(t, a))), g)
+        elif t.op == "gateup":
+            y = rbf(tile_rows(t, norm(buf[f"hattn.{i}"], small["gpost"][i])))
+            write(f"act.{i}", t.row0, epilogue("mlp_act", y[: t.nrows], y[t.nrows :]), g)
+        elif t.op == "down":
+            y = rbf(tile_rows(t, buf[f"act.{i}"]))
+            write(f"hmlp.{i}", t.row0, epilogue("residual", buf[f"hattn.{i}"][t.row0 : t.row0 + t.nrows], y), g)
+        elif t.op == "lmhead":
+            y = rbf(tile_rows(t, norm(buf[f"hmlp.{c.layers - 1}"], small["gfinal"])))
+            write("logits", t.row0, y, g)
+            k = int(y.argmax())  # the first of equal maxima
+            write("lmpart", 2 * t.tile, torch.tensor([y[k], float(t.row0 + k)]), g)
+        else:  # argmax over the tiles' maxima: the lowest index among equal values
+            vals, idx = buf["lmpart"][0::2], buf["lmpart"][1::2]
+            token = int(idx[vals == vals.max()].min())
+            write("token", 0, torch.tensor([float(token)]), g)
+            if pos + 1 >= len(prompt):
+                tokens[pos + 1] = token
+                logits[pos + 1 - len(prompt)] = buf["logits"]  # what the host reads back after the step
+
+    # Launch boundaries: the steps split into `launches` launches, each running the SM lists from the top.
+    bounds = [round(steps_total * k / launches) for k in range(launches + 1)]
+    for first, last in zip(bounds, bounds[1:]):
+        where = [[first if ids else last, 0] for ids in tg.sm_tasks]  # each SM's (global step, index in its list)
+        while True:
+            ready = []
+            for sm, (g, k) in enumerate(where):
+                if g == last:
+                    continue
+                t = tg.tasks[tg.sm_tasks[sm][k]]
+                if all(counters[cid] >= (g + 1 - off) * len(tg.counters[cid].producers) for cid, off in t.waits):
+                    ready.append((g, t.id, sm))
+            if not ready:
+                if all(g == last for g, _ in where):
+                    break
+                raise SuperoptError("replay: deadlock: no SM can run its next task")
+            g, tid, sm = max(ready) if seed is None else rng.choice(ready)
+            run(tg.tasks[tid], g, g)
+            for cid in tg.tasks[tid].signals:
+                counters[cid] += 1
+            where[sm][1] += 1
+            if where[sm][1] == len(tg.sm_tasks[sm]):
+                where[sm] = [g + 1, 0]
+    return Generation(tokens, logits)
+
+
+def agrees_with_replay(gpu: Generation, cpu: Generation, prompt_len: int) -> dict[str, Any]:
+    """The GPU's tokens and logits against the CPU replay's: logits within a bf16 ulp of the largest up to and at
+    the first token that differs (both computed from the same sequence), and there the replay's own margin between
+    the two tokens within twice the largest logit difference, a bf16 near tie that float summation order decides;
+    after it the sequences differ, so nothing after it is compared."""
+    n = len(cpu.logits)
+    flip = next((i for i in range(n) if gpu.tokens[prompt_len + i] != cpu.tokens[prompt_len + i]), None)
+    upto = n if flip is None else flip + 1
+    diff = float((gpu.logits[:upto] - cpu.logits[:upto]).abs().max())
+    ok = diff <= 2**-6 * float(cpu.logits[:upto].abs().max())
+    if flip is not None:
+        mine, theirs = gpu.tokens[prompt_len + flip], cpu.tokens[prompt_len + flip]
+        ok = ok and float(cpu.logits[flip, theirs] - cpu.logits[flip, mine]) <= 2 * diff
+    return {"ok": ok, "first_flip": flip, "max_logit_diff": diff}

@@ -1,0 +1,162 @@
+"""The megakernel's CUDA C++ source: the constants of a model and task graph, the workspace accessors, the device
+prelude, the bodies generated from the plan's winners (kernels/cuda_codegen.py), the hand-written templates and
+the persistent kernel (the .cuh files beside this module); and the build report, which says per task kind which
+layer programs it computes and which part of its body is generated."""
+
+from __future__ import annotations
+
+import math
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from superopt.ir import KernelGraph, identifier
+from superopt.kernels import taskgraph
+from superopt.kernels.cuda_codegen import emit_elementwise
+from superopt.kernels.megakernel.layout import NCONSUMERS, STAMP_NAMES, WORKSPACE, smem_plan, workspace_layout
+from superopt.kernels.taskgraph import TaskGraph
+from superopt.model import layer_programs
+from superopt.result import Result
+from superopt.serialize import graph_hash
+
+
+@cache
+def cuda(name: str) -> str:
+    """The CUDA source file `name`.cuh of this package: prelude (types, bf16, memory ordering, counters),
+    templates (the hand-written task bodies) or kernel (the persistent kernel and its loader)."""
+    return resources.files(__package__).joinpath(f"{name}.cuh").read_text()
+
+
+def source(
+    tg: TaskGraph,
+    name: str,
+    max_seq: int,
+    logit_slots: int,
+    trace: bool = False,
+    kv_cap: int | None = None,
+    programs: dict[str, KernelGraph] | None = None,
+) -> str:
+    """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
+    `trace` records each task's STAMP_NAMES times (%globaltimer, ns) in the last step; attention holds `kv_cap`
+    cached positions in shared memory (None: as many as fit, see smem_plan). `programs`: the layer programs'
+    verified search winners by name (superopt/model_search.py), whose bodies are generated where the CUDA
+    emitter lowers them (default: the layer programs themselves)."""
+    c = tg.config
+    lay = workspace_layout(tg, max_seq, logit_slots)
+    sp = smem_plan(tg, max_seq, kv_cap)
+    progs = programs or layer_programs(c)
+    consts = {
+        "HID": c.hidden,
+        "INTER": c.intermediate,
+        "NH": c.heads,
+        "NKV": c.kv_heads,
+        "HD": c.head_dim,
+        "GRP": c.group,
+        "QKV": c.qkv_rows,
+        "VOCAB": c.vocab,
+        "NLAYER": c.layers,
+        "SPLITS": tg.kv_splits,
+        "MAXSEQ": max_seq,
+        "LOGIT_SLOTS": logit_slots,
+        "LM_TILES": tg.gemv["lmhead"].tiles,
+        "NCONSUMERS": NCONSUMERS,
+        "KV_CAP": sp["kv_cap"],
+        "PART_HEAD": taskgraph.PART_HEAD,
+        "PART": tg.buffers["part.0"],
+        "SLOT": taskgraph.SLOT_BYTES,
+        "NSLOTS": sp["slots"],
+        "XS_ELEMS": sp["xs_elems"],
+        "STAMPS": len(STAMP_NAMES),
+    }
+    consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
+    lines = [f"// superopt megakernel: {identifier(name)} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
+    lines += [f"constexpr int {k} = {v};" for k, v in consts.items()]
+    lines += [
+        f"constexpr float EPS = {c.eps!r}f;",
+        f"constexpr float SCALE = {1 / math.sqrt(c.head_dim)!r}f;",
+        f"constexpr bool QK_NORM = {'true' if c.qk_norm else 'false'};",
+        f"constexpr bool TRACE = {'true' if trace else 'false'};",
+    ]
+    lines += [f"constexpr unsigned long long OFF_{k.upper()} = {off};" for k, (off, _) in lay.items()]
+    lines.append(cuda("prelude"))
+    for name, buf in WORKSPACE.items():
+        args = "unsigned char* ws" + (f", {buf.params}" if buf.params else "")
+        add = f" + {buf.offset}" if buf.offset else ""
+        ty = buf.ctype
+        lines.append(
+            f"__device__ __forceinline__ {ty}* ws_{name}({args}) {{ return ({ty}*)(ws + OFF_{name.upper()}){add}; }}"
+        )
+    lines.append("// Epilogues generated from the layer programs (superopt/model.py) by kernels/cuda_codegen.py:")
+    lines.append(emit_elementwise(progs["residual"], "residual"))
+    lines.append(emit_elementwise(progs["mlp_act"], "mlp_act"))
+    lines.append(cuda("templates"))
+    lines.append(cuda("kernel"))
+    return "\n".join(lines)
+
+
+# The layer programs each task kind computes (superopt.model.layer_programs), and which of them its body is
+# generated from: the rest of its body is a hand-written template (kernels/cuda_codegen.py).
+TASK_PROGRAMS = {
+    "qkv": ("attn_in",),
+    "attn": ("qk_rope", "kv_append", "attention"),
+    "oproj": ("attn_out", "residual"),
+    "gateup": ("mlp", "mlp_act"),
+    "down": ("mlp", "residual"),
+    "lmhead": ("lm_head",),
+    "argmax": (),
+}
+
+GENERATED = {"oproj": "residual", "gateup": "mlp_act", "down": "residual"}  # epilogues from the winners
+
+
+def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> list[dict[str, Any]]:
+    """Per task kind: its tasks and tiling, the layer programs it computes with their hashes, and, from the
+    plan's `results` (each program's search result, by name), each program's winner, verification and predicted
+    time; `body` says whether the task's code is generated from a winner or a template (with the part that is)."""
+    progs = layer_programs(tg.config)
+    rows = []
+    for op in taskgraph.OPS:
+        plan = tg.gemv.get(op)
+        row: dict[str, Any] = {"kind": op, "tasks": len(tg.by_op(op))}
+        if plan is not None:
+            row["tiling"] = {"rows": plan.tile, "k": plan.k, "chunks": plan.chunks, "chunk_bytes": plan.chunk_bytes}
+        computes = []
+        for name in TASK_PROGRAMS[op]:
+            entry: dict[str, Any] = {"program": name, "program_hash": graph_hash(progs[name])}
+            result = (results or {}).get(name)
+            if result is not None:
+                entry |= {
+                    "winner_hash": result.best.hash,
+                    "winner_kernels": result.best.kernels,
+                    "verification": result.best.verify.to_json(),
+                    "predicted_us": result.best.predicted_us,
+                    "measured_us": result.best_trial.measured_us if result.best_trial else None,
+                    "fraction_of_floor": result.floor_us / result.best.predicted_us
+                    if result.best.predicted_us
+                    else None,
+                }
+            computes.append(entry)
+        row["computes"] = computes
+        generated = GENERATED.get(op)
+        row["body"] = "template"
+        row["generated_part"] = f"epilogue '{generated}'" if generated else None
+        rows.append(row)
+    return rows
+
+
+def report_lines(report: list[dict[str, Any]]) -> list[str]:
+    """The build report, a line a task kind."""
+    lines = []
+    for row in report:
+        t = row.get("tiling")
+        tiling = f", {t['rows']} rows of {t['k']} a task in {t['chunks']} chunk(s)" if t else ""
+        names = ", ".join(
+            f"{c['program']} ({c.get('winner_hash', c['program_hash'])[:12]}, {c['verification']['method']})"
+            if "verification" in c
+            else f"{c['program']} ({c['program_hash'][:12]}, not searched)"
+            for c in row["computes"]
+        )
+        part = f"; generated: {row['generated_part']}" if row["generated_part"] else ""
+        lines.append(f"{row['kind']}: {row['tasks']} tasks{tiling}; computes {names or 'the argmax'}; "
+                     f"body: {row['body']}{part}")  # fmt: skip
+    return lines
