@@ -69,6 +69,7 @@ def megakernel_command(
     ms = load_spec(spec)
     gpu = torch.cuda.is_available()
     n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
+    tg = taskgraph.build(ms.config, n_sms)  # before any search: says what the megakernel cannot build
     settings = settings_for(spec, ms.search_settings, {"budget_s": budget_s})
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     planned = search_model(ms, settings, Cache(cache_dir), "offline" if offline else "search", n_sms, "none", say)
@@ -76,7 +77,6 @@ def megakernel_command(
     programs = {name: o.winner for name, o in planned.programs.items()}
     results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
     if emit_dir is not None:
-        tg = taskgraph.build(ms.config, n_sms)
         report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status}
         report["kinds"] = build_report(tg, results)
         try:

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from superopt.errors import SuperoptError
-from superopt.model import ModelConfig
+from superopt.model import TEMPLATE_ARCHS, ModelConfig
 
 TILE_BYTES = 256 * 1024  # the most weight bytes one task streams
 MAX_TILE_ROWS = 256  # a GEMV task's outputs, at most one a consumer thread
@@ -192,6 +192,11 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGra
     """The task graph of one decode step, analysed and scheduled over `n_sms` SMs."""
     if n_sms < 1:
         raise SuperoptError(f"megakernel: needs at least one SM, got {n_sms}")
+    if cfg.arch not in TEMPLATE_ARCHS:
+        raise SuperoptError(
+            f"megakernel: model_type {cfg.arch} has no task bodies yet (the hand-written ones cover "
+            f"{' and '.join(TEMPLATE_ARCHS)}); `superopt search` plans its programs"
+        )
     splits = kv_splits or default_kv_splits(cfg, n_sms)
     h, d, nh, nkv, g, L = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.group, cfg.layers
     gemv = {

@@ -440,6 +440,33 @@ Graph = KernelGraph
 # --- the text form: one op a line, a person can read and diff it -----------------------------------------
 
 
+def rename_inputs(graph: KernelGraph, names: list[str], name: str) -> KernelGraph:
+    """`graph` named `name`, its inputs renamed, in order, to `names`; another tensor keeps its name unless one
+    of `names` takes it. A result is stored under a name-blind hash, so a cached winner serves every program with
+    that hash, whatever the program calls its inputs."""
+    if len(names) != len(graph.inputs):
+        raise IRError(f"{graph.name}: {len(graph.inputs)} inputs, {len(names)} names given")
+    mapping = dict(zip(graph.inputs, names))
+    taken = set(names)
+    for t in graph.tensors:
+        if t not in mapping:
+            new, k = t, 0
+            while new in taken:
+                k += 1
+                new = f"{t}_{k}"
+            mapping[t] = new
+            taken.add(new)
+    out = KernelGraph(name)
+    out.tensors = {mapping[t]: ty for t, ty in graph.tensors.items()}
+    out.inputs = [mapping[t] for t in graph.inputs]
+    out.outputs = [mapping[t] for t in graph.outputs]
+    out.ops = [
+        Op(op.op, tuple(mapping[t] for t in op.inputs), tuple(mapping[t] for t in op.outputs), op.attrs, op.block)
+        for op in graph.ops
+    ]
+    return out
+
+
 def format_value(v: Any) -> str:
     if isinstance(v, tuple):
         return "[" + ", ".join(format_value(x) for x in v) + "]"

@@ -1,6 +1,7 @@
 """Decoder models: specs, weights, the layer programs in the IR, and a pure-torch reference decoder.
 
-A model spec is YAML with a `model:` section: Llama or Qwen3 architecture fields under Hugging Face's names, or
+A model spec is YAML with a `model:` section: the architecture fields of a Llama, Qwen3, Qwen2 (q/k/v biases),
+Mistral (a sliding window) or Gemma (GeGLU, (1 + w) norms, a scaled embedding) under Hugging Face's names, or
 the path of an HF `config.json` (relative to the spec). `weights:` names a safetensors file or folder of shards
 (read with the `safetensors` package when installed, else by the small reader below; never downloaded);
 without it the weights are random, seeded by `seed:`, bf16. Weights are kept under HF's parameter names, so the
@@ -8,6 +9,7 @@ same dict loads into transformers' model.
 
 The layer programs (`layer_programs`) state each part of one decode step as a KernelGraph; identical layers
 share one program (one hash). `superopt search MODEL.yaml` searches each once (superopt/model_search.py).
+`ProgramDecoder` runs the step through them (or through their winners), the check that they are the model.
 
 `Decoder` is the reference: one token per step over a static KV cache (static shapes, so it can also be
 captured in a CUDA graph on a GPU). precision="bfloat16" rounds where HF's bf16 model rounds (each op's
@@ -27,10 +29,15 @@ import torch
 import torch.nn.functional as F
 
 from superopt.errors import IRError, SpecError, brief
+from superopt.interpret import REFERENCE, run
 from superopt.ir import MAX_DIM, KernelGraph
 from superopt.spec import MAX_SEED, SEARCH_CHECKS, read_text, read_yaml
 
-ARCHS = ("llama", "qwen3")
+ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma")
+TEMPLATE_ARCHS = ("llama", "qwen3")  # the architectures the megakernel's hand-written task bodies cover
+# HF's activation names -> the IR's op (gelu_pytorch_tanh and gelu_new are both the tanh approximation)
+ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
+HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
 MODEL_SPEC_KEYS = ("name", "model", "weights", "seed", "max_seq", "search")
 MAX_CONTEXT = 2**20  # KV-cache positions a spec may ask for (the cache is allocated whole)
 
@@ -51,6 +58,8 @@ class ModelConfig:
     rope_theta: float
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
     tie_embeddings: bool = False
+    act: str = "silu"  # the gated MLP's activation, as an IR op: silu, gelu or gelu_tanh
+    sliding_window: int | None = None  # Mistral: a query sees the last `sliding_window` positions only
 
     @property
     def group(self) -> int:
@@ -62,7 +71,19 @@ class ModelConfig:
 
     @property
     def qk_norm(self) -> bool:
+        """Qwen3: an RMSNorm over each head's dims of q and k, before the rotation."""
         return self.arch == "qwen3"
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Qwen2: the q, k and v projections have biases (the o projection has none)."""
+        return self.arch == "qwen2"
+
+    @property
+    def gemma(self) -> bool:
+        """Gemma: RMSNorm weights stored as offsets (the scale is 1 + w, applied in float32) and the embedding
+        multiplied by sqrt(hidden) rounded to the model's dtype."""
+        return self.arch == "gemma"
 
     @classmethod
     def from_hf(cls, fields: dict[str, Any], where: str = "<model>") -> ModelConfig:
@@ -96,11 +117,20 @@ class ModelConfig:
             raise SpecError(
                 f"{where}: model_type {brief(arch or 'missing')} is not supported (supported: {', '.join(ARCHS)})"
             )
-        for flag in ("attention_bias", "mlp_bias"):
+        for flag in ("attention_bias", "mlp_bias", "use_sliding_window"):
             if fields.get(flag):
                 raise SpecError(f"{where}: {flag}: true is not supported")
-        if fields.get("hidden_act", "silu") != "silu":
-            raise SpecError(f"{where}: hidden_act {brief(fields['hidden_act'])} is not supported (only silu)")
+        # Gemma's MLP reads hidden_activation (falling back to the tanh approximation), the others hidden_act
+        gemma_act = arch == "gemma" and fields.get("hidden_activation") is not None
+        act_key = "hidden_activation" if gemma_act else "hidden_act"
+        act_name = fields.get(act_key) or ("gelu_pytorch_tanh" if arch == "gemma" else "silu")
+        if not isinstance(act_name, str) or act_name not in ACTIVATIONS:
+            raise SpecError(
+                f"{where}: {act_key} {brief(act_name)} is not supported (supported: {', '.join(ACTIVATIONS)})"
+            )
+        window = fields.get("sliding_window") if arch == "mistral" else None
+        if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+            raise SpecError(f"{where}: model field 'sliding_window' must be a positive integer, got {brief(window)}")
         # transformers 5 moved rope_theta and rope_scaling into rope_parameters; accept both.
         rope = fields.get("rope_parameters") or fields.get("rope_scaling") or {}
         if not isinstance(rope, dict):
@@ -126,7 +156,9 @@ class ModelConfig:
             eps=positive("rms_norm_eps", get("rms_norm_eps", 1e-6)),
             rope_theta=theta,
             rope_scaling=scaling,
-            tie_embeddings=bool(fields.get("tie_word_embeddings", False)),
+            tie_embeddings=bool(fields.get("tie_word_embeddings", arch == "gemma")),
+            act=ACTIVATIONS[act_name],
+            sliding_window=window,
         )
         if cfg.heads % cfg.kv_heads or cfg.head_dim % 2:
             raise SpecError(
@@ -148,12 +180,18 @@ class ModelConfig:
             "rms_norm_eps": self.eps,
             "rope_theta": self.rope_theta,
             "tie_word_embeddings": self.tie_embeddings,
-            "hidden_act": "silu",
+            "hidden_act": HF_ACTIVATION[self.act],
             "attention_bias": False,
             "mlp_bias": False,
         }
         if self.rope_scaling:
             out["rope_scaling"] = dict(self.rope_scaling)
+        if self.gemma:
+            out["hidden_activation"] = HF_ACTIVATION[self.act]
+        if self.arch == "mistral":
+            out["sliding_window"] = self.sliding_window
+        if self.arch == "qwen2":
+            out["use_sliding_window"] = False
         return out
 
     def param_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -173,6 +211,9 @@ class ModelConfig:
                 p + "mlp.up_proj.weight": (self.intermediate, h),
                 p + "mlp.down_proj.weight": (h, self.intermediate),
             }
+            if self.qkv_bias:
+                rows = {"q": self.heads * d, "k": self.kv_heads * d, "v": self.kv_heads * d}
+                shapes |= {p + f"self_attn.{n}_proj.bias": (r,) for n, r in rows.items()}
             if self.qk_norm:
                 shapes |= {p + "self_attn.q_norm.weight": (d,), p + "self_attn.k_norm.weight": (d,)}
         if not self.tie_embeddings:
@@ -203,12 +244,15 @@ class Model:
 def random_weights(cfg: ModelConfig, seed: int = 0, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Seeded random bf16 weights. Projections are N(0, 1/fan_in), so every block adds about unit variance to
     the residual stream; embeddings are N(0, 0.02^2) (HF's init), small beside that, so a tied LM head does not
-    make the model echo its input token; norm weights are N(1, 0.1^2), so the weighted norms are exercised."""
+    make the model echo its input token; norm scales are N(1, 0.1^2), so the weighted norms are exercised
+    (Gemma stores the scale minus 1); biases are N(0, 0.1^2)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     out = {}
     for name, shape in cfg.param_shapes().items():
-        if len(shape) == 1:
-            t = 1 + 0.1 * torch.randn(shape, generator=gen, device=device)
+        if name.endswith(".bias"):
+            t = 0.1 * torch.randn(shape, generator=gen, device=device)
+        elif len(shape) == 1:
+            t = (0 if cfg.gemma else 1) + 0.1 * torch.randn(shape, generator=gen, device=device)
         elif "embed_tokens" in name:
             t = 0.02 * torch.randn(shape, generator=gen, device=device)
         else:
@@ -390,27 +434,35 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     """One decode step as KernelGraphs (batch 1, bf16), named by the part of the step they compute; identical
     layers share them. Linear weights are [in, out] (x @ w, the transpose of HF's layout).
 
-    attn_in: the input norm, weighted, and the fused QKV projection. qk_rope: the rotary embedding of q's and k's
-    heads (q/k norm first where the model has it), one cos/sin row for every head. kv_append: the new k and v
-    after the cached ones. attention: GQA decode over `context` positions of the cache. attn_out: the O
-    projection and the residual. mlp: the post-attention norm, the gated MLP and the residual. lm_head: the final
-    norm and the LM head. mlp_act and residual: the elementwise epilogues of the MLP and the projections, which the
-    megakernel's GEMV tasks run."""
+    embed_scale (Gemma): the embedded token times sqrt(hidden). attn_in: the input norm, weighted, and the fused
+    QKV projection (with its bias, Qwen2). qk_rope: the rotary embedding of q's and k's heads (q/k norm first
+    where the model has it: one gamma row per head, q_norm's for q's heads, k_norm's for k's), one cos/sin row
+    for every head. kv_append: the new k and v after the cached ones. attention: GQA decode over the `context`
+    positions of a static cache, `mask` added to the scores (0 where a position is attended, -inf elsewhere).
+    attn_out: the O projection and the residual. mlp: the post-attention norm, the gated MLP and the residual.
+    lm_head: the final norm and the LM head. mlp_act and residual: the elementwise epilogues of the MLP and the
+    projections, which the megakernel's GEMV tasks run."""
     h, d, i, nh, nkv, g = cfg.hidden, cfg.head_dim, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.group
     bf = "bfloat16"
     progs: dict[str, KernelGraph] = {}
 
     def norm(graph: KernelGraph, x: Any, gamma: Any) -> Any:
-        return graph.mul(graph.rms_norm(x, eps=cfg.eps), gamma)
+        return graph.mul(graph.rms_norm(x, eps=cfg.eps), graph.add_scalar(gamma, c=1.0) if cfg.gemma else gamma)
 
+    if cfg.gemma:
+        p = KernelGraph("embed_scale")  # HF multiplies by sqrt(hidden) rounded to the model's dtype
+        c = float(torch.tensor(math.sqrt(h), dtype=torch.bfloat16))
+        p.output(p.mul_scalar(p.input("x", (1, h), bf), c=c))
+        progs["embed_scale"] = p
     p = KernelGraph("attn_in")
     x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("wqkv", (h, cfg.qkv_rows), bf)
-    p.output(p.matmul(norm(p, x, gamma), w))
+    qkv = p.matmul(norm(p, x, gamma), w)
+    p.output(p.add(qkv, p.input("bqkv", (1, cfg.qkv_rows), bf)) if cfg.qkv_bias else qkv)
     progs["attn_in"] = p
     p = KernelGraph("qk_rope")
     qk = p.input("qk", (nh + nkv, d), bf)
     if cfg.qk_norm:  # Qwen3: rms_norm over each head's dims, then the rotation
-        qk = norm(p, qk, p.input("gamma", (1, d), bf))
+        qk = norm(p, qk, p.input("gamma", (nh + nkv, d), bf))
     p.output(p.rope(qk, p.input("cos", (1, d), bf), p.input("sin", (1, d), bf)))
     progs["qk_rope"] = p
     p = KernelGraph("kv_append")  # the new position's k and v after the cached ones (k is stored transposed)
@@ -419,7 +471,7 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     progs["kv_append"] = p
     p = KernelGraph("attention")
     q, k, v = p.input("q", (nkv, g, d), bf), p.input("k", (nkv, d, context), bf), p.input("v", (nkv, context, d), bf)
-    s = p.mul_scalar(p.matmul(q, k), c=1.0 / math.sqrt(d))
+    s = p.add(p.mul_scalar(p.matmul(q, k), c=1.0 / math.sqrt(d)), p.input("mask", (1, 1, context), bf))
     e = p.exp(p.sub(s, p.max(s, dim=2, keepdim=True)))
     p.output(p.matmul(p.div(e, p.sum(e, dim=2, keepdim=True)), v))
     progs["attention"] = p
@@ -431,14 +483,14 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     x, gamma = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf)
     wg, wu, wd = p.input("wg", (h, i), bf), p.input("wu", (h, i), bf), p.input("wd", (i, h), bf)
     y = norm(p, x, gamma)
-    p.output(p.add(x, p.matmul(p.mul(p.silu(p.matmul(y, wg)), p.matmul(y, wu)), wd)))
+    p.output(p.add(x, p.matmul(p.mul(p.op(cfg.act, p.matmul(y, wg)), p.matmul(y, wu)), wd)))
     progs["mlp"] = p
     p = KernelGraph("lm_head")
     x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("w", (h, cfg.vocab), bf)
     p.output(p.matmul(norm(p, x, gamma), w))
     progs["lm_head"] = p
     p = KernelGraph("mlp_act")
-    p.output(p.mul(p.silu(p.input("g", (1, i), bf)), p.input("u", (1, i), bf)))
+    p.output(p.mul(p.op(cfg.act, p.input("g", (1, i), bf)), p.input("u", (1, i), bf)))
     progs["mlp_act"] = p
     p = KernelGraph("residual")
     p.output(p.add(p.input("h", (1, h), bf), p.input("y", (1, h), bf)))
@@ -484,7 +536,31 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # --- the reference decoder ----------------------------------------------------------------------------------
 
 
-class Decoder:
+class DecodeLoop:
+    """Greedy decoding over a `step(token, pos) -> logits` (float32, [vocab]) that appends to its KV cache."""
+
+    device: torch.device
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def generate(
+        self, prompt: list[int], new_tokens: int, forced: list[int] | None = None
+    ) -> tuple[list[int], torch.Tensor]:
+        """Greedy decoding after `prompt`; returns all tokens and the logits of each generated position
+        [new_tokens, vocab]. With `forced`, those tokens are fed instead of the argmax (teacher forcing)."""
+        tokens = list(prompt)
+        logits = []
+        for pos in range(len(prompt) + new_tokens - 1):
+            out = self.step(torch.tensor(tokens[pos], device=self.device), torch.tensor(pos, device=self.device))
+            if pos + 1 >= len(prompt):
+                logits.append(out)
+                nxt = forced[pos + 1 - len(prompt)] if forced is not None else int(out.argmax())
+                tokens.append(nxt)
+        return tokens, torch.stack(logits).cpu()
+
+
+class Decoder(DecodeLoop):
     """One decode step at a time over a static KV cache; every shape is static, so `step` can be captured in a
     CUDA graph (token and pos are 1-element device tensors updated in place)."""
 
@@ -509,29 +585,41 @@ class Decoder:
             names = ["input_layernorm", "post_attention_layernorm"] + [f"self_attn.{n}_proj" for n in "qkvo"]
             names += [f"mlp.{n}_proj" for n in ("gate", "up", "down")]
             names += ["self_attn.q_norm", "self_attn.k_norm"] if cfg.qk_norm else []
-            self.layers.append({n.split(".")[-1]: w(p + n + ".weight") for n in names})
+            layer = {n.split(".")[-1]: w(p + n + ".weight") for n in names}
+            for n in "qkv":
+                layer[f"{n}_bias"] = w(p + f"self_attn.{n}_proj.bias") if cfg.qkv_bias else None
+            self.layers.append(layer)
         cos, sin = rope_table(cfg, self.max_seq)
         self.cos, self.sin = cos.to(device), sin.to(device)
         shape = (cfg.layers, cfg.kv_heads, self.max_seq, cfg.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dt, device=device)
         self.v_cache = torch.zeros(shape, dtype=self.dt, device=device)
         self.positions = torch.arange(self.max_seq, device=device)
+        self.device = torch.device(device)
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = x.float()
-        return weight * (xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.cfg.eps)).to(self.dt)
+        normed = xf * torch.rsqrt(xf.square().mean(-1, keepdim=True) + self.cfg.eps)
+        if self.cfg.gemma:  # the scale 1 + w, applied in float32, then rounded once
+            return (normed * (1.0 + weight.float())).to(self.dt)
+        return weight * normed.to(self.dt)
 
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (float32, [vocab]) after `token` at position `pos`; appends to the KV cache."""
         cfg, d = self.cfg, self.cfg.head_dim
+        act = REFERENCE[cfg.act]
         x = self.embed.index_select(0, token.view(1))[0]
+        if cfg.gemma:
+            x = x * torch.tensor(math.sqrt(cfg.hidden), dtype=self.dt)
         cos, sin = self.cos.index_select(0, pos.view(1))[0], self.sin.index_select(0, pos.view(1))[0]
         mask = self.positions <= pos.view(1)
+        if cfg.sliding_window is not None:
+            mask &= self.positions > pos.view(1) - cfg.sliding_window
         for i, lw in enumerate(self.layers):
             y = self.rms_norm(x, lw["input_layernorm"])
-            q = F.linear(y, lw["q_proj"]).view(cfg.heads, d)
-            k = F.linear(y, lw["k_proj"]).view(cfg.kv_heads, d)
-            v = F.linear(y, lw["v_proj"]).view(cfg.kv_heads, d)
+            q = F.linear(y, lw["q_proj"], lw["q_bias"]).view(cfg.heads, d)
+            k = F.linear(y, lw["k_proj"], lw["k_bias"]).view(cfg.kv_heads, d)
+            v = F.linear(y, lw["v_proj"], lw["v_bias"]).view(cfg.kv_heads, d)
             if cfg.qk_norm:
                 q, k = self.rms_norm(q, lw["q_norm"]), self.rms_norm(k, lw["k_norm"])
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -543,21 +631,77 @@ class Decoder:
             a = (probs @ self.v_cache[i].float()).to(self.dt).reshape(cfg.heads * d)
             x = x + F.linear(a, lw["o_proj"])
             y = self.rms_norm(x, lw["post_attention_layernorm"])
-            x = x + F.linear(F.silu(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
+            x = x + F.linear(act(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
         return F.linear(self.rms_norm(x, self.norm), self.lm_head).float()
 
-    def generate(
-        self, prompt: list[int], new_tokens: int, forced: list[int] | None = None
-    ) -> tuple[list[int], torch.Tensor]:
-        """Greedy decoding after `prompt`; returns all tokens and the logits of each generated position
-        [new_tokens, vocab]. With `forced`, those tokens are fed instead of the argmax (teacher forcing)."""
-        device = self.embed.device
-        tokens = list(prompt)
-        logits = []
-        for pos in range(len(prompt) + new_tokens - 1):
-            out = self.step(torch.tensor(tokens[pos], device=device), torch.tensor(pos, device=device))
-            if pos + 1 >= len(prompt):
-                logits.append(out)
-                nxt = forced[pos + 1 - len(prompt)] if forced is not None else int(out.argmax())
-                tokens.append(nxt)
-        return tokens, torch.stack(logits).cpu()
+
+class ProgramDecoder(DecodeLoop):
+    """The decode step computed by its layer programs, each run by the reference interpreter: the programs of
+    `layer_programs(cfg, max_seq)` by default, or graphs with the same inputs and outputs (the search's winners,
+    which compute the same functions). Between them only memory moves: the token's embedding row, the views of
+    the QKV projection's output, and the new k and v stored at the step's position of the static cache (the
+    kv_append program's concatenation, at a position known only at run time). Its logits equal `Decoder`'s up
+    to rounding: the check that the programs are the model. precision: "float64" or "native" (each op rounded
+    to its tensor's dtype, bf16), as `superopt.interpret.run` takes."""
+
+    def __init__(
+        self, model: Model, programs: dict[str, KernelGraph] | None = None, precision: str = "float64"
+    ) -> None:
+        cfg = self.cfg = model.config
+        self.programs = dict(layer_programs(cfg, model.max_seq)) | (programs or {})
+        self.precision, self.max_seq, self.device = precision, model.max_seq, torch.device("cpu")
+        nh, nkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
+        self.embed = model.w("model.embed_tokens.weight")
+        self.norm, self.lm_head = model.w("model.norm.weight")[None], model.w("lm_head.weight").T
+        self.layers = []
+        for i in range(cfg.layers):
+            p = f"model.layers.{i}."
+            w = {n: model.w(p + n + ".weight") for n in ("input_layernorm", "post_attention_layernorm")}
+            attn = {n: model.w(p + f"self_attn.{n}_proj.weight") for n in "qkvo"}
+            mlp = {n: model.w(p + f"mlp.{n}_proj.weight").T for n in ("gate", "up", "down")}
+            attn_in = {"gamma": w["input_layernorm"][None], "wqkv": torch.cat([attn[n] for n in "qkv"]).T}
+            if cfg.qkv_bias:
+                attn_in["bqkv"] = torch.cat([model.w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])[None]
+            rope = {}
+            if cfg.qk_norm:
+                q_norm, k_norm = model.w(p + "self_attn.q_norm.weight"), model.w(p + "self_attn.k_norm.weight")
+                rope["gamma"] = torch.cat([q_norm.expand(nh, d), k_norm.expand(nkv, d)])
+            self.layers.append(
+                {
+                    "attn_in": attn_in,
+                    "qk_rope": rope,
+                    "attn_out": {"wo": attn["o"].T},
+                    "mlp": {"gamma": w["post_attention_layernorm"][None], "wg": mlp["gate"], "wu": mlp["up"]}
+                    | {"wd": mlp["down"]},
+                }
+            )
+        cos, sin = rope_table(cfg, self.max_seq)
+        self.cos, self.sin = torch.cat([cos, cos], -1), torch.cat([sin, sin], -1)
+        dtype = torch.float64 if precision == "float64" else torch.bfloat16
+        self.k_cache = torch.zeros(cfg.layers, nkv, d, self.max_seq, dtype=dtype)  # k transposed, as programs read it
+        self.v_cache = torch.zeros(cfg.layers, nkv, self.max_seq, d, dtype=dtype)
+
+    def call(self, name: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
+        return run(self.programs[name], inputs, self.precision)
+
+    def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        cfg, d, nh, nkv = self.cfg, self.cfg.head_dim, self.cfg.heads, self.cfg.kv_heads
+        t, at = int(token), int(pos)
+        x = self.embed[t][None]
+        if cfg.gemma:
+            (x,) = self.call("embed_scale", x=x)
+        cos, sin = self.cos[at][None], self.sin[at][None]
+        first = 0 if cfg.sliding_window is None else max(0, at - cfg.sliding_window + 1)
+        mask = torch.full((1, 1, self.max_seq), float("-inf"))
+        mask[..., first : at + 1] = 0
+        for i, lw in enumerate(self.layers):
+            (qkv,) = self.call("attn_in", h=x, **lw["attn_in"])
+            qk, v = qkv[0, : (nh + nkv) * d].reshape(nh + nkv, d), qkv[0, (nh + nkv) * d :].reshape(nkv, d)
+            (qk,) = self.call("qk_rope", qk=qk, cos=cos, sin=sin, **lw["qk_rope"])
+            self.k_cache[i, :, :, at], self.v_cache[i, :, at] = qk[nh:], v
+            q = qk[:nh].reshape(nkv, cfg.group, d)
+            (a,) = self.call("attention", q=q, k=self.k_cache[i], v=self.v_cache[i], mask=mask)
+            (x,) = self.call("attn_out", a=a.reshape(1, nh * d), h=x, **lw["attn_out"])
+            (x,) = self.call("mlp", h=x, **lw["mlp"])
+        (logits,) = self.call("lm_head", h=x, gamma=self.norm, w=self.lm_head)
+        return logits[0].float()

@@ -137,7 +137,7 @@ def search_model(
     preset chosen per program (`preset_for`) where they name none."""
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
-    programs = layer_programs(spec.config)
+    programs = layer_programs(spec.config, spec.max_seq)
     device = device_spec(settings.device)
     per_program = {name: program_settings(g, settings) for name, g in programs.items()}
     keys = [cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()]
@@ -145,7 +145,10 @@ def search_model(
     stored = cache.get_plan(key, lambda doc: read_plan(doc, key, cache)) if cache is not None else None
     if stored is not None:
         plan, results = stored
-        outcomes = {p.name: Outcome("hit", p.key, results[p.name], f"cache hit {p.key[:16]}") for p in plan.programs}
+        outcomes = {
+            p.name: Outcome("hit", p.key, results[p.name], f"cache hit {p.key[:16]}", programs[p.name])
+            for p in plan.programs
+        }
         return ModelOutcome("hit", key, plan, outcomes, f"plan hit {key[:16]} ({len(programs)} programs)")
     if mode == "require-hit":
         return ModelOutcome("miss", key, None, {}, f"plan miss {key[:16]} (--require-hit: no search)")

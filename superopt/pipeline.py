@@ -25,7 +25,7 @@ import torch
 from superopt.cache import Cache, TrialLog, cache_key, now, versions
 from superopt.errors import IRError, SuperoptError
 from superopt.interpret import REFERENCE, random_inputs, run
-from superopt.ir import KernelGraph
+from superopt.ir import KernelGraph, rename_inputs
 from superopt.kernels import compile
 from superopt.kernels.cost import floor
 from superopt.kernels.device import DEVICES, DeviceSpec, detect, get_device
@@ -103,12 +103,16 @@ class Outcome:
     key: str
     result: Result | None
     note: str
+    program: KernelGraph | None = None  # the program asked for: the winner takes its name and input names
 
     @property
     def winner(self) -> KernelGraph:
         if self.result is None:
             raise SuperoptError(f"no result for cache key {self.key[:16]}: {self.note}")
-        return self.result.best.graph
+        best = self.result.best.graph
+        if self.program is None:
+            return best
+        return rename_inputs(best, self.program.inputs, self.program.name)
 
 
 def eager(graph: KernelGraph) -> Callable[..., Any]:
@@ -253,7 +257,8 @@ def optimize_program(
     if stored is not None:
         budget = stored.settings["budget_s"]
         if mode != "search" or budget >= settings.budget_s:
-            return Outcome("hit", key, stored, f"cache hit {key[:16]} (a {budget:g} s search of {stored.created})")
+            note = f"cache hit {key[:16]} (a {budget:g} s search of {stored.created})"
+            return Outcome("hit", key, stored, note, graph)
         say(f"cached result {key[:16]} has a budget of {budget:g} s < {settings.budget_s:g} s: searching again")
     if mode == "require-hit":
         return Outcome("miss", key, None, f"cache miss {key[:16]} (--require-hit: no search)")
@@ -307,11 +312,12 @@ def optimize_program(
         search=stats,
     )
     if not searching:
-        return Outcome("offline", key, result, f"cache miss {key[:16]}: offline, so the unfused program, no search")
+        note = f"cache miss {key[:16]}: offline, so the unfused program, no search"
+        return Outcome("offline", key, result, note, graph)
     put = cache is not None and cache.put(result)
     where = f"; stored in {cache.path(key)}" if put else ""
     note = f"searched in {result.seconds:g} s: {len(ranked)} candidates, the unfused program included{where}"
-    return Outcome("searched", key, result, note)
+    return Outcome("searched", key, result, note, graph)
 
 
 def _evaluate(

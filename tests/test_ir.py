@@ -227,3 +227,18 @@ def test_text_form_reads_like_the_program():
         "        return div (omap=[1])",
         "    return o",
     ]
+
+
+def test_rename_inputs_keeps_the_function_and_the_hash():
+    g = superopt.Graph("a")
+    x, w = g.input("x", (4, 8), "float32"), g.input("w", (8, 2), "float32")
+    g.output(g.matmul(g.exp(x), w, out="y"))
+    named = superopt.ir.rename_inputs(g, ["y", "x"], "b")  # 'y' is also an inner tensor's name: it moves aside
+    assert (named.name, named.inputs) == ("b", ["y", "x"]) and named.outputs != ["y"]
+    assert superopt.graph_hash(named) == superopt.graph_hash(g)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randn(4, 8, generator=gen), torch.randn(8, 2, generator=gen)
+    expect = torch.exp(a.double()) @ b.double()
+    assert torch.allclose(superopt.run(named, {"y": a, "x": b}, "float64")[0], expect)
+    with pytest.raises(superopt.IRError, match="2 inputs, 1 names given"):
+        superopt.ir.rename_inputs(g, ["x"], "c")

@@ -135,8 +135,10 @@ def test_layer_programs_compute_the_decoder_blocks(qwen: Model) -> None:
     q = torch.randn(c.kv_heads, c.group, c.head_dim, generator=gen, dtype=torch.float64)
     k = torch.randn(c.kv_heads, 8, c.head_dim, generator=gen, dtype=torch.float64)
     v = torch.randn(c.kv_heads, 8, c.head_dim, generator=gen, dtype=torch.float64)
-    expect = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c.head_dim), -1) @ v
-    assert torch.allclose(f64("attention", q=q, k=k.transpose(1, 2), v=v), expect)
+    mask = torch.zeros(1, 1, 8, dtype=torch.float64)
+    mask[..., 6:] = float("-inf")  # positions the step does not attend
+    expect = torch.softmax(q @ k[:, :6].transpose(1, 2) / math.sqrt(c.head_dim), -1) @ v[:, :6]
+    assert torch.allclose(f64("attention", q=q, k=k.transpose(1, 2), v=v, mask=mask), expect)
     kt = k.transpose(1, 2)  # the cached positions, then the new one
     k_all, v_all = run(
         progs["kv_append"],
@@ -150,11 +152,12 @@ def test_layer_programs_compute_the_decoder_blocks(qwen: Model) -> None:
     expect = h + (F.silu(y @ wg.T) * (y @ wu.T)) @ wd.T
     assert torch.allclose(f64("mlp", h=h, gamma=gpost[None], wg=wg.T, wu=wu.T, wd=wd.T), expect)
     qk = torch.randn(c.heads + c.kv_heads, c.head_dim, generator=gen, dtype=torch.float64)
-    gq = w[p + "self_attn.q_norm.weight"]
+    gq, gk = w[p + "self_attn.q_norm.weight"], w[p + "self_attn.k_norm.weight"]
     cos, sin = (t[5:6].double() for t in rope_table(c, 8))
-    expect = apply_rope(rms(qk, gq), cos, sin)
+    expect = apply_rope(torch.cat([rms(qk[: c.heads], gq), rms(qk[c.heads :], gk)]), cos, sin)
     cs = {"cos": torch.cat([cos, cos], -1), "sin": torch.cat([sin, sin], -1)}
-    assert torch.allclose(f64("qk_rope", qk=qk, gamma=gq[None], **cs), expect)
+    gamma = torch.cat([gq.expand(c.heads, -1), gk.expand(c.kv_heads, -1)])  # one row per head
+    assert torch.allclose(f64("qk_rope", qk=qk, gamma=gamma, **cs), expect)
 
 
 def test_elementwise_emitter_rounds_each_op() -> None:

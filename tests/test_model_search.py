@@ -21,13 +21,14 @@ from superopt.cli.search_cmd import search_command
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import elementwise_steps, emit_elementwise
 from superopt.kernels.megakernel import replay, source
-from superopt.model import Decoder, is_model_spec, layer_programs, load_spec
+from superopt.model import Decoder, ProgramDecoder, is_model_spec, layer_programs, load_spec
 from superopt.model_search import search_model
 from superopt.pipeline import Settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
-TINY = ("tiny-llama", "tiny-qwen3")
+TEMPLATED = ("tiny-llama", "tiny-qwen3")  # the architectures the megakernel's hand-written task bodies cover
+TINY = TEMPLATED + ("tiny-qwen2", "tiny-gemma", "tiny-mistral")
 BUDGET = ["--budget", "2", "--progress", "none"]
 
 
@@ -55,7 +56,7 @@ def test_model_specs_are_told_from_programs():
 def test_every_layer_program_is_searched_verified_and_cached_once(searched, name):
     cache, doc = searched[name]
     spec = load_spec(MODELS / f"{name}.yaml")
-    programs = layer_programs(spec.config)
+    programs = layer_programs(spec.config, spec.max_seq)
     assert doc["cache"]["status"] == "searched" and set(doc["programs"]) == set(programs)
     for pname, result in doc["programs"].items():
         assert result["program_hash"] == superopt.graph_hash(programs[pname])
@@ -95,6 +96,31 @@ def test_a_tampered_plan_or_program_entry_is_never_served(searched, tmp_path):
 
 
 @pytest.mark.parametrize("name", TINY)
+def test_the_winners_compute_the_reference_decoder(searched, name):
+    """The decode step run through the plan's winners (by the reference interpreter, in float64) against the
+    reference decoder in float32, teacher-forced on the decoder's own tokens: the winners are the model."""
+    cache, _ = searched[name]
+    spec = load_spec(MODELS / f"{name}.yaml")
+    planned = search_model(spec, Settings(budget_s=2), Cache(cache), "require-hit", 132)
+    winners = {n: o.winner for n, o in planned.programs.items()}
+    assert any(op.block is not None for g in winners.values() for op in g.ops)  # some part of the step is fused
+    model = spec.load()
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # past tiny-mistral's sliding window of 8
+    tokens, logits = Decoder(model, "float32").generate(prompt, 4)
+    _, replayed = ProgramDecoder(model, winners).generate(prompt, 4, forced=tokens[len(prompt) :])
+    assert torch.allclose(replayed, logits, atol=1e-4, rtol=1e-4)
+    assert replayed.argmax(-1).tolist() == tokens[len(prompt) :]
+
+
+@pytest.mark.parametrize("name", TINY[len(TEMPLATED) :])
+def test_megakernel_names_the_architectures_without_task_bodies(searched, name):
+    cache, _ = searched[name]
+    result = CliRunner().invoke(megakernel_command, [str(MODELS / f"{name}.yaml"), "--cache-dir", str(cache)])
+    arch = load_spec(MODELS / f"{name}.yaml").config.arch
+    assert result.exit_code == 2 and f"model_type {arch} has no task bodies yet" in result.output, result.output
+
+
+@pytest.mark.parametrize("name", TEMPLATED)
 def test_megakernel_from_the_plan_replays_as_the_reference_decoder_and_compiles(searched, name, tmp_path):
     cache, doc = searched[name]
     spec = load_spec(MODELS / f"{name}.yaml")

@@ -24,8 +24,8 @@ def prompt_tokens(vocab: int, n: int, seed: int = 0) -> list[int]:
 
 
 def hf_model(model: Model) -> Any:
-    """transformers' LlamaForCausalLM / Qwen3ForCausalLM built from the config (nothing downloaded), on the GPU in
-    bf16, with the model's weights loaded."""
+    """transformers' model of the config's type (LlamaForCausalLM, Qwen3ForCausalLM, ...) built from the config
+    (nothing downloaded), on the GPU in bf16, with the model's weights loaded."""
     try:
         import transformers  # an optional dependency: only the comparison with HF's model needs it
     except ImportError:
@@ -39,6 +39,9 @@ def hf_model(model: Model) -> Any:
     cls_config, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
     }[c.arch]
     # transformers 5 reads rope_parameters, 4 reads rope_theta and rope_scaling: give both.
     fields["rope_parameters"] = {"rope_type": "default", "rope_theta": c.rope_theta, **(c.rope_scaling or {})}

@@ -122,8 +122,11 @@ def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> lis
             row["tiling"] = {"rows": plan.tile, "k": plan.k, "chunks": plan.chunks, "chunk_bytes": plan.chunk_bytes}
         computes = []
         for name in TASK_PROGRAMS[op]:
-            entry: dict[str, Any] = {"program": name, "program_hash": graph_hash(progs[name])}
             result = (results or {}).get(name)
+            entry: dict[str, Any] = {
+                "program": name,
+                "program_hash": result.program_hash if result is not None else graph_hash(progs[name]),
+            }
             if result is not None:
                 entry |= {
                     "winner_hash": result.best.hash,
