@@ -84,10 +84,11 @@ def plan_key(config: ModelConfig, program_keys: list[str], n_sms: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def read_plan(doc: Any, key: str, cache: Cache) -> tuple[ModelPlan, dict[str, Result]]:
+def read_plan(doc: Any, key: str, program_keys: dict[str, str], cache: Cache) -> tuple[ModelPlan, dict[str, Result]]:
     """The plan a stored document holds, with its programs' results, if it is well formed, its key is `key` and
-    the one its config, programs and SM count make, and each of its programs is cached (re-verified) with the
-    winner it names; else ResultError saying why."""
+    the one its config, programs and SM count make, its programs are the model's (`program_keys`: each layer
+    program's name and cache key, in order), and each is cached (re-verified) with the winner it names; else
+    ResultError saying why."""
     if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
         raise ResultError(f'not a model plan (expected "format": "{PLAN_FORMAT}")')
     try:
@@ -98,6 +99,8 @@ def read_plan(doc: Any, key: str, cache: Cache) -> tuple[ModelPlan, dict[str, Re
         raise ResultError(f"a malformed plan ({type(e).__name__}: {brief(str(e))})") from None
     if plan.key != key or plan_key(config, [p.key for p in programs], plan.n_sms) != key:
         raise ResultError("its key is not the one its config, programs and SM count make")
+    if [(p.name, p.key) for p in programs] != list(program_keys.items()):
+        raise ResultError("its programs are not the model's layer programs")
     results = {}
     for p in programs:
         result = cache.get(p.key, trusted_winner)
@@ -140,9 +143,9 @@ def search_model(
     programs = layer_programs(spec.config, spec.max_seq)
     device = device_spec(settings.device)
     per_program = {name: program_settings(g, settings) for name, g in programs.items()}
-    keys = [cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()]
-    key = plan_key(spec.config, keys, n_sms)
-    stored = cache.get_plan(key, lambda doc: read_plan(doc, key, cache)) if cache is not None else None
+    keys = {name: cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()}
+    key = plan_key(spec.config, list(keys.values()), n_sms)
+    stored = cache.get_plan(key, lambda doc: read_plan(doc, key, keys, cache)) if cache is not None else None
     if stored is not None:
         plan, results = stored
         outcomes = {

@@ -93,6 +93,11 @@ def test_a_tampered_plan_or_program_entry_is_never_served(searched, tmp_path):
     with pytest.warns(UserWarning, match="not cached with the winner it names"):
         assert search_model(spec, settings, Cache(root), "require-hit").status == "miss"
     assert (root / "results" / "quarantine" / plan_file.name).exists()
+    renamed = json.loads(json.dumps(doc["plan"]))
+    renamed["programs"][0]["name"] = "not_a_program"  # the plan's key does not cover the names
+    plan_file.write_text(json.dumps(renamed))
+    with pytest.warns(UserWarning, match="not the model's layer programs"):
+        assert search_model(spec, settings, Cache(root), "require-hit").status == "miss"
 
 
 @pytest.mark.parametrize("name", TINY)
