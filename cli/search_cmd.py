@@ -90,7 +90,7 @@ def settings_for(spec: Path, given: dict[str, Any], overrides: dict[str, Any]) -
     """The spec's search settings (`given`, its `search:` section) under the options given; a SuperoptError
     naming the spec."""
     try:
-        return Settings(**{**given, **{k: v for k, v in overrides.items() if v is not None}})
+        return Settings.merged(given, **overrides)
     except SuperoptError as e:
         raise SuperoptError(f"{spec}: {e}") from None
 
@@ -113,7 +113,9 @@ def read_job(path: Path, overrides: dict[str, Any]) -> Job:
     return Job(path, settings_for(path, graph.search_settings, overrides), graph=graph)
 
 
-def run_model(job: Job, cache: Cache, mode: str, progress: str, say: Callable[[str], None], tables: bool) -> tuple:
+def run_model(
+    job: Job, cache: Cache, mode: str, progress: str, say: Callable[[str], None], tables: bool
+) -> tuple[str, str, dict[str, Any]]:
     """A model spec: its plan, each layer program's outcome said as it comes; (status, key, its JSON)."""
     assert job.model is not None
     n_sms = device_spec(job.settings.device).sm_count

@@ -337,8 +337,7 @@ def _rope(em: Emitter, op: Op, args: list[Value]) -> Value:
     )
     rotated = Tile(f"tl.sum({_insert_none(x.expr, rank, rank)} * {sign}, axis={rank - 1})", x.shape, False)
     terms = [_binary(em, Op("mul", (), ()), [x, cos]), _binary(em, Op("mul", (), ()), [rotated, sin])]
-    out = _binary(em, Op("add", (), ()), terms)
-    return out
+    return _binary(em, Op("add", (), ()), terms)
 
 
 def _map_tiles(x: Value, fn: Callable[[Tile], Tile]) -> Value:

@@ -278,11 +278,7 @@ class Cache:
     def _store(self, result: Result, doc: dict[str, Any], sign: bool) -> bool:
         """Writes `doc`, the JSON of `result` (signed here if `sign`), by put's rule."""
         path = self.path(result.key)
-        try:
-            doc = doc | {"signature": _sign(self._secret(create=True), doc)} if sign else doc
-            text = json.dumps(doc, indent=1, allow_nan=False) + "\n"
-        except ValueError:
-            raise SuperoptError(f"cannot store the result {result.key[:16]}: it holds NaN or Infinity") from None
+        text = self._text(doc, sign, f"the result {result.key[:16]}")
         with self._locked():
             data, old, why = self._load(path)
             if why is not None:
@@ -311,13 +307,19 @@ class Cache:
 
     def put_plan(self, key: str, doc: dict[str, Any]) -> None:
         """Stores a model plan's document under `key`, signed like a result."""
-        try:
-            text = json.dumps(doc | {"signature": _sign(self._secret(create=True), doc)}, indent=1, allow_nan=False)
-        except ValueError:
-            raise SuperoptError(f"cannot store the plan {key[:16]}: it holds NaN or Infinity") from None
+        text = self._text(doc, True, f"the plan {key[:16]}")
         with self._locked():
             self.plans.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.plan_path(key), text + "\n")
+            write_atomic(self.plan_path(key), text)
+
+    def _text(self, doc: dict[str, Any], sign: bool, what: str) -> str:
+        """The stored text of `doc`, signed with this cache's key if `sign`; SuperoptError naming `what` if it
+        holds NaN or Infinity (JSON has neither)."""
+        try:
+            signed = doc | {"signature": _sign(self._secret(create=True), doc)} if sign else doc
+            return json.dumps(signed, indent=1, allow_nan=False) + "\n"
+        except ValueError:
+            raise SuperoptError(f"cannot store {what}: it holds NaN or Infinity") from None
 
     def entries(self) -> Iterator[Stored]:
         """Every entry that passes read_entry, oldest first; the others are quarantined as they are found."""

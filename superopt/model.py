@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from superopt.errors import IRError, SpecError, brief
-from superopt.interpret import REFERENCE, run
+from superopt.interpret import REFERENCE, rotate_half, run
 from superopt.ir import MAX_DIM, KernelGraph
 from superopt.spec import MAX_SEED, SEARCH_CHECKS, read_text, read_yaml
 
@@ -345,16 +345,19 @@ class ModelSpec:
         return Model(self.name, self.config, weights, self.max_seq)
 
 
-def _document(path: Path) -> Any:
-    """A model spec's document: the YAML, or for an HF config.json, its fields as the `model` section."""
-    text = read_text(path)
-    if path.suffix != ".json":
-        return read_yaml(text, str(path))[1]
+def _config_json(path: Path) -> Any:
+    """An HF config.json's document, read as any spec is (size, UTF-8); SpecError if it is not JSON."""
     try:
-        fields = json.loads(text)
+        return json.loads(read_text(path))
     except (json.JSONDecodeError, RecursionError, ValueError) as e:
         raise SpecError(f"{path}: not an HF config.json: {type(e).__name__}: {str(e)[:100]}") from None
-    return {"name": path.parent.name if path.stem == "config" else path.stem, "model": fields}
+
+
+def _document(path: Path) -> Any:
+    """A model spec's document: the YAML, or for an HF config.json, its fields as the `model` section."""
+    if path.suffix != ".json":
+        return read_yaml(read_text(path), str(path))[1]
+    return {"name": path.parent.name if path.stem == "config" else path.stem, "model": _config_json(path)}
 
 
 def is_model_spec(path: str | Path) -> bool:
@@ -388,10 +391,7 @@ def load_spec(path: str | Path) -> ModelSpec:
     fields, where = doc["model"], str(path)
     if isinstance(fields, str):
         where = str(path.parent / fields)
-        try:
-            fields = json.loads(read_text(path.parent / fields))
-        except (json.JSONDecodeError, RecursionError, ValueError) as e:
-            raise SpecError(f"{where}: not an HF config.json: {type(e).__name__}: {str(e)[:100]}") from None
+        fields = _config_json(path.parent / fields)
     if not isinstance(fields, dict):
         raise SpecError(f"{path}: 'model' must be a mapping of HF config fields or the path of a config.json")
     seed, max_seq = doc.get("seed", 0), doc.get("max_seq", 256)
@@ -527,13 +527,19 @@ def rope_table(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tenso
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin over the last dim, in x's dtype (each op rounds, as in HF)."""
-    half = x.shape[-1] // 2
     cos, sin = torch.cat([cos, cos], -1).to(x.dtype), torch.cat([sin, sin], -1).to(x.dtype)
-    rotated = torch.cat([-x[..., half:], x[..., :half]], -1)
-    return x * cos + rotated * sin
+    return x * cos + rotate_half(x) * sin
 
 
 # --- the reference decoder ----------------------------------------------------------------------------------
+
+
+def attended(cfg: ModelConfig, positions: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """Which cache positions the query at `pos` attends: those up to it, within the sliding window if any."""
+    mask = positions <= pos
+    if cfg.sliding_window is not None:
+        mask &= positions > pos - cfg.sliding_window
+    return mask
 
 
 class DecodeLoop:
@@ -612,9 +618,7 @@ class Decoder(DecodeLoop):
         if cfg.gemma:
             x = x * torch.tensor(math.sqrt(cfg.hidden), dtype=self.dt)
         cos, sin = self.cos.index_select(0, pos.view(1))[0], self.sin.index_select(0, pos.view(1))[0]
-        mask = self.positions <= pos.view(1)
-        if cfg.sliding_window is not None:
-            mask &= self.positions > pos.view(1) - cfg.sliding_window
+        mask = attended(cfg, self.positions, pos.view(1))
         for i, lw in enumerate(self.layers):
             y = self.rms_norm(x, lw["input_layernorm"])
             q = F.linear(y, lw["q_proj"], lw["q_bias"]).view(cfg.heads, d)
@@ -650,6 +654,7 @@ class ProgramDecoder(DecodeLoop):
         cfg = self.cfg = model.config
         self.programs = dict(layer_programs(cfg, model.max_seq)) | (programs or {})
         self.precision, self.max_seq, self.device = precision, model.max_seq, torch.device("cpu")
+        self.positions = torch.arange(self.max_seq)
         nh, nkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.embed = model.w("model.embed_tokens.weight")
         self.norm, self.lm_head = model.w("model.norm.weight")[None], model.w("lm_head.weight").T
@@ -671,8 +676,12 @@ class ProgramDecoder(DecodeLoop):
                     "attn_in": attn_in,
                     "qk_rope": rope,
                     "attn_out": {"wo": attn["o"].T},
-                    "mlp": {"gamma": w["post_attention_layernorm"][None], "wg": mlp["gate"], "wu": mlp["up"]}
-                    | {"wd": mlp["down"]},
+                    "mlp": {
+                        "gamma": w["post_attention_layernorm"][None],
+                        "wg": mlp["gate"],
+                        "wu": mlp["up"],
+                        "wd": mlp["down"],
+                    },
                 }
             )
         cos, sin = rope_table(cfg, self.max_seq)
@@ -691,9 +700,7 @@ class ProgramDecoder(DecodeLoop):
         if cfg.gemma:
             (x,) = self.call("embed_scale", x=x)
         cos, sin = self.cos[at][None], self.sin[at][None]
-        first = 0 if cfg.sliding_window is None else max(0, at - cfg.sliding_window + 1)
-        mask = torch.full((1, 1, self.max_seq), float("-inf"))
-        mask[..., first : at + 1] = 0
+        mask = torch.zeros(1, 1, self.max_seq).masked_fill(~attended(cfg, self.positions, pos), float("-inf"))
         for i, lw in enumerate(self.layers):
             (qkv,) = self.call("attn_in", h=x, **lw["attn_in"])
             qk, v = qkv[0, : (nh + nkv) * d].reshape(nh + nkv, d), qkv[0, (nh + nkv) * d :].reshape(nkv, d)

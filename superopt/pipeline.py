@@ -84,10 +84,14 @@ class Settings:
                     raise SuperoptError(f"search {key}: {e}") from None
 
     @classmethod
+    def merged(cls, given: dict[str, Any], **overrides: Any) -> Settings:
+        """A spec's `search:` section (`given`), then every override that is not None."""
+        return cls(**{**given, **{k: v for k, v in overrides.items() if v is not None}})
+
+    @classmethod
     def for_graph(cls, graph: KernelGraph, **overrides: Any) -> Settings:
-        """The spec's `search:` section, then every override that is not None."""
-        given = {**graph.search_settings, **{k: v for k, v in overrides.items() if v is not None}}
-        return cls(**given)
+        """The graph's spec's `search:` section, then every override that is not None."""
+        return cls.merged(graph.search_settings, **overrides)
 
 
 def device_spec(name: str | None) -> DeviceSpec:

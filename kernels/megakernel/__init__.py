@@ -19,7 +19,7 @@ Prefill runs as decode steps whose argmax is not written while the next position
 the argmax task writes the greedy token, so N steps need no host round trip.
 
 Task bodies: the GEMV tiles, attention (with the rotary embedding and the KV append), the split-KV combine and
-argmax are hand-written templates (kernels/cuda_codegen.py); the elementwise epilogues (residual add,
+argmax are hand-written templates (templates.cuh beside this file); the elementwise epilogues (residual add,
 silu(gate) * up) are generated from the plan's verified winners for those layer programs (superopt/model_search.py;
 the emitter lowers elementwise programs and loop-free block graphs of elementwise ops). `build_report` says which,
 per task kind, with each program's winner and verification.
