@@ -1,15 +1,16 @@
-"""The megakernel on a GPU: Llama-3.2-1B and Qwen3-0.6B shapes, random bf16 weights, batch 1, 32-token prompt,
-128 new tokens (docs/workloads.md, "Decoder models").
+"""The megakernel on a GPU: by default Llama-3.2-1B and Qwen3-0.6B shapes (--models: any examples/models specs),
+random bf16 weights, batch 1, 32-token prompt, 128 new tokens (docs/workloads.md, "Decoder models").
 
 For each model it builds and runs the megakernel, then checks, each phase on its own (a failure is recorded and
 the rest still runs):
   tiny check      the tiny test models (examples/models/tiny-*.yaml) on the GPU against the CPU replay of the
                   same task list: tokens equal up to the first bf16 near tie, logits within bf16 rounding
-  correctness     the greedy tokens against transformers' model on the same weights (LlamaForCausalLM /
-                  Qwen3ForCausalLM built from the config; nothing downloaded), teacher-forced on the megakernel's
-                  sequence: per step, the token is HF's argmax or a near tie (HF's margin between the two tokens
-                  within twice the largest logit difference at that step); the same against the bf16 reference
-                  decoder; and the first step where free-running HF greedy decoding differs, if any
+  correctness     the greedy tokens against transformers' model of the spec's type on the same weights
+                  (LlamaForCausalLM, Qwen2ForCausalLM, ... built from the config; nothing downloaded),
+                  teacher-forced on the megakernel's sequence: per step, the token is HF's argmax or a near tie
+                  (HF's margin between the two tokens within twice the largest logit difference at that step); the
+                  same against the bf16 reference decoder; and the first step where free-running HF greedy
+                  decoding differs, if any
   timing          us per decode step (prefill excluded) of the megakernel, HF eager, HF with a static cache, HF
                   with a static cache and torch.compile (reduce-overhead), and a CUDA-graph-captured torch decode
                   (superopt's bf16 reference decoder), in the same run; the floor = weight (+ KV) bytes over the
@@ -88,7 +89,7 @@ def tiny_check(log: Callable[[str], None]) -> dict:
     one KV split over cached positions 8 at a time (attention's chunk loop): tokens equal up to the first bf16
     near tie, logits within bf16 rounding (megakernel.agrees_with_replay)."""
     out = {}
-    for name in ("tiny-llama", "tiny-qwen3"):
+    for name in sorted(p.stem for p in MODELS.glob("tiny-*.yaml")):
         model = load_model(MODELS / f"{name}.yaml")
         prompt = prompt_tokens(model.config.vocab, 6, seed=1)
         for label, kw in {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}.items():

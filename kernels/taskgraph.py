@@ -22,13 +22,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from superopt.errors import SuperoptError
-from superopt.model import TEMPLATE_ARCHS, ModelConfig
+from superopt.model import ModelConfig
 
 TILE_BYTES = 256 * 1024  # the most weight bytes one task streams
 MAX_TILE_ROWS = 256  # a GEMV task's outputs, at most one a consumer thread
 SLOT_BYTES = 32 * 1024  # one ring chunk of shared memory
 TASK_OVERHEAD_BYTES = 16 * 1024  # a task's fixed cost (waits, prologue, barriers) in bytes of weight streaming
-VECTOR = 256  # a GEMV row is read by 32 lanes x 8 bf16: its length must be a multiple of this
+VECTOR = 8  # a GEMV row is read in 16-byte vectors of 8 bf16 (the last lanes of a row masked where it is short)
 PART_HEAD = 4  # an attention partial: max, sum and two unused floats, so the outputs after them are 16-byte aligned
 
 GEMV_OPS = ("qkv", "oproj", "gateup", "down", "lmhead")
@@ -192,11 +192,6 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGra
     """The task graph of one decode step, analysed and scheduled over `n_sms` SMs."""
     if n_sms < 1:
         raise SuperoptError(f"megakernel: needs at least one SM, got {n_sms}")
-    if cfg.arch not in TEMPLATE_ARCHS:
-        raise SuperoptError(
-            f"megakernel: model_type {cfg.arch} has no task bodies yet (the hand-written ones cover "
-            f"{' and '.join(TEMPLATE_ARCHS)}); `superopt search` plans its programs"
-        )
     splits = kv_splits or default_kv_splits(cfg, n_sms)
     h, d, nh, nkv, g, L = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.group, cfg.layers
     gemv = {

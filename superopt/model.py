@@ -34,7 +34,6 @@ from superopt.ir import MAX_DIM, KernelGraph
 from superopt.spec import MAX_SEED, SEARCH_CHECKS, read_text, read_yaml
 
 ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma")
-TEMPLATE_ARCHS = ("llama", "qwen3")  # the architectures the megakernel's hand-written task bodies cover
 # HF's activation names -> the IR's op (gelu_pytorch_tanh and gelu_new are both the tanh approximation)
 ACTIVATIONS = {"silu": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh"}
 HF_ACTIVATION = {"silu": "silu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
@@ -221,8 +220,12 @@ class ModelConfig:
         return shapes
 
     def weight_bytes(self) -> int:
-        """Bytes of bf16 weights one decode step reads (a tied LM head is the embedding, read once)."""
-        return 2 * sum(math.prod(s) for s in self.param_shapes().values())
+        """Bytes of bf16 weights one decode step reads: all but the embedding table, of which it reads one row (a
+        tied LM head is the embedding, read whole once)."""
+        shapes = self.param_shapes()
+        if not self.tie_embeddings:
+            shapes["model.embed_tokens.weight"] = (1, self.hidden)
+        return 2 * sum(math.prod(s) for s in shapes.values())
 
 
 @dataclass

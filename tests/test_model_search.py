@@ -20,15 +20,14 @@ from superopt.cli.megakernel_cmd import megakernel_command
 from superopt.cli.search_cmd import search_command
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import elementwise_steps, emit_elementwise
-from superopt.kernels.megakernel import replay, source
+from superopt.kernels.megakernel import Generation, agrees_with_replay, replay, source
 from superopt.model import Decoder, ProgramDecoder, is_model_spec, layer_programs, load_spec
 from superopt.model_search import search_model
 from superopt.pipeline import Settings
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
-TEMPLATED = ("tiny-llama", "tiny-qwen3")  # the architectures the megakernel's hand-written task bodies cover
-TINY = TEMPLATED + ("tiny-qwen2", "tiny-gemma", "tiny-mistral")
+TINY = ("tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-gemma", "tiny-mistral")
 BUDGET = ["--budget", "2", "--progress", "none"]
 
 
@@ -117,15 +116,7 @@ def test_the_winners_compute_the_reference_decoder(searched, name):
     assert replayed.argmax(-1).tolist() == tokens[len(prompt) :]
 
 
-@pytest.mark.parametrize("name", TINY[len(TEMPLATED) :])
-def test_megakernel_names_the_architectures_without_task_bodies(searched, name):
-    cache, _ = searched[name]
-    result = CliRunner().invoke(megakernel_command, [str(MODELS / f"{name}.yaml"), "--cache-dir", str(cache)])
-    arch = load_spec(MODELS / f"{name}.yaml").config.arch
-    assert result.exit_code == 2 and f"model_type {arch} has no task bodies yet" in result.output, result.output
-
-
-@pytest.mark.parametrize("name", TEMPLATED)
+@pytest.mark.parametrize("name", TINY)
 def test_megakernel_from_the_plan_replays_as_the_reference_decoder_and_compiles(searched, name, tmp_path):
     cache, doc = searched[name]
     spec = load_spec(MODELS / f"{name}.yaml")
@@ -134,10 +125,10 @@ def test_megakernel_from_the_plan_replays_as_the_reference_decoder_and_compiles(
     programs = {n: o.winner for n, o in planned.programs.items()}
     model = spec.load()
     tg = taskgraph.build(spec.config, 8, 2)
-    prompt = [3, 1, 4, 1, 5]
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # past tiny-mistral's sliding window of 8
     out = replay(model, tg, prompt, 6, programs=programs)
-    tokens, _ = Decoder(model, "bfloat16").generate(prompt, 6)
-    assert out.tokens == tokens
+    reference = Generation(*Decoder(model, "bfloat16").generate(prompt, 6))
+    assert agrees_with_replay(out, reference, len(prompt))["ok"]  # equal tokens up to a bf16 near tie
     if shutil.which("nvcc") is not None:
         src = tmp_path / "mk.cu"
         src.write_text(source(tg, spec.name, spec.max_seq, spec.max_seq, programs=programs))

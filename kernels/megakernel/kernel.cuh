@@ -102,11 +102,12 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
       prev = d[D_OP] * 1024 + layer;
       switch (d[D_OP]) {
         case OP_QKV: {
-          if (fresh) norm_to_smem<HID>(layer_input(ws, embed, layer, pos), ws_gin(ws, layer), xs, red);
+          if (fresh) norm_to_smem<HID>(layer_input(ws, embed, layer, pos), ws_gin(ws, layer), xs, red, layer == 0);
           stamp(tr, 2);
           gemv<HID, RC_QKV>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          for (int r = tid; r < nrows; r += NCONSUMERS)
-            ws_qkv(ws, layer)[row0 + r] = f2bf(gemv_row<HID, RC_QKV>(part, r));
+          for (int r = tid; r < nrows; r += NCONSUMERS)  // a bias (Qwen2) is added before the one rounding
+            ws_qkv(ws, layer)[row0 + r] =
+                f2bf(gemv_row<HID, RC_QKV>(part, r) + (QKV_BIAS ? bf2f(ws_bqkv(ws, layer)[row0 + r]) : 0.f));
           break;
         }
         case OP_ATTN:
@@ -114,7 +115,8 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
           stamp(tr, 4);
           break;
         case OP_OPROJ: {
-          const float res = tid < nrows ? ldcgbf(layer_input(ws, embed, layer, pos) + row0 + tid) : 0.f;
+          float res = tid < nrows ? ldcgbf(layer_input(ws, embed, layer, pos) + row0 + tid) : 0.f;
+          if (EMBED_SCALE && layer == 0) res = embed_scale(res);
           if (fresh) combine_to_smem(ws_part(ws, layer), xs);
           stamp(tr, 2);
           gemv<NH * HD, RC_OPROJ>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);

@@ -72,6 +72,7 @@ WORKSPACE: dict[str, Buffer] = {
     "logits": _whole("float", lambda tg, m, s: s * tg.config.vocab),
     "lmval": _whole("float", lambda tg, m, s: tg.gemv["lmhead"].tiles),
     "lmidx": _whole("int", lambda tg, m, s: tg.gemv["lmhead"].tiles),
+    "bqkv": _per_layer("u16", "QKV", lambda tg: tg.config.qkv_rows * tg.config.qkv_bias),  # Qwen2's q/k/v biases
     "gin": _per_layer("u16", "HID", lambda tg: tg.config.hidden),
     "gpost": _per_layer("u16", "HID", lambda tg: tg.config.hidden),
     "gq": _per_layer("u16", "HD", lambda tg: tg.config.head_dim),
@@ -99,9 +100,10 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
     8) with room for 16 positions; then as many positions as fit (at most 64, and no more than a split can have),
     unless `kv_cap` says how many."""
     c = tg.config
-    if c.head_dim % 64:
+    if c.head_dim % 32:
         raise SuperoptError(
-            f"megakernel: head_dim {c.head_dim} is not a multiple of 64 (attention keeps each RoPE pair in one lane)"
+            f"megakernel: head_dim {c.head_dim} is not a multiple of 32 (attention gives each lane of a warp a "
+            "whole number of a head's elements)"
         )
     xs_elems = max(g.k for g in tg.gemv.values())
     gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
@@ -183,6 +185,8 @@ def small_params(model: Model) -> dict[str, torch.Tensor]:
         "gpost": torch.stack([model.w(p + "post_attention_layernorm.weight") for p in layer]),
         "gfinal": model.w("model.norm.weight"),
     }
+    if c.qkv_bias:
+        out["bqkv"] = torch.stack([torch.cat([model.w(p + f"self_attn.{n}_proj.bias") for n in "qkv"]) for p in layer])
     if c.qk_norm:
         out["gq"] = torch.stack([model.w(p + "self_attn.q_norm.weight") for p in layer])
         out["gk"] = torch.stack([model.w(p + "self_attn.k_norm.weight") for p in layer])

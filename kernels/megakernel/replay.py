@@ -57,7 +57,7 @@ def replay(
     weights = {k: v.float() for k, v in packed_weights(model, tg).items()}
     small = {k: v.float() for k, v in small_params(model).items()}
     embed = model.w("model.embed_tokens.weight").float()
-    progs = programs or layer_programs(c)
+    progs = layer_programs(c) | (programs or {})
     native = TorchEval("native")
     buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
     written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
@@ -85,7 +85,8 @@ def replay(
         written[name][lo : lo + len(values)] = g
 
     def norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        return rbf(gamma * rbf(x * torch.rsqrt(x.square().mean(-1, keepdim=True) + c.eps)))
+        inv = torch.rsqrt(x.square().mean(-1, keepdim=True) + c.eps)
+        return rbf(x * inv * (1 + gamma)) if c.gemma else rbf(gamma * rbf(x * inv))
 
     def tile_rows(t: taskgraph.Task, x: torch.Tensor) -> torch.Tensor:
         plan = tg.gemv[t.op]
@@ -99,10 +100,13 @@ def replay(
         for r in t.reads:
             check_read(r, g, pos)
         i, d, hd = t.layer, c.head_dim, c.head_dim // 2
-        h_in = embed[tokens[pos]] if i == 0 else None
+        h_in = (epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]) if i == 0 else None
         if t.op == "qkv":
             x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
-            write(f"qkv.{i}", t.row0, rbf(tile_rows(t, norm(x, small["gin"][i]))), g)
+            y = tile_rows(t, norm(x, small["gin"][i]))
+            if c.qkv_bias:  # added before the one rounding
+                y = y + small["bqkv"][i, t.row0 : t.row0 + t.nrows]
+            write(f"qkv.{i}", t.row0, rbf(y), g)
         elif t.op == "attn":
             qkv, kv, grp = buf[f"qkv.{i}"], t.head, c.group
             q = qkv[kv * grp * d : (kv + 1) * grp * d].view(grp, d)
@@ -119,9 +123,11 @@ def replay(
             q, k = rope(q), rope(k)
             if t.split == 0:
                 kcache[i, kv, pos], vcache[i, kv, pos], kv_step[i, kv, pos] = k, v, g
-            n = pos + 1
+            first = max(0, pos + 1 - c.sliding_window) if c.sliding_window else 0
+            n = pos + 1 - first
             per = -(-n // tg.kv_splits)
-            p0, p1 = t.split * per, min(n, t.split * per + per)
+            p0 = first + min(n, t.split * per)
+            p1 = min(pos + 1, p0 + per)
             keys = torch.cat([kcache[i, kv, :pos], k[None]])[p0:p1]
             vals = torch.cat([vcache[i, kv, :pos], v[None]])[p0:p1]
             out = torch.zeros(grp, taskgraph.PART_HEAD + d)  # max, sum, pad, outputs

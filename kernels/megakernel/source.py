@@ -44,7 +44,7 @@ def source(
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
     sp = smem_plan(tg, max_seq, kv_cap)
-    progs = programs or layer_programs(c)
+    progs = layer_programs(c) | (programs or {})
     consts = {
         "HID": c.hidden,
         "INTER": c.intermediate,
@@ -67,6 +67,7 @@ def source(
         "NSLOTS": sp["slots"],
         "XS_ELEMS": sp["xs_elems"],
         "STAMPS": len(STAMP_NAMES),
+        "WINDOW": c.sliding_window or 0,  # attends the last WINDOW positions (0: all)
     }
     consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
     lines = [f"// superopt megakernel: {identifier(name)} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
@@ -74,9 +75,10 @@ def source(
     lines += [
         f"constexpr float EPS = {c.eps!r}f;",
         f"constexpr float SCALE = {1 / math.sqrt(c.head_dim)!r}f;",
-        f"constexpr bool QK_NORM = {'true' if c.qk_norm else 'false'};",
-        f"constexpr bool TRACE = {'true' if trace else 'false'};",
     ]
+    flags = {"QK_NORM": c.qk_norm, "QKV_BIAS": c.qkv_bias, "GEMMA_NORM": c.gemma, "EMBED_SCALE": c.gemma}
+    flags["TRACE"] = trace
+    lines += [f"constexpr bool {k} = {'true' if v else 'false'};" for k, v in flags.items()]
     lines += [f"constexpr unsigned long long OFF_{k.upper()} = {off};" for k, (off, _) in lay.items()]
     lines.append(cuda("prelude"))
     for name, buf in WORKSPACE.items():
@@ -89,6 +91,10 @@ def source(
     lines.append("// Epilogues generated from the layer programs (superopt/model.py) by kernels/cuda_codegen.py:")
     lines.append(emit_elementwise(progs["residual"], "residual"))
     lines.append(emit_elementwise(progs["mlp_act"], "mlp_act"))
+    if "embed_scale" in progs:
+        lines.append(emit_elementwise(progs["embed_scale"], "embed_scale"))
+    else:
+        lines.append("__device__ __forceinline__ float embed_scale(float x) { return x; }  // (no embed_scale)")
     lines.append(cuda("templates"))
     lines.append(cuda("kernel"))
     return "\n".join(lines)
@@ -97,7 +103,7 @@ def source(
 # The layer programs each task kind computes (superopt.model.layer_programs), and which of them its body is
 # generated from: the rest of its body is a hand-written template (kernels/cuda_codegen.py).
 TASK_PROGRAMS = {
-    "qkv": ("attn_in",),
+    "qkv": ("embed_scale", "attn_in"),
     "attn": ("qk_rope", "kv_append", "attention"),
     "oproj": ("attn_out", "residual"),
     "gateup": ("mlp", "mlp_act"),
@@ -106,7 +112,7 @@ TASK_PROGRAMS = {
     "argmax": (),
 }
 
-GENERATED = {"oproj": "residual", "gateup": "mlp_act", "down": "residual"}  # epilogues from the winners
+GENERATED = {"qkv": "embed_scale", "oproj": "residual", "gateup": "mlp_act", "down": "residual"}  # from the winners
 
 
 def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> list[dict[str, Any]]:
@@ -121,7 +127,7 @@ def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> lis
         if plan is not None:
             row["tiling"] = {"rows": plan.tile, "k": plan.k, "chunks": plan.chunks, "chunk_bytes": plan.chunk_bytes}
         computes = []
-        for name in TASK_PROGRAMS[op]:
+        for name in (n for n in TASK_PROGRAMS[op] if n in progs):
             result = (results or {}).get(name)
             entry: dict[str, Any] = {
                 "program": name,
@@ -140,7 +146,7 @@ def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> lis
                 }
             computes.append(entry)
         row["computes"] = computes
-        generated = GENERATED.get(op)
+        generated = GENERATED.get(op) if GENERATED.get(op) in progs else None
         row["body"] = "template"
         row["generated_part"] = f"epilogue '{generated}'" if generated else None
         rows.append(row)

@@ -17,14 +17,16 @@ __device__ __forceinline__ void stamp(u64* tr, int k) {
 template <int K, int RC>
 __device__ void gemv(const u16* xs, unsigned char* ring, u64* full, u64* empty, u32& chunk, int nchunks, bool keep,
                      float* part, u64* tr) {
-  constexpr int VEC = K / 8, WPR = wpr(K, RC), RPP = (NCONSUMERS / 32) / WPR, PER = VEC / (32 * WPR);
-  constexpr int RB = RC >= 2 * RPP ? 2 : 1;  // rows a warp takes at once
-  static_assert(VEC % (32 * WPR) == 0, "a row's vectors split evenly over its lanes");
+  constexpr int VEC = K / 8, WPR = wpr(K, RC), RPP = (NCONSUMERS / 32) / WPR;
+  constexpr int PER = (VEC + 32 * WPR - 1) / (32 * WPR);
+  constexpr bool EXACT = VEC % (32 * WPR) == 0;  // else a row's last vectors fall to some lanes: the rest read zeros
+  constexpr int RB = RC >= 2 * RPP ? 2 : 1;      // rows a warp takes at once
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, seg = warp % WPR, sub = warp / WPR;
   const int v0 = seg * 32 + lane;
+  const V4 zero = {0u, 0u, 0u, 0u};
   V4 x[PER];
 #pragma unroll
-  for (int i = 0; i < PER; ++i) x[i] = ((const V4*)xs)[v0 + i * 32 * WPR];
+  for (int i = 0; i < PER; ++i) x[i] = EXACT || v0 + i * 32 * WPR < VEC ? ((const V4*)xs)[v0 + i * 32 * WPR] : zero;
   for (int c = 0; c < nchunks; ++c, ++chunk) {
     const int slot = chunk % NSLOTS;
     mbar_wait(&full[slot], (chunk / NSLOTS) & 1);
@@ -35,7 +37,8 @@ __device__ void gemv(const u16* xs, unsigned char* ring, u64* full, u64* empty, 
 #pragma unroll
       for (int b = 0; b < RB; ++b)
 #pragma unroll
-        for (int i = 0; i < PER; ++i) w[b][i] = w4[(r + b * RPP) * VEC + v0 + i * 32 * WPR];
+        for (int i = 0; i < PER; ++i)
+          w[b][i] = EXACT || v0 + i * 32 * WPR < VEC ? w4[(r + b * RPP) * VEC + v0 + i * 32 * WPR] : zero;
       float acc[RB][4] = {};
 #pragma unroll
       for (int b = 0; b < RB; ++b)
@@ -62,7 +65,9 @@ __device__ __forceinline__ float gemv_row(const float* part, int r) {
 }
 
 // ---- prologues: the GEMV's input vector x (bf16) into shared memory.
-// rms_norm with weight, rounded where HF's bf16 RMSNorm rounds: bf16(gamma * bf16(x * rsqrt(mean(x^2) + eps))).
+// rms_norm with weight, rounded where HF's bf16 RMSNorm rounds: bf16(gamma * bf16(x * rsqrt(mean(x^2) + eps))),
+// or Gemma's, in float32 with one rounding: bf16(x * rsqrt(mean(x^2) + eps) * (1 + gamma)). `embedded`: x is the
+// token's embedding row, which Gemma scales first (the generated embed_scale) where HF scales it, before the norm.
 // A thread's part of a vector of K bf16: its 16-byte vectors threadIdx.x + i * NCONSUMERS.
 template <int K>
 struct Slice {
@@ -76,10 +81,16 @@ struct Slice {
   __device__ __forceinline__ bool has(int i) const { return threadIdx.x + i * NCONSUMERS < VEC; }
 };
 template <int K>
-__device__ void norm_to_smem(const u16* x, const u16* gamma, u16* xs, float* red) {
+__device__ void norm_to_smem(const u16* x, const u16* gamma, u16* xs, float* red, bool embedded = false) {
   Slice<K> v, g;
   v.load(x);
   g.load(gamma);
+  if (EMBED_SCALE && embedded)
+#pragma unroll
+    for (int i = 0; i < v.PER; ++i) {
+      u32* e = &v.v[i].x;
+      for (int k = 0; k < 4; ++k) e[k] = f2bf(embed_scale(lo(e[k]))) | ((u32)f2bf(embed_scale(hi(e[k]))) << 16);
+    }
   float ss = 0.f;
 #pragma unroll
   for (int i = 0; i < v.PER; ++i) {
@@ -96,7 +107,8 @@ __device__ void norm_to_smem(const u16* x, const u16* gamma, u16* xs, float* red
       V4 o;
       u32* oe = &o.x;
       for (int k = 0; k < 4; ++k) {
-        const u32 a = f2bf(lo(ge[k]) * rbf(lo(e[k]) * inv)), b = f2bf(hi(ge[k]) * rbf(hi(e[k]) * inv));
+        const u32 a = GEMMA_NORM ? f2bf(lo(e[k]) * inv * (1.f + lo(ge[k]))) : f2bf(lo(ge[k]) * rbf(lo(e[k]) * inv));
+        const u32 b = GEMMA_NORM ? f2bf(hi(e[k]) * inv * (1.f + hi(ge[k]))) : f2bf(hi(ge[k]) * rbf(hi(e[k]) * inv));
         oe[k] = a | (b << 16);
       }
       ((V4*)xs)[threadIdx.x + i * NCONSUMERS] = o;
@@ -170,10 +182,11 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src) {
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_older() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
+// Split j's positions p0..p1 of those the query at pos attends: 0..pos, or the last WINDOW of them (Mistral).
 __device__ __forceinline__ void kv_range(int j, int pos, int& p0, int& p1) {
-  const int n = pos + 1, per = (n + SPLITS - 1) / SPLITS;
-  p0 = min(n, j * per);
-  p1 = min(n, p0 + per);
+  const int first = WINDOW > 0 ? max(0, pos + 1 - WINDOW) : 0, n = pos + 1 - first, per = (n + SPLITS - 1) / SPLITS;
+  p0 = first + min(n, j * per);
+  p1 = min(pos + 1, p0 + per);
 }
 // Positions c0..c0+cn of the cache into kb/vb, all but `pos` (this step's, which comes from q, k, v).
 __device__ void load_kv(const u16* kc, const u16* vc, int c0, int cn, int pos, u16* kb, u16* vb) {
@@ -222,9 +235,9 @@ __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, 
   int p0, p1;
   kv_range(j, pos, p0, p1);
   // A warp a head (q heads, then k, then v), a lane its elements d = lane + 32 i: a RoPE pair (d, d + HD / 2)
-  // sits in one lane and the q/k norm is a warp sum, so the head never leaves registers until it is done.
+  // sits in one lane where HD / 32 is even, and the q/k norm is a warp sum, so the head stays in registers.
   constexpr int NW = NCONSUMERS / 32, E = HD / 32, HR = (GRP + 2 + NW - 1) / NW;
-  static_assert(HD % 64 == 0, "a lane holds both elements of its RoPE pairs");
+  static_assert(HD % 32 == 0, "a lane holds HD / 32 elements of its head");
   float r[HR][E];
 #pragma unroll
   for (int k = 0; k < HR; ++k) {  // every load issued before any is used: one L2 round trip
@@ -250,12 +263,26 @@ __device__ void attention(unsigned char* ws, int layer, int kv, int j, int pos, 
 #pragma unroll
         for (int i = 0; i < E; ++i) r[k][i] = rbf(bf2f(g[lane + 32 * i]) * rbf(r[k][i] * inv));
       }
+      if constexpr (E % 2 == 0) {
 #pragma unroll
-      for (int i = 0; i < E / 2; ++i) {
-        const float c = bf2f(cst[lane + 32 * i]), s = bf2f(cst[HD / 2 + lane + 32 * i]);
-        const float x1 = r[k][i], x2 = r[k][i + E / 2];
-        r[k][i] = rbf(rbf(x1 * c) - rbf(x2 * s));
-        r[k][i + E / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
+        for (int i = 0; i < E / 2; ++i) {
+          const float c = bf2f(cst[lane + 32 * i]), s = bf2f(cst[HD / 2 + lane + 32 * i]);
+          const float x1 = r[k][i], x2 = r[k][i + E / 2];
+          r[k][i] = rbf(rbf(x1 * c) - rbf(x2 * s));
+          r[k][i + E / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
+        }
+      } else {  // HD / 32 odd: a pair (d, d + HD / 2) spans two lanes, so it meets in the head's row of x
+        float* row = x + hh * HD;
+#pragma unroll
+        for (int i = 0; i < E; ++i) row[lane + 32 * i] = r[k][i];
+        __syncwarp();
+#pragma unroll
+        for (int i = 0; i < E; ++i) {
+          const int e = lane + 32 * i, m = e % (HD / 2);
+          const float c = bf2f(cst[m]), s = bf2f(cst[HD / 2 + m]), p = rbf(row[(e + HD / 2) % HD] * s);
+          r[k][i] = rbf(rbf(r[k][i] * c) + (e < HD / 2 ? -p : p));
+        }
+        __syncwarp();
       }
     }
 #pragma unroll
