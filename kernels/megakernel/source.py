@@ -76,7 +76,7 @@ def source(
         f"constexpr float EPS = {c.eps!r}f;",
         f"constexpr float SCALE = {1 / math.sqrt(c.head_dim)!r}f;",
     ]
-    flags = {"QK_NORM": c.qk_norm, "QKV_BIAS": c.qkv_bias, "GEMMA_NORM": c.gemma, "EMBED_SCALE": c.gemma}
+    flags = {"QK_NORM": c.qk_norm, "QKV_BIAS": c.qkv_bias, "GEMMA_NORM": c.gemma, "EMBED_SCALE": "embed_scale" in progs}
     flags["TRACE"] = trace
     lines += [f"constexpr bool {k} = {'true' if v else 'false'};" for k, v in flags.items()]
     lines += [f"constexpr unsigned long long OFF_{k.upper()} = {off};" for k, (off, _) in lay.items()]
@@ -112,7 +112,13 @@ TASK_PROGRAMS = {
     "argmax": (),
 }
 
-GENERATED = {"qkv": "embed_scale", "oproj": "residual", "gateup": "mlp_act", "down": "residual"}  # from the winners
+# The parts generated from the winners: (where in the body, program).
+GENERATED = {
+    "qkv": ("prologue", "embed_scale"),
+    "oproj": ("epilogue", "residual"),
+    "gateup": ("epilogue", "mlp_act"),
+    "down": ("epilogue", "residual"),
+}
 
 
 def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> list[dict[str, Any]]:
@@ -146,9 +152,9 @@ def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> lis
                 }
             computes.append(entry)
         row["computes"] = computes
-        generated = GENERATED.get(op) if GENERATED.get(op) in progs else None
+        where, generated = GENERATED.get(op, ("", ""))
         row["body"] = "template"
-        row["generated_part"] = f"epilogue '{generated}'" if generated else None
+        row["generated_part"] = f"{where} '{generated}'" if generated in progs else None
         rows.append(row)
     return rows
 
