@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from superopt.cache import Cache
+from superopt.ir import KernelGraph
 from superopt.kernels.megakernel import (
     GpuMegakernel,
     Hang,
@@ -47,7 +49,9 @@ from superopt.kernels.megakernel import (
     replay,
     timing_table,
 )
-from superopt.model import load_model
+from superopt.model import load_model, load_spec
+from superopt.model_search import search_model
+from superopt.pipeline import Settings, device_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "examples" / "models"
@@ -84,19 +88,40 @@ def start(out: Path) -> tuple[Callable[[str], None], dict[str, Any]]:
     return log, doc
 
 
-def tiny_check(log: Callable[[str], None]) -> dict:
-    """The tiny models on the GPU against the CPU replay of the same task list (same SM count), as built and with
-    one KV split over cached positions 8 at a time (attention's chunk loop): tokens equal up to the first bf16
-    near tie, logits within bf16 rounding (megakernel.agrees_with_replay)."""
+def planned_programs(
+    name: str, cache_dir: Path | None, budget: float | None, device: str
+) -> tuple[dict[str, KernelGraph] | None, str]:
+    """The winners of the model's cached plan (as `superopt search MODEL --device DEVICE --budget BUDGET
+    --cache-dir DIR` stored it; re-verified as the cache reads them), and what they are; without a cache folder,
+    None: the layer programs themselves. A plan that is not cached is an error (nothing is searched here)."""
+    if cache_dir is None:
+        return None, "the layer programs (no plan)"
+    spec = load_spec(MODELS / f"{name}.yaml")
+    settings = Settings.merged(spec.search_settings, budget_s=budget, device=device)
+    planned = search_model(spec, settings, Cache(cache_dir), "require-hit", device_spec(device).sm_count)
+    if planned.status != "hit":
+        raise RuntimeError(f"{name}: {planned.note}")
+    return {n: o.winner for n, o in planned.programs.items()}, f"plan {planned.key[:16]} (hit)"
+
+
+def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str]]) -> dict:
+    """The tiny models on the GPU against the CPU replay of the same task list (same SM count): the GEMV bodies
+    lowered from the plan's winners (`plans`), with one KV split over cached positions 8 at a time (attention's
+    chunk loop), and the hand-written bodies; tokens equal up to the first bf16 near tie, logits within bf16
+    rounding (megakernel.agrees_with_replay)."""
     out = {}
+    variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}, "templates": {"templates": True}}
     for name in sorted(p.stem for p in MODELS.glob("tiny-*.yaml")):
         model = load_model(MODELS / f"{name}.yaml")
         prompt = prompt_tokens(model.config.vocab, 6, seed=1)
-        for label, kw in {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}.items():
+        programs, what = plans(name)
+        out[f"{name}/programs"] = what
+        for label, kw in variants.items():
             try:
-                mk = GpuMegakernel(model, **kw)
+                mk = GpuMegakernel(model, programs=programs, **kw)
                 gpu = mk.generate(prompt, 20)
-                out[f"{name}/{label}"] = agrees_with_replay(gpu, replay(model, mk.tg, prompt, 20), len(prompt))
+                cpu = replay(model, mk.tg, prompt, 20, programs=programs, templates=kw.get("templates", False))
+                out[f"{name}/{label}"] = agrees_with_replay(gpu, cpu, len(prompt))
                 out[f"{name}/{label}"]["tokens"] = gpu.tokens
                 log(f"[tiny] {name} {label}: {out[f'{name}/{label}']}")
             except Hang as e:
@@ -114,7 +139,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compile is slow)")
     ap.add_argument("--no-tiny", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also run a traced kernel: per-op wait and run times")
+    ap.add_argument("--no-templates", action="store_true", help="skip the hand-written bodies' baseline")
+    ap.add_argument("--cache-dir", type=Path, help="the plans' cache (default: the layer programs, no plan)")
+    ap.add_argument("--budget", type=float, default=None, help="the --budget the plans were searched with")
+    ap.add_argument("--device", default="h100", help="the --device the plans were searched for")
     args = ap.parse_args(argv)
+
+    def plans(name: str) -> tuple[dict[str, KernelGraph] | None, str]:
+        return planned_programs(name, args.cache_dir, args.budget, args.device)
+
     log, doc = start(args.out)
     try:
         import transformers
@@ -123,13 +156,19 @@ def main(argv: list[str]) -> int:
     except ImportError:
         doc["transformers"] = None
     if not args.no_tiny:
-        doc["tiny"] = tiny_check(log)
+        doc["tiny"] = tiny_check(log, plans)
     model = None
     for name in args.models.split(","):
         try:
+            programs, what = plans(name)
+            log(f"[{name}] GEMV bodies from {what}")
             model = load_model(MODELS / f"{name}.yaml", device="cuda")
             peers, compile_peer = not args.no_peers, not args.no_compile
-            r = benchmark(model, args.prompt_len, args.new_tokens, peers, compile_peer, log, args.trace)
+            r = benchmark(
+                model, args.prompt_len, args.new_tokens, peers, compile_peer, log, args.trace, programs,
+                baseline=not args.no_templates,
+            )  # fmt: skip
+            r["programs"] = what
         except Hang as e:  # the GPU is stuck with the kernel: save what there is and leave
             doc["results"].append({"model": name, "errors": {"hang": str(e)}})
             (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))

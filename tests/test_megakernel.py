@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
+import superopt
 from superopt.cli.megakernel_cmd import megakernel_command
 from superopt.errors import SpecError, SuperoptError
 from superopt.interpret import run
@@ -30,12 +31,14 @@ from superopt.kernels.megakernel import (
     GpuMegakernel,
     StaleRead,
     agrees_with_replay,
+    build_report,
     critical_path,
     replay,
     smem_plan,
     source,
     tables,
 )
+from superopt.kernels.megakernel.lowering import KINDS, Stage, run_stage, task_bodies
 from superopt.model import (
     Decoder,
     Model,
@@ -380,15 +383,17 @@ def test_check_rejects_a_missing_wait(llama: Model) -> None:
 # --- the replay ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("templates", [False, True], ids=["generated", "templates"])
 @pytest.mark.parametrize("name", TINY)
-def test_replay_matches_the_reference_decoder(name: str) -> None:
-    """The task list, interleaved over 8 SMs (adversarially and at random), over two launches, gives the bf16
-    reference decoder's tokens and logits (same rounding points, so equal up to float32 summation order), and
-    stays within bf16 error of the float32 reference on the same sequence."""
+def test_replay_matches_the_reference_decoder(name: str, templates: bool) -> None:
+    """The task list, interleaved over 8 SMs (adversarially and at random), over two launches, its GEMV bodies
+    lowered from the layer programs (or the hand-written ones), gives the bf16 reference decoder's tokens and
+    logits (the programs round where HF rounds, so equal up to float32 summation order and a bias rounded before
+    its add), and stays within bf16 error of the float32 reference on the same sequence."""
     model = load_model(MODELS / f"{name}.yaml")
     tg = taskgraph.build(model.config, 8, 2)
-    out = replay(model, tg, PROMPT, 8)
-    shuffled = replay(model, tg, PROMPT, 8, seed=3, launches=3)
+    out = replay(model, tg, PROMPT, 8, templates=templates)
+    shuffled = replay(model, tg, PROMPT, 8, seed=3, launches=3, templates=templates)
     assert shuffled.tokens == out.tokens and torch.equal(shuffled.logits, out.logits)
     tokens, logits = Decoder(model, "bfloat16").generate(PROMPT, 8)
     assert out.tokens == tokens
@@ -396,6 +401,62 @@ def test_replay_matches_the_reference_decoder(name: str) -> None:
     _, exact = Decoder(model, "float32").generate(PROMPT, 8, forced=out.tokens[len(PROMPT) :])
     assert ((out.logits - exact).norm() / exact.norm()) < 5e-2
     assert len(set(out.tokens[len(PROMPT) :])) > 2  # the random model does not just echo a token
+
+
+# --- GEMV task bodies lowered from the layer programs ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_every_gemv_kind_lowers_and_its_stage_computes_its_program(name: str) -> None:
+    """Each GEMV kind's stage, run as one task over all its rows (lowering.run_stage), against the reference
+    interpreter running the layer program in float64: within bf16 rounding. The MLP's two stages chain through
+    the activation buffer."""
+    model = load_model(MODELS / f"{name}.yaml")
+    cfg = model.config
+    progs = layer_programs(cfg)
+    tg = taskgraph.build(cfg, 8, 2)
+    stages = task_bodies(tg, progs)
+    assert all(isinstance(stages[k.name], Stage) for k in KINDS), stages
+    gen = torch.Generator().manual_seed(1)
+
+    def weight_rows(shape: tuple[int, ...]) -> torch.Tensor:  # scaled so the GEMV's outputs are near 1
+        return (torch.randn(shape, generator=gen) / shape[0] ** 0.5).to(torch.bfloat16)
+
+    for program in ("attn_in", "attn_out", "lm_head", "mlp"):
+        graph = progs[program]
+        inputs = {n: torch.randn(graph.tensors[n].shape, generator=gen).to(torch.bfloat16) for n in graph.inputs}
+        weights = {w for k in KINDS if k.program == program for w in k.weights}
+        inputs |= {n: weight_rows(graph.tensors[n].shape) for n in weights}
+        (expected,) = run(graph, inputs, "float64")
+        value: dict[str, torch.Tensor] = {}
+        for kind in (k for k in KINDS if k.program == program):
+            st = stages[kind.name]
+            assert isinstance(st, Stage)
+            vectors = {v: (inputs[v] if v else value[""]).float().reshape(1, -1) for v in st.vectors}
+            rows = {v: inputs[v].float().reshape(1, -1) for v in st.rows}
+            value[""] = run_stage(st, vectors, rows, [inputs[w].float().T for w in st.weights])
+        got = value[""]
+        assert got.shape == expected.shape
+        assert (got - expected).abs().max() <= 2**-6 * expected.abs().max(), (name, program)
+
+
+def test_a_program_that_does_not_lower_keeps_its_template_and_says_why() -> None:
+    """attn_in with its weight scaled inside the program (the GEMV's weight is not a program input): the qkv
+    body stays the hand-written one, the build report and the source say why, the rest are generated."""
+    cfg = load_spec(MODELS / "tiny-llama.yaml").config
+    p = superopt.Graph("attn_in")
+    x, gamma = p.input("h", (1, cfg.hidden), "bfloat16"), p.input("gamma", (1, cfg.hidden), "bfloat16")
+    w = p.input("wqkv", (cfg.hidden, cfg.qkv_rows), "bfloat16")
+    p.output(p.matmul(p.mul(p.rms_norm(x, eps=cfg.eps), gamma), p.mul_scalar(w, c=1.0)))
+    tg = taskgraph.build(cfg, 8, 2)
+    report = {r["kind"]: r for r in build_report(tg, programs={"attn_in": p})}
+    assert report["qkv"]["body"] == "template" and "'mul_scalar' is not a [k, n] program input" in str(
+        report["qkv"]["template_reason"]
+    )
+    assert report["oproj"]["body"] == "generated" and report["attn"]["body"] == "template"
+    src = source(tg, "t", 32, 32, programs={"attn_in": p})
+    assert "{ template_qkv(t, chunk); }  // not lowered" in src and "void task_gateup" in src
+    assert all(r["body"] == "template" for r in build_report(tg, templates=True))
 
 
 def test_replay_detects_a_missing_wait(llama: Model) -> None:
@@ -412,11 +473,11 @@ def test_replay_detects_a_missing_wait(llama: Model) -> None:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("spec", TINY)
-def test_emitted_cuda_compiles_for_sm90a(spec: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec, templates", [*((n, False) for n in TINY), ("tiny-qwen2", True)])
+def test_emitted_cuda_compiles_for_sm90a(spec: str, templates: bool, tmp_path: Path) -> None:
     ms = load_spec(MODELS / f"{spec}.yaml")
     src = tmp_path / "mk.cu"
-    src.write_text(source(taskgraph.build(ms.config, 132), ms.name, ms.max_seq, ms.max_seq))
+    src.write_text(source(taskgraph.build(ms.config, 132), ms.name, ms.max_seq, ms.max_seq, templates=templates))
     proc = subprocess.run(
         ["nvcc", "-arch=sm_90a", "-c", "-Xptxas", "-v", "-o", str(tmp_path / "mk.o"), str(src)],
         capture_output=True,

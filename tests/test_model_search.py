@@ -1,7 +1,8 @@
 """`superopt search MODEL.yaml`: every layer program of a tiny decoder searched, verified and cached once, the plan
 stored under the model's key and served again (re-verified), `--require-hit` and `--offline` for models, a
-tampered plan never served; `superopt megakernel` built from the plan: its source compiles, its replay (the
-winners through the reference interpreter) equals the reference decoder, the build report names each winner."""
+tampered plan never served; `superopt megakernel` built from the plan: every GEMV task body lowered from the
+winners, its source compiles, its replay (the lowered stages by the reference interpreter's rules) equals the
+reference decoder, the build report names each winner."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from superopt.cli.megakernel_cmd import megakernel_command
 from superopt.cli.search_cmd import search_command
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import elementwise_steps, emit_elementwise
-from superopt.kernels.megakernel import Generation, agrees_with_replay, replay, source
+from superopt.kernels.megakernel import Generation, agrees_with_replay, build_report, replay, source
+from superopt.kernels.megakernel.lowering import KINDS
 from superopt.model import Decoder, ProgramDecoder, is_model_spec, layer_programs, load_spec
 from superopt.model_search import search_model
 from superopt.pipeline import Settings
@@ -126,9 +128,13 @@ def test_megakernel_from_the_plan_replays_as_the_reference_decoder_and_compiles(
     model = spec.load()
     tg = taskgraph.build(spec.config, 8, 2)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]  # past tiny-mistral's sliding window of 8
+    bodies = {row["kind"]: row["body"] for row in build_report(tg, programs=programs)}
+    assert all(bodies[k.name] == "generated" for k in KINDS)  # every GEMV body lowered from the plan's winners
     out = replay(model, tg, prompt, 6, programs=programs)
-    reference = Generation(*Decoder(model, "bfloat16").generate(prompt, 6))
-    assert agrees_with_replay(out, reference, len(prompt))["ok"]  # equal tokens up to a bf16 near tie
+    # The winners round where they round (a fused norm divides after the GEMV), not where HF does: the float32
+    # decoder, the function both approximate, is the reference; equal tokens up to a bf16 near tie.
+    reference = Generation(*Decoder(model, "float32").generate(prompt, 6))
+    assert agrees_with_replay(out, reference, len(prompt))["ok"]
     if shutil.which("nvcc") is not None:
         src = tmp_path / "mk.cu"
         src.write_text(source(tg, spec.name, spec.max_seq, spec.max_seq, programs=programs))
@@ -153,7 +159,9 @@ def test_megakernel_emit_uses_the_cached_plan_and_reports_each_winner(searched, 
     for kind in report["kinds"]:
         for c in kind["computes"]:
             assert c["winner_hash"] == winners[c["program"]] and c["verification"]["method"]
-    assert {k["kind"]: k["generated_part"] for k in report["kinds"]}["gateup"] == "epilogue 'mlp_act'"
+    bodies = {k["kind"]: (k["body"], k.get("generated_from")) for k in report["kinds"]}
+    assert bodies["gateup"] == ("generated", "mlp (stage 0)") and bodies["down"] == ("generated", "mlp (stage 1)")
+    assert bodies["attn"][0] == "template" and "task_qkv" in (tmp_path / "megakernel.cu").read_text()
     graph = json.loads((tmp_path / "taskgraph.json").read_text())
     assert graph["n_sms"] == 132 and 'extern "C" __global__' in (tmp_path / "megakernel.cu").read_text()
     if not torch.cuda.is_available():

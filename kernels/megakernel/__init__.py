@@ -18,15 +18,17 @@ where the last launch stopped.
 Prefill runs as decode steps whose argmax is not written while the next position is still inside the prompt;
 the argmax task writes the greedy token, so N steps need no host round trip.
 
-Task bodies: the GEMV tiles, attention (with the rotary embedding and the KV append), the split-KV combine and
-argmax are hand-written templates (templates.cuh beside this file); the elementwise epilogues (residual add,
-silu(gate) * up) are generated from the plan's verified winners for those layer programs (superopt/model_search.py;
-the emitter lowers elementwise programs and loop-free block graphs of elementwise ops). `build_report` says which,
-per task kind, with each program's winner and verification.
+Task bodies: the GEMV tiles (QKV, O projection, gate/up, down, LM head) are lowered from the plan's verified
+winners for their layer programs (lowering.py: each a stage of its program, prologue over the whole vector, the
+GEMV over the ring, epilogue over the task's rows); attention (with the rotary embedding and the KV append), the
+split-KV combine and the argmax are hand-written (templates.cuh beside this file), and so are the GEMV bodies
+that `templates=True` builds, the baseline the generated ones are timed against. `build_report` says which, per
+task kind, with each program's winner and verification.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
-adversarial order by default: the latest runnable task first), each task body in torch with the kernel's rounding,
-and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read.
+adversarial order by default: the latest runnable task first), each task body with the kernel's rounding (the
+generated ones by the reference interpreter's rules, lowering.run_stage), and every read checked against the
+step that wrote its elements, so a missing wait shows up as a stale read.
 
 On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with
 trace=True each task's STAMP_NAMES times in the last step are recorded);

@@ -2,13 +2,6 @@ enum { OP_QKV, OP_ATTN, OP_OPROJ, OP_GATEUP, OP_DOWN, OP_LMHEAD, OP_ARGMAX };
 enum { D_OP, D_LAYER, D_TILE, D_ROW0, D_NROWS, D_HEAD, D_SPLIT, D_WAIT_OFF, D_WAIT_CNT, D_SIG0, D_SIG1, D_NCHUNKS,
        D_CHUNK_BYTES, D_EARLY, D_WLO, D_WHI };
 
-// The residual stream entering a layer: the token's embedding row for layer 0.
-__device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* embed, int layer, int pos) {
-  if (layer > 0) return ws_hmlp(ws, layer - 1);
-  const int tok = min(max(ldcgi(ws_tokens(ws) + pos), 0), VOCAB - 1);
-  return embed + (u64)tok * HID;
-}
-
 // The loader: every chunk of every task's weights, in the order the consumers use them, one ring slot each,
 // marked evict-first in L2: read once a step, they should not push out the activations, KV cache and counters
 // (1-2% a step on the H200). Prefetching the chunks past the ring into L2 as well (cp.async.bulk.prefetch.L2), a
@@ -100,66 +93,18 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
       const bool keep = nchunks <= NSLOTS;  // free the task's slots after its signal (see the loader)
       const bool fresh = d[D_OP] * 1024 + layer != prev;
       prev = d[D_OP] * 1024 + layer;
+      const GemvTask gt{ws, embed, layer, pos, d[D_TILE], row0, nrows, nchunks, fresh, keep, xs, part, red, ring,
+                        full, empty, tr};
       switch (d[D_OP]) {
-        case OP_QKV: {
-          if (fresh) norm_to_smem<HID>(layer_input(ws, embed, layer, pos), ws_gin(ws, layer), xs, red, layer == 0);
-          stamp(tr, 2);
-          gemv<HID, RC_QKV>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          for (int r = tid; r < nrows; r += NCONSUMERS)  // a bias (Qwen2) is added before the one rounding
-            ws_qkv(ws, layer)[row0 + r] =
-                f2bf(gemv_row<HID, RC_QKV>(part, r) + (QKV_BIAS ? bf2f(ws_bqkv(ws, layer)[row0 + r]) : 0.f));
-          break;
-        }
+        case OP_QKV: task_qkv(gt, chunk); break;
         case OP_ATTN:
           attention(ws, layer, d[D_HEAD], d[D_SPLIT], pos, scratch, tr);
           stamp(tr, 4);
           break;
-        case OP_OPROJ: {
-          float res = tid < nrows ? ldcgbf(layer_input(ws, embed, layer, pos) + row0 + tid) : 0.f;
-          if (EMBED_SCALE && layer == 0) res = embed_scale(res);
-          if (fresh) combine_to_smem(ws_part(ws, layer), xs);
-          stamp(tr, 2);
-          gemv<NH * HD, RC_OPROJ>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          if (tid < nrows)
-            ws_hattn(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<NH * HD, RC_OPROJ>(part, tid))));
-          break;
-        }
-        case OP_GATEUP: {
-          if (fresh) norm_to_smem<HID>(ws_hattn(ws, layer), ws_gpost(ws, layer), xs, red);
-          stamp(tr, 2);
-          gemv<HID, RC_GATEUP>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          for (int r = tid; r < nrows; r += NCONSUMERS) {
-            const float gate = rbf(gemv_row<HID, RC_GATEUP>(part, r));
-            const float up = rbf(gemv_row<HID, RC_GATEUP>(part, nrows + r));
-            ws_act(ws, layer)[row0 + r] = f2bf(mlp_act(gate, up));
-          }
-          break;
-        }
-        case OP_DOWN: {
-          const float res = tid < nrows ? ldcgbf(ws_hattn(ws, layer) + row0 + tid) : 0.f;
-          if (fresh) copy_to_smem<INTER>(ws_act(ws, layer), xs);
-          stamp(tr, 2);
-          gemv<INTER, RC_DOWN>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          if (tid < nrows)
-            ws_hmlp(ws, layer)[row0 + tid] = f2bf(residual(res, rbf(gemv_row<INTER, RC_DOWN>(part, tid))));
-          break;
-        }
-        case OP_LMHEAD: {
-          if (fresh) norm_to_smem<HID>(ws_hmlp(ws, NLAYER - 1), ws_gfinal(ws), xs, red);
-          stamp(tr, 2);
-          gemv<HID, RC_LMHEAD>(xs, ring, full, empty, chunk, nchunks, keep, part, tr);
-          float* logits = ws_logits(ws) + (u64)(pos % LOGIT_SLOTS) * VOCAB;
-          float best = -3.0e38f;
-          int arg = 0x7fffffff;
-          for (int r = tid; r < nrows; r += NCONSUMERS) {
-            const float y = rbf(gemv_row<HID, RC_LMHEAD>(part, r));
-            logits[row0 + r] = y;
-            if (better(y, row0 + r, best, arg)) { best = y; arg = row0 + r; }
-          }
-          block_argmax(best, arg, red);
-          if (tid == 0) { ws_lmval(ws)[d[D_TILE]] = best; ws_lmidx(ws)[d[D_TILE]] = arg; }
-          break;
-        }
+        case OP_OPROJ: task_oproj(gt, chunk); break;
+        case OP_GATEUP: task_gateup(gt, chunk); break;
+        case OP_DOWN: task_down(gt, chunk); break;
+        case OP_LMHEAD: task_lmhead(gt, chunk); break;
         case OP_ARGMAX: {
           float best = -3.0e38f;
           int arg = 0x7fffffff;

@@ -17,6 +17,7 @@ from superopt.interpret import TorchEval, evaluate
 from superopt.ir import KernelGraph
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.layout import packed_weights, small_params
+from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage, task_bodies
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Model, layer_programs
 
@@ -44,12 +45,14 @@ def replay(
     seed: int | None = None,
     launches: int = 2,
     programs: dict[str, KernelGraph] | None = None,
+    templates: bool = False,
 ) -> Generation:
     """Runs the task list on the CPU: prefill and generation as decode steps over `launches` launches, the SMs
     interleaved under the counter protocol (seed None: always the runnable task latest in the step, so a
     consumer runs as soon as its waits allow; else a seeded random runnable SM). Raises StaleRead for a read of
-    data its step has not written, SuperoptError for a deadlock. The generated bodies run `programs` (the
-    winners the source was emitted from) through the reference interpreter, as `source` lowers them."""
+    data its step has not written, SuperoptError for a deadlock. The GEMV tasks run the stages lowered from
+    `programs` (the winners the source was emitted from, as `source` lowers them) by the reference
+    interpreter's rules (lowering.run_stage); `templates`: the hand-written bodies' arithmetic instead."""
     c = tg.config
     steps_total = len(prompt) + new_tokens - 1
     if steps_total > model.max_seq:
@@ -58,6 +61,7 @@ def replay(
     small = {k: v.float() for k, v in small_params(model).items()}
     embed = model.w("model.embed_tokens.weight").float()
     progs = layer_programs(c) | (programs or {})
+    bodies = task_bodies(tg, progs, templates)
     native = TorchEval("native")
     buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
     written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
@@ -96,14 +100,51 @@ def replay(
     def epilogue(name: str, *args: torch.Tensor) -> torch.Tensor:
         return evaluate(progs[name], [a.to(torch.bfloat16) for a in args], native)[0].float()
 
+    def combined(i: int) -> torch.Tensor:
+        """The split-KV combine of layer i's attention partials: the attention output, in bf16."""
+        part = buf[f"part.{i}"].view(tg.kv_splits, c.heads, taskgraph.PART_HEAD + c.head_dim)
+        w = torch.exp(part[:, :, 0] - part[:, :, 0].amax(0))
+        outs = part[:, :, taskgraph.PART_HEAD :]
+        return rbf((outs * w[..., None]).sum(0) / (part[:, :, 1] * w).sum(0)[:, None]).reshape(-1)
+
+    def source(name: str, i: int, h_in: torch.Tensor) -> torch.Tensor:
+        """lowering.KINDS's sources of layer i, as the kernel's CUDA_SOURCES read them."""
+        if name == "h_in":
+            return h_in
+        if name == "attn":
+            return combined(i)
+        if name == "hmlp_last":
+            return buf[f"hmlp.{c.layers - 1}"]
+        if name in ("hattn", "act"):
+            return buf[f"{name}.{i}"]
+        return small[name] if name == "gfinal" else small[name][i]
+
+    def generated(t: taskgraph.Task, stage: Stage, g: int, h_in: torch.Tensor) -> None:
+        kind, plan, i = KIND[t.op], tg.gemv[t.op], t.layer
+        vectors = {v: source(kind.sources[v], i, h_in)[None] for v in stage.vectors}
+        rows = {v: source(kind.sources[v], i, h_in)[None, t.row0 : t.row0 + t.nrows] for v in stage.rows}
+        w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
+        units = [w[u * t.nrows : (u + 1) * t.nrows] for u in range(plan.unit)]
+        y = run_stage(stage, vectors, rows, units)[0]
+        if kind.output == "logits":
+            write("logits", t.row0, y, g)
+            k = int(y.argmax())  # the first of equal maxima
+            write("lmpart", 2 * t.tile, torch.tensor([y[k], float(t.row0 + k)]), g)
+        else:
+            write(f"{kind.output}.{i}", t.row0, y, g)
+
     def run(t: taskgraph.Task, g: int, pos: int) -> None:
         for r in t.reads:
             check_read(r, g, pos)
         i, d, hd = t.layer, c.head_dim, c.head_dim // 2
-        h_in = (epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]) if i == 0 else None
-        if t.op == "qkv":
-            x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
-            y = tile_rows(t, norm(x, small["gin"][i]))
+        if i == 0:
+            h_in = epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]
+        else:
+            h_in = buf[f"hmlp.{i - 1}"] if i < c.layers else buf[f"hmlp.{c.layers - 1}"]
+        if isinstance(bodies.get(t.op), Stage):
+            generated(t, bodies[t.op], g, h_in)  # type: ignore[arg-type]
+        elif t.op == "qkv":
+            y = tile_rows(t, norm(h_in, small["gin"][i]))
             if c.qkv_bias:  # added before the one rounding
                 y = y + small["bqkv"][i, t.row0 : t.row0 + t.nrows]
             write(f"qkv.{i}", t.row0, rbf(y), g)
@@ -139,13 +180,8 @@ def replay(
                 out[:, 1], out[:, taskgraph.PART_HEAD :] = e.sum(-1), e @ vals
             write(f"part.{i}", (t.split * c.kv_heads + kv) * out.numel(), out.reshape(-1), g)
         elif t.op == "oproj":
-            part = buf[f"part.{i}"].view(tg.kv_splits, c.heads, taskgraph.PART_HEAD + d)
-            w = torch.exp(part[:, :, 0] - part[:, :, 0].amax(0))
-            outs = part[:, :, taskgraph.PART_HEAD :]
-            a = rbf((outs * w[..., None]).sum(0) / (part[:, :, 1] * w).sum(0)[:, None]).reshape(-1)
-            x = h_in if i == 0 else buf[f"hmlp.{i - 1}"]
-            res = x[t.row0 : t.row0 + t.nrows]
-            write(f"hattn.{i}", t.row0, epilogue("residual", res, rbf(tile_rows(t, a))), g)
+            res = h_in[t.row0 : t.row0 + t.nrows]
+            write(f"hattn.{i}", t.row0, epilogue("residual", res, rbf(tile_rows(t, combined(i)))), g)
         elif t.op == "gateup":
             y = rbf(tile_rows(t, norm(buf[f"hattn.{i}"], small["gpost"][i])))
             write(f"act.{i}", t.row0, epilogue("mlp_act", y[: t.nrows], y[t.nrows :]), g)

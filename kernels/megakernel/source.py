@@ -1,7 +1,8 @@
 """The megakernel's CUDA C++ source: the constants of a model and task graph, the workspace accessors, the device
-prelude, the bodies generated from the plan's winners (kernels/cuda_codegen.py), the hand-written templates and
-the persistent kernel (the .cuh files beside this module); and the build report, which says per task kind which
-layer programs it computes and which part of its body is generated."""
+prelude, the elementwise device functions generated from the layer programs (kernels/cuda_codegen.py), the
+hand-written templates, the GEMV task bodies lowered from the plan's winners (lowering.py) and the persistent
+kernel (the .cuh files beside this module); and the build report, which says per task kind which layer programs it
+computes and whether its body is generated or a template, and why."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from superopt.ir import KernelGraph, identifier
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import emit_elementwise
 from superopt.kernels.megakernel.layout import NCONSUMERS, STAMP_NAMES, WORKSPACE, smem_plan, workspace_layout
+from superopt.kernels.megakernel.lowering import KIND, Stage, emit_stage, task_bodies
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import layer_programs
 from superopt.result import Result
@@ -35,12 +37,14 @@ def source(
     trace: bool = False,
     kv_cap: int | None = None,
     programs: dict[str, KernelGraph] | None = None,
+    templates: bool = False,
 ) -> str:
     """The whole CUDA C++ source of the megakernel for a model (its name, KV-cache length) and task graph;
     `trace` records each task's STAMP_NAMES times (%globaltimer, ns) in the last step; attention holds `kv_cap`
     cached positions in shared memory (None: as many as fit, see smem_plan). `programs`: the layer programs'
-    verified search winners by name (superopt/model_search.py), whose bodies are generated where the CUDA
-    emitter lowers them (default: the layer programs themselves)."""
+    verified search winners by name (superopt/model_search.py; default: the layer programs themselves), from which
+    the GEMV task bodies are lowered (kernels/megakernel/lowering.py) where their stages lower; `templates`: the
+    hand-written bodies instead (the baseline)."""
     c = tg.config
     lay = workspace_layout(tg, max_seq, logit_slots)
     sp = smem_plan(tg, max_seq, kv_cap)
@@ -96,36 +100,40 @@ def source(
     else:
         lines.append("__device__ __forceinline__ float embed_scale(float x) { return x; }  // (no embed_scale)")
     lines.append(cuda("templates"))
+    lines.append("// The GEMV task bodies:")
+    for kind, stage in task_bodies(tg, progs, templates).items():
+        body = f"{{ template_{kind}(t, chunk); }}  // {'--templates' if templates else 'not lowered'}"
+        lines.append(emit_stage(KIND[kind], stage) if isinstance(stage, Stage) else
+                     f"__device__ __forceinline__ void task_{kind}(const GemvTask& t, u32& chunk) {body}")  # fmt: skip
     lines.append(cuda("kernel"))
     return "\n".join(lines)
 
 
-# The layer programs each task kind computes (superopt.model.layer_programs), and which of them its body is
-# generated from: the rest of its body is a hand-written template (kernels/cuda_codegen.py).
+# The layer programs each task kind computes (superopt.model.layer_programs). The GEMV kinds' bodies are lowered
+# from theirs (lowering.KINDS); attention's and the argmax's are templates.
 TASK_PROGRAMS = {
     "qkv": ("embed_scale", "attn_in"),
     "attn": ("qk_rope", "kv_append", "attention"),
-    "oproj": ("attn_out", "residual"),
-    "gateup": ("mlp", "mlp_act"),
-    "down": ("mlp", "residual"),
+    "oproj": ("attn_out",),
+    "gateup": ("mlp",),
+    "down": ("mlp",),
     "lmhead": ("lm_head",),
     "argmax": (),
 }
 
-# The parts generated from the winners: (where in the body, program).
-GENERATED = {
-    "qkv": ("prologue", "embed_scale"),
-    "oproj": ("epilogue", "residual"),
-    "gateup": ("epilogue", "mlp_act"),
-    "down": ("epilogue", "residual"),
-}
 
-
-def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> list[dict[str, Any]]:
+def build_report(
+    tg: TaskGraph,
+    results: dict[str, Result] | None = None,
+    programs: dict[str, KernelGraph] | None = None,
+    templates: bool = False,
+) -> list[dict[str, Any]]:
     """Per task kind: its tasks and tiling, the layer programs it computes with their hashes, and, from the
     plan's `results` (each program's search result, by name), each program's winner, verification and predicted
-    time; `body` says whether the task's code is generated from a winner or a template (with the part that is)."""
-    progs = layer_programs(tg.config)
+    time; `body`: "generated" (lowered from `programs`, the winners, as `source` lowers them) or "template",
+    and why."""
+    progs = layer_programs(tg.config) | (programs or {})
+    bodies = task_bodies(tg, progs, templates)
     rows = []
     for op in taskgraph.OPS:
         plan = tg.gemv.get(op)
@@ -152,9 +160,15 @@ def build_report(tg: TaskGraph, results: dict[str, Result] | None = None) -> lis
                 }
             computes.append(entry)
         row["computes"] = computes
-        where, generated = GENERATED.get(op, ("", ""))
-        row["body"] = "template"
-        row["generated_part"] = f"{where} '{generated}'" if generated in progs else None
+        body = bodies.get(op, "attention and the argmax are hand-written")
+        row["body"] = "generated" if isinstance(body, Stage) else "template"
+        if isinstance(body, Stage):
+            kind = KIND[op]
+            row["generated_from"] = f"{kind.program} (stage {kind.stage})"
+            if op == "qkv" and "embed_scale" in progs:
+                row["generated_from"] += ", embed_scale"
+        else:
+            row["template_reason"] = body
         rows.append(row)
     return rows
 
@@ -171,7 +185,7 @@ def report_lines(report: list[dict[str, Any]]) -> list[str]:
             else f"{c['program']} ({c['program_hash'][:12]}, not searched)"
             for c in row["computes"]
         )
-        part = f"; generated: {row['generated_part']}" if row["generated_part"] else ""
+        why = f" from {row['generated_from']}" if row["body"] == "generated" else f" ({row['template_reason']})"
         lines.append(f"{row['kind']}: {row['tasks']} tasks{tiling}; computes {names or 'the argmax'}; "
-                     f"body: {row['body']}{part}")  # fmt: skip
+                     f"body: {row['body']}{why}")  # fmt: skip
     return lines

@@ -165,6 +165,96 @@ __device__ void combine_to_smem(const float* part, u16* xs) {
   consumers_sync();
 }
 
+// ---- the GEMV task kinds. A body gets its task (GemvTask) and the ring's chunk count; `fresh`: the SM's previous
+// task was not of this kind and layer, so the vector in t.xs (and the scalars in t.red) must be computed.
+struct GemvTask {
+  unsigned char* ws;
+  const u16* embed;
+  int layer, pos, tile, row0, nrows, nchunks;
+  bool fresh, keep;
+  u16* xs;
+  float* part;
+  float* red;
+  unsigned char* ring;
+  u64* full;
+  u64* empty;
+  u64* tr;
+};
+// The residual stream entering a layer: the token's embedding row for layer 0.
+__device__ __forceinline__ const u16* layer_input(unsigned char* ws, const u16* embed, int layer, int pos) {
+  if (layer > 0) return ws_hmlp(ws, layer - 1);
+  const int tok = min(max(ldcgi(ws_tokens(ws) + pos), 0), VOCAB - 1);
+  return embed + (u64)tok * HID;
+}
+// Element e of 8 bf16 in 16 bytes, and 8 floats rounded into 16 bytes (the generated bodies' vectors).
+__device__ __forceinline__ float elem(const V4& v, int e) {
+  const u32 w = (&v.x)[e >> 1];
+  return e & 1 ? hi(w) : lo(w);
+}
+__device__ __forceinline__ V4 pack8(const float (&f)[8]) {
+  V4 v;
+  u32* w = &v.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) w[k] = f2bf(f[2 * k]) | ((u32)f2bf(f[2 * k + 1]) << 16);
+  return v;
+}
+
+// The hand-written bodies (the baseline the generated ones are timed against: --templates), rounded as HF's bf16
+// modules round.
+__device__ __forceinline__ void template_qkv(const GemvTask& t, u32& chunk) {
+  if (t.fresh) norm_to_smem<HID>(layer_input(t.ws, t.embed, t.layer, t.pos), ws_gin(t.ws, t.layer), t.xs, t.red,
+                                 t.layer == 0);
+  stamp(t.tr, 2);
+  gemv<HID, RC_QKV>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
+  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS)  // a bias (Qwen2) is added before the one rounding
+    ws_qkv(t.ws, t.layer)[t.row0 + r] = f2bf(gemv_row<HID, RC_QKV>(t.part, r) +
+                                             (QKV_BIAS ? bf2f(ws_bqkv(t.ws, t.layer)[t.row0 + r]) : 0.f));
+}
+__device__ __forceinline__ void template_oproj(const GemvTask& t, u32& chunk) {
+  const int tid = threadIdx.x;
+  float res = tid < t.nrows ? ldcgbf(layer_input(t.ws, t.embed, t.layer, t.pos) + t.row0 + tid) : 0.f;
+  if (EMBED_SCALE && t.layer == 0) res = embed_scale(res);
+  if (t.fresh) combine_to_smem(ws_part(t.ws, t.layer), t.xs);
+  stamp(t.tr, 2);
+  gemv<NH * HD, RC_OPROJ>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
+  if (tid < t.nrows)
+    ws_hattn(t.ws, t.layer)[t.row0 + tid] = f2bf(residual(res, rbf(gemv_row<NH * HD, RC_OPROJ>(t.part, tid))));
+}
+__device__ __forceinline__ void template_gateup(const GemvTask& t, u32& chunk) {
+  if (t.fresh) norm_to_smem<HID>(ws_hattn(t.ws, t.layer), ws_gpost(t.ws, t.layer), t.xs, t.red);
+  stamp(t.tr, 2);
+  gemv<HID, RC_GATEUP>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
+  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS) {
+    const float gate = rbf(gemv_row<HID, RC_GATEUP>(t.part, r));
+    const float up = rbf(gemv_row<HID, RC_GATEUP>(t.part, t.nrows + r));
+    ws_act(t.ws, t.layer)[t.row0 + r] = f2bf(mlp_act(gate, up));
+  }
+}
+__device__ __forceinline__ void template_down(const GemvTask& t, u32& chunk) {
+  const int tid = threadIdx.x;
+  const float res = tid < t.nrows ? ldcgbf(ws_hattn(t.ws, t.layer) + t.row0 + tid) : 0.f;
+  if (t.fresh) copy_to_smem<INTER>(ws_act(t.ws, t.layer), t.xs);
+  stamp(t.tr, 2);
+  gemv<INTER, RC_DOWN>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
+  if (tid < t.nrows)
+    ws_hmlp(t.ws, t.layer)[t.row0 + tid] = f2bf(residual(res, rbf(gemv_row<INTER, RC_DOWN>(t.part, tid))));
+}
+__device__ __forceinline__ void template_lmhead(const GemvTask& t, u32& chunk) {
+  if (t.fresh) norm_to_smem<HID>(ws_hmlp(t.ws, NLAYER - 1), ws_gfinal(t.ws), t.xs, t.red);
+  stamp(t.tr, 2);
+  gemv<HID, RC_LMHEAD>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
+  float* logits = ws_logits(t.ws) + (u64)(t.pos % LOGIT_SLOTS) * VOCAB;
+  float best = -3.0e38f;
+  int arg = 0x7fffffff;
+  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS) {
+    const float y = rbf(gemv_row<HID, RC_LMHEAD>(t.part, r));
+    logits[t.row0 + r] = y;
+    if (better(y, t.row0 + r, best, arg)) { best = y; arg = t.row0 + r; }
+  }
+  block_argmax(best, arg, t.red);
+  if (threadIdx.x == 0) { ws_lmval(t.ws)[t.tile] = best; ws_lmidx(t.ws)[t.tile] = arg; }
+}
+
 // ---- attention for one KV head and one split of the positions 0..pos (split-KV decode).
 // The split's cached positions were written by earlier steps, so attention_prefetch copies the first KV_CAP of
 // them into shared memory (cp.async) before the task waits for this step's q, k and v, and before them (a group

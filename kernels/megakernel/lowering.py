@@ -1,0 +1,544 @@
+"""The megakernel's GEMV task bodies, lowered from the layer programs (the plan's verified winners).
+
+A *stage* is what one GEMV task kind computes: a prologue over its whole input vector (norms, scaling by a norm
+weight, whole-vector statistics), the GEMV of the vector it leaves with one or more weights (a task takes `tile`
+rows of each), and an epilogue over the task's rows (biases, residuals, activations), written to one buffer.
+
+A program is cut into stages by dataflow. A GEMV is a predefined matmul of a [1, k] value by a weight input
+[k, n], or a graph-defined kernel whose block graph is one: its grid splits the weight's output dim (imap 1),
+its forloop the reduction dim (fmap 0 of the weight, 1 of the vectors), the loop's ops elementwise on vector
+tiles, its accumulators sums over the loop (accum_sum of the matmul, accum_*_last statistics of a vector).
+Values computed from the program's inputs alone are prologue (`vector` or `scalar`); values computed from a GEMV
+are epilogue (`row`); a row value another GEMV reads as its vector ends a stage (the buffer between two task
+kinds). GEMVs of one vector by weights of one shape share a stage (gate and up). A loop-free graph-defined kernel
+of elementwise ops is its ops on whole tensors, as for the epilogues' device functions (kernels/cuda_codegen.py).
+
+Re-tiled to the task: the grid becomes the task's tiles and the forloop one iteration over the whole reduction
+dim (a task streams whole weight rows), which leaves the function unchanged: the loop ops are elementwise and
+the accumulators are sums over it. Rounding is where the GPU backends put it: a kernel's outputs round to their
+dtype, a graph-defined kernel's inner tiles stay float32 (as the Triton backend keeps them in registers), but the
+GEMV's vector, which the GEMV reads in its own dtype (bf16, from shared memory). `run_stage` evaluates the steps
+with the reference interpreter's rule tables (the CPU replay) and `emit_stage` writes them as CUDA (the task body
+the GPU runs): the two interpretations of one stage.
+
+Where a stage's inputs live and where it writes is the step's dataflow (`KINDS`): the workspace buffer each
+program input is bound to.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from superopt.errors import SuperoptError
+from superopt.interpret import TorchEval
+from superopt.ir import KernelGraph, Op
+from superopt.kernels.cuda_codegen import CUDA_EXPR
+from superopt.kernels.megakernel.layout import NCONSUMERS
+from superopt.kernels.taskgraph import MAX_TILE_ROWS, Gemv, TaskGraph
+from superopt.ops import ACCUMULATORS, DTYPES, OPS, TensorType
+
+STATS = ("accum_rms_last", "accum_mean_last", "accum_sum_last")  # whole-vector statistics: a scalar each
+SCALAR_SLOT = 48  # a stage's scalars live in red[48...] between its prologue and epilogue (see block_argmax)
+MAX_SCALARS = 16
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A GEMV task kind of the step: the layer program (and which of its stages) it computes, its weights in the
+    packing order of its tiles (kernels/megakernel/layout.py), where each program input is read from, and the
+    buffer its output goes to (for a stage that ends inside the program, the buffer the next stage reads)."""
+
+    name: str
+    program: str
+    stage: int
+    weights: tuple[str, ...]
+    sources: dict[str, str]
+    output: str
+
+
+# The step's GEMV task kinds, in the task graph's order (kernels/taskgraph.py). Sources: h_in is the layer's
+# input (the token's embedding, scaled where the model scales it, for layer 0), attn the split-KV combine of the
+# attention partials, hmlp_last the last layer's output; the rest are workspace buffers of the layer.
+KINDS = (
+    Kind("qkv", "attn_in", 0, ("wqkv",), {"h": "h_in", "gamma": "gin", "bqkv": "bqkv"}, "qkv"),
+    Kind("oproj", "attn_out", 0, ("wo",), {"a": "attn", "h": "h_in"}, "hattn"),
+    Kind("gateup", "mlp", 0, ("wg", "wu"), {"h": "hattn", "gamma": "gpost"}, "act"),
+    Kind("down", "mlp", 1, ("wd",), {"h": "hattn", "": "act"}, "hmlp"),
+    Kind("lmhead", "lm_head", 0, ("w",), {"h": "hmlp_last", "gamma": "gfinal"}, "logits"),
+)
+KIND = {k.name: k for k in KINDS}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One op of a stage on its values (named by the stage), with its result's kind and dtype."""
+
+    op: Op
+    kind: str  # vector (k elements), scalar, or row (one a task row)
+    dtype: str
+
+
+@dataclass
+class Stage:
+    """One GEMV stage of a program: `vectors` (program inputs, or the previous stage's output "") read whole,
+    `rows` read at the task's rows, the prologue, `x` times each weight (`results`, one a unit), the epilogue,
+    and the value written. `scalars`: prologue values the epilogue reads."""
+
+    program: str
+    k: int
+    n: int
+    x: str = ""
+    weights: list[str] = field(default_factory=list)
+    results: list[str] = field(default_factory=list)
+    result_dtypes: list[str] = field(default_factory=list)
+    vectors: list[str] = field(default_factory=list)
+    rows: list[str] = field(default_factory=list)
+    prologue: list[Step] = field(default_factory=list)
+    epilogue: list[Step] = field(default_factory=list)
+    scalars: list[str] = field(default_factory=list)
+    output: str = ""
+
+
+def _kind_of_op(op: str, operand_kinds: list[str]) -> str:
+    if op in STATS:
+        return "scalar"
+    if OPS[op].kind == "norm":
+        return "vector"
+    return "vector" if "vector" in operand_kinds else "scalar"
+
+
+def program_stages(graph: KernelGraph) -> list[Stage]:
+    """The GEMV stages of `graph` in order; SuperoptError naming the op it cannot lower."""
+    what = graph.name
+    kinds: dict[str, str] = {n: "input" for n in graph.inputs}
+    types: dict[str, TensorType] = {n: graph.tensors[n] for n in graph.inputs}
+    owner: dict[str, int] = {}  # row value -> its stage
+    defs: dict[str, Step] = {}  # vector and scalar values -> the step computing them
+    stages: list[Stage] = []
+    alias: dict[str, str] = {}
+    declared: dict[str, str] = {}  # a kernel's inner tiles: their dtype in the IR (they compute in float32)
+
+    def name(t: str) -> str:
+        return alias.get(t, t)
+
+    def gemv(x: str, weight: str, out: str, dtype: str) -> None:
+        if kinds.get(weight) != "input" or len(types[weight].shape) != 2:
+            raise SuperoptError(f"{what}: a matmul's weight '{weight}' is not a [k, n] program input")
+        k, n = types[weight].shape
+        if x in defs and x in declared:  # the GEMV reads its vector in its dtype (bf16, from shared memory)
+            defs[x] = Step(defs[x].op, defs[x].kind, declared[x])
+        if kinds[x] == "row":  # a GEMV result read whole: the stage that wrote it ends with it
+            prev = stages[owner[x]]
+            if prev.output and prev.output != x:
+                raise SuperoptError(f"{what}: stage {owner[x]} would write two values ('{prev.output}', '{x}')")
+            prev.output = x
+            x_name = ""
+        else:
+            x_name = x
+        if math.prod(types[x].shape) != k:
+            raise SuperoptError(f"{what}: matmul of '{x}' {list(types[x].shape)} by '{weight}' is not a GEMV")
+        stage = next((s for s in stages if s.x == x_name and s.n == n and s.k == k and not s.output), None)
+        if stage is None:
+            stage = Stage(graph.name, k, n, x_name)
+            if x_name == "":
+                stage.vectors.append("")
+            stages.append(stage)
+        stage.weights.append(weight)
+        stage.results.append(out)
+        stage.result_dtypes.append(dtype)
+        kinds[out], types[out], owner[out] = "row", TensorType((1, n), dtype), stages.index(stage)
+
+    def round_to(v: str, dtype: str) -> None:
+        """Value v, a kernel's output, rounds to `dtype`."""
+        if v in defs:
+            defs[v] = Step(defs[v].op, defs[v].kind, dtype)
+            return
+        if kinds.get(v) != "row":
+            raise SuperoptError(f"{what}: a kernel output '{v}' is a program input")
+        stage = stages[owner[v]]
+        if v in stage.results:
+            stage.result_dtypes[stage.results.index(v)] = dtype
+        else:
+            at = next(k for k, s in enumerate(stage.epilogue) if s.op.outputs[0] == v)
+            stage.epilogue[at] = Step(stage.epilogue[at].op, "row", dtype)
+
+    def step(op: str, inputs: tuple[str, ...], attrs: dict, out: str, ty: TensorType, rounds: bool = True) -> None:
+        inputs = tuple(name(i) for i in inputs)
+        if not rounds:
+            declared[out] = ty.dtype
+            ty = TensorType(ty.shape, "float32")
+        if op == "matmul":
+            gemv(inputs[0], inputs[1], out, ty.dtype)
+            return
+        if op == "accum_sum":
+            round_to(inputs[0], ty.dtype)
+            alias[out] = inputs[0]
+            return
+        if op not in CUDA_EXPR and op not in STATS and op != "rms_norm":
+            raise SuperoptError(f"{what}: op '{op}' has no rule in a GEMV task's prologue or epilogue")
+        operand = [kinds[i] for i in inputs]
+        types[out] = ty
+        s = Step(Op(op, inputs, (out,), dict(attrs)), "", ty.dtype)
+        if "row" in operand:
+            stage_ids = {owner[i] for i in inputs if kinds[i] == "row"}
+            if len(stage_ids) != 1 or OPS[op].kind not in ("unary", "binary", "scalar"):
+                raise SuperoptError(f"{what}: op '{op}' on GEMV results is not elementwise over one stage's rows")
+            stages[stage_ids.pop()].epilogue.append(Step(s.op, "row", ty.dtype))
+            kinds[out], owner[out] = "row", owner[next(i for i in inputs if kinds[i] == "row")]
+            return
+        kind = _kind_of_op(op, ["vector" if k == "input" and math.prod(types[i].shape) > 1 else k
+                                for k, i in zip(operand, inputs)])  # fmt: skip
+        kinds[out] = kind
+        defs[out] = Step(s.op, kind, ty.dtype)
+
+    for op in graph.ops:
+        if op.block is None:
+            step(op.op, op.inputs, op.attrs, op.outputs[0], graph.tensors[op.outputs[0]])
+            continue
+        _expand_block(graph, op, alias, step)
+        for o in op.outputs:
+            types[o] = graph.tensors[o]
+    for stage in stages:
+        _close(stage, defs, kinds, types, what)
+    for out in (name(o) for o in graph.outputs):
+        if kinds.get(out) != "row":
+            raise SuperoptError(f"{what}: output '{out}' is not computed by a GEMV stage")
+        stage = stages[owner[out]]
+        if stage.output and stage.output != out:
+            raise SuperoptError(f"{what}: a stage writes both '{stage.output}' and '{out}'")
+        stage.output = out
+    for i, stage in enumerate(stages):
+        if not stage.output:
+            raise SuperoptError(f"{what}: stage {i}'s results reach no output")
+        for s in stage.epilogue:
+            for v in s.op.inputs:
+                if kinds[v] == "input" and v not in stage.rows:
+                    if math.prod(types[v].shape) != stage.n:
+                        raise SuperoptError(f"{what}: '{v}' {list(types[v].shape)} is not one value a row")
+                    stage.rows.append(v)
+                elif kinds[v] == "scalar" and v not in stage.scalars:
+                    stage.scalars.append(v)
+                elif kinds[v] == "vector":
+                    raise SuperoptError(f"{what}: the epilogue of stage {i} reads the whole vector '{v}'")
+        if len(stage.scalars) > MAX_SCALARS:
+            raise SuperoptError(f"{what}: stage {i} keeps {len(stage.scalars)} scalars (at most {MAX_SCALARS})")
+    return stages
+
+
+def _close(stage: Stage, defs: dict[str, Step], kinds: dict[str, str], types: dict, what: str) -> None:
+    """The stage's prologue: the steps its x and its epilogue's scalars need, in program order; its vectors."""
+    need: set[str] = set()
+    stack = [stage.x] + [v for s in stage.epilogue for v in s.op.inputs if kinds.get(v) == "scalar"]
+    while stack:
+        v = stack.pop()
+        if v in need or v == "":
+            continue
+        need.add(v)
+        if v in defs:
+            stack.extend(defs[v].op.inputs)
+    stage.prologue = [s for v, s in defs.items() if v in need]
+    for v in sorted(need - set(defs), key=list(kinds).index):
+        if math.prod(types[v].shape) != stage.k:
+            raise SuperoptError(f"{what}: the prologue reads '{v}' {list(types[v].shape)}, not {stage.k} elements")
+        stage.vectors.append(v)
+
+
+def _expand_block(graph: KernelGraph, op: Op, alias: dict[str, str], step: Callable[..., None]) -> None:
+    """A graph-defined kernel as steps on whole values: a GEMV-form block graph re-tiled to one iteration, or a
+    loop-free elementwise one."""
+    block = op.block
+    assert block is not None
+    what = f"{graph.name}: graph-defined op '{op.outputs[0]}'"
+    gemv_form = any(bop.op == "matmul" for bop in block.ops)
+    if gemv_form:
+        if len(block.grid) != 1 or any(bo.omap != (1,) for bo in block.outputs):
+            raise SuperoptError(f"{what}: a GEMV block graph has one grid axis over the output's dim 1")
+        for bi in block.inputs:
+            ok = (bi.imap == (1,) and bi.fmap in (0, None)) or (bi.imap == (None,) and bi.fmap == 1)
+            if not ok or len(bi.source.shape) != 2:
+                raise SuperoptError(f"{what}: input '{bi.name}' is tiled neither as a vector nor as weight rows")
+    elif block.forloop_range != 1:
+        raise SuperoptError(f"{what}: a block graph with a loop and no matmul is not a GEMV task")
+    prefix = op.outputs[0]
+    alias |= {bi.name: alias.get(src, src) for bi, src in zip(block.inputs, op.inputs)}
+    for bop in block.ops:
+        result = bop.outputs[0]
+        ty = block.tensors[result]
+        outputs = [out for bo, out in zip(block.outputs, op.outputs) if bo.name == result]
+        if bop.op == "accum_sum":  # re-tiled to one iteration: the identity (rounding a kernel output)
+            alias[result] = alias.get(bop.inputs[0], bop.inputs[0])
+            if outputs:
+                step("accum_sum", (alias[result],), {}, outputs[0], ty)
+            continue
+        if bop.op in ACCUMULATORS and bop.op not in STATS:
+            raise SuperoptError(f"{what}: accumulator '{bop.op}' is not a sum over the GEMV's reduction")
+        alias[result] = outputs[0] if outputs else f"{prefix}.{result}"
+        if not gemv_form:
+            shape = graph.tensors[prefix].shape
+        elif ty.shape[-1] > 1:  # a vector tile is one iteration's part of the vector; a row tile a block's rows
+            shape = (1, ty.shape[-1] * (block.grid[0] if block.after_loop[result] else block.forloop_range))
+        else:
+            shape = ty.shape
+        # A kernel's outputs round to their dtype; its inner tiles stay float32 (in registers, as the Triton
+        # backend keeps them), but for a GEMV's vector, which rounds to its own dtype (see `gemv`).
+        step(bop.op, bop.inputs, bop.attrs, alias[result], TensorType(shape, ty.dtype), outputs != [])
+    alias |= {out: alias.get(bo.name, bo.name) for bo, out in zip(block.outputs, op.outputs)}
+
+
+def lower_kinds(progs: dict[str, KernelGraph], gemv: dict[str, Gemv]) -> dict[str, Stage | str]:
+    """Each GEMV task kind's stage, lowered from its layer program in `progs` (a winner or the program itself)
+    and checked against the task graph's tiling of the kind (`gemv`), or the reason its body stays a template."""
+    by_program: dict[str, list[Stage] | str] = {}
+    out: dict[str, Stage | str] = {}
+    for kind in KINDS:
+        if kind.program not in by_program:
+            try:
+                by_program[kind.program] = program_stages(progs[kind.program])
+            except SuperoptError as e:
+                by_program[kind.program] = str(e)
+        stages = by_program[kind.program]
+        try:
+            out[kind.name] = _bind(kind, stages, gemv[kind.name])
+        except SuperoptError as e:
+            out[kind.name] = str(e)
+    return out
+
+
+def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
+    if isinstance(stages, str):
+        raise SuperoptError(stages)
+    what = f"{kind.program} (task kind {kind.name})"
+    if len(stages) <= kind.stage:
+        raise SuperoptError(f"{what}: has {len(stages)} GEMV stage(s), the task graph expects {kind.stage + 1}")
+    stage = stages[kind.stage]
+    if sorted(stage.weights) != sorted(kind.weights):
+        raise SuperoptError(f"{what}: its GEMV multiplies by {stage.weights}, not the weights {list(kind.weights)}")
+    order = [stage.weights.index(w) for w in kind.weights]  # units in the tiles' packing order
+    stage.weights = [stage.weights[u] for u in order]
+    stage.results = [stage.results[u] for u in order]
+    stage.result_dtypes = [stage.result_dtypes[u] for u in order]
+    if (stage.k, stage.n, len(stage.weights)) != (plan.k, plan.rows, plan.unit):
+        raise SuperoptError(
+            f"{what}: a GEMV of {stage.n} rows of {stage.k} x {len(stage.weights)}, the task graph tiles "
+            f"{plan.rows} rows of {plan.k} x {plan.unit}"
+        )
+    unbound = [v for v in stage.vectors + stage.rows if v not in kind.sources]
+    if unbound:
+        raise SuperoptError(f"{what}: reads {unbound}, which the step does not bind to a buffer")
+    if any(kind.sources[v] == "attn" for v in stage.rows) or (
+        stage.prologue and any(kind.sources[v] == "attn" for v in stage.vectors)
+    ):
+        raise SuperoptError(f"{what}: the attention output is read only as the GEMV's vector itself")
+    if any(d != "bfloat16" for d in [s.dtype for s in stage.prologue if s.op.outputs[0] == stage.x]):
+        raise SuperoptError(f"{what}: the GEMV's vector is not bfloat16")
+    return stage
+
+
+def task_bodies(tg: TaskGraph, progs: dict[str, KernelGraph], templates: bool = False) -> dict[str, Stage | str]:
+    """Each GEMV task kind's body: the stage lowered from its program in `progs`, or why it is a template
+    (`templates`: all of them, the baseline the generated bodies are timed against)."""
+    if templates:
+        return {k.name: "--templates: the hand-written body" for k in KINDS}
+    return lower_kinds(progs, tg.gemv)
+
+
+# --- the replay's interpretation: the reference interpreter's rules ---------------------------------------------
+
+
+def run_stage(
+    stage: Stage, vectors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weights: list[torch.Tensor]
+) -> torch.Tensor:
+    """One task of the stage: `vectors` [1, k] and `rows` [1, task rows] by name, `weights` [task rows, k] a
+    unit; each step by the reference interpreter's rule for its op, rounded to its dtype. The written value,
+    [1, task rows], in float32."""
+    ev = TorchEval("native")
+    env = dict(vectors) | dict(rows)
+
+    def ty(dtype: str) -> TensorType:
+        return TensorType((), dtype)
+
+    def run(steps: list[Step]) -> None:
+        for s in steps:
+            args = [env[i] for i in s.op.inputs]
+            env[s.op.outputs[0]] = (
+                ev.accumulate(s.op, [args], ty(s.dtype)) if s.op.op in ACCUMULATORS else ev.op(s.op, args, ty(s.dtype))
+            )
+
+    run(stage.prologue)
+    x = env[stage.x]
+    for name, w, dtype in zip(stage.results, weights, stage.result_dtypes):
+        env[name] = ev.cast(x.float() @ w.float().T, ty(dtype))
+    run(stage.epilogue)
+    return env[stage.output].float()
+
+
+# --- the GPU's interpretation: CUDA ---------------------------------------------------------------------------
+
+# A source's pointer in a task body (`t` is the task's GemvTask), and whether the model's embedding scale applies
+# to it (the layer input of layer 0 is the token's embedding row).
+CUDA_SOURCES = {
+    "h_in": ("layer_input(t.ws, t.embed, t.layer, t.pos)", "EMBED_SCALE && t.layer == 0"),
+    "gin": ("ws_gin(t.ws, t.layer)", ""),
+    "gpost": ("ws_gpost(t.ws, t.layer)", ""),
+    "gfinal": ("ws_gfinal(t.ws)", ""),
+    "bqkv": ("ws_bqkv(t.ws, t.layer)", ""),
+    "hattn": ("ws_hattn(t.ws, t.layer)", ""),
+    "act": ("ws_act(t.ws, t.layer)", ""),
+    "hmlp_last": ("ws_hmlp(t.ws, NLAYER - 1)", ""),
+}
+CUDA_OUTPUTS = {
+    "qkv": "ws_qkv(t.ws, t.layer)",
+    "hattn": "ws_hattn(t.ws, t.layer)",
+    "act": "ws_act(t.ws, t.layer)",
+    "hmlp": "ws_hmlp(t.ws, t.layer)",
+}
+
+
+def _literal(x: object) -> str:
+    v = float(x)  # type: ignore[arg-type]
+    if not math.isfinite(v):
+        raise SuperoptError(f"a constant {v} has no CUDA literal")
+    return f"{v!r}f"
+
+
+def emit_stage(kind: Kind, stage: Stage) -> str:
+    """The task body `task_<kind>(const GemvTask& t, u32& chunk)` computing one task of the stage: the row
+    operands' loads (issued first, their latency under the GEMV's), the prologue over the whole vector (skipped
+    where the SM's previous task computed it: `t.fresh`), the GEMV over the weight ring, the epilogue a row,
+    and the write."""
+    if MAX_TILE_ROWS > NCONSUMERS:
+        raise SuperoptError(f"megakernel: a task's {MAX_TILE_ROWS} rows exceed its {NCONSUMERS} consumer threads")
+    k, plan_rc = stage.k, f"RC_{kind.name.upper()}"
+    names: dict[str, str] = {}  # stage value -> C++ name (never a name from the program: it may be anything)
+    lines = [
+        f"// {kind.name}: stage {kind.stage} of the layer program {kind.program}, generated by"
+        " kernels/megakernel/lowering.py.",
+        f"__device__ __forceinline__ void task_{kind.name}(const GemvTask& t, u32& chunk) {{",
+        "  const int tid = threadIdx.x;",
+        "  const bool row = tid < t.nrows;",
+    ]
+    for j, v in enumerate(stage.rows):
+        ptr, embedded = CUDA_SOURCES[kind.sources[v]]
+        names[v] = f"r{j}"
+        lines.append(f"  float r{j} = row ? ldcgbf({ptr} + t.row0 + tid) : 0.f;")
+        if embedded:
+            lines.append(f"  if ({embedded}) r{j} = embed_scale(r{j});")
+    lines.append("  if (t.fresh) {")
+    lines += ["    " + line for line in _prologue(kind, stage, names)]
+    lines.append("  }")
+    for j, v in enumerate(stage.scalars):
+        names[v] = f"t.red[{SCALAR_SLOT + j}]"
+    lines.append("  stamp(t.tr, 2);")
+    lines.append(f"  gemv<{k}, {plan_rc}>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);")
+    body = []
+    for u, (res, dtype) in enumerate(zip(stage.results, stage.result_dtypes)):
+        names[res] = f"m{u}"
+        at = f"{u} * t.nrows + tid" if u else "tid"
+        body.append(f"const float m{u} = {_round(dtype)}(gemv_row<{k}, {plan_rc}>(t.part, {at}));")
+    for n, s in enumerate(stage.epilogue):
+        names[s.op.outputs[0]] = f"e{n}"
+        body.append(f"const float e{n} = {_expr(s, names, lambda v: names[v])};")
+    y = names[stage.output]
+    if kind.output == "logits":
+        lines += ["  float best = -3.0e38f;", "  int arg = 0x7fffffff;", "  if (row) {"]
+        lines += ["    " + b for b in body]
+        lines += [
+            f"    ws_logits(t.ws)[(u64)(t.pos % LOGIT_SLOTS) * VOCAB + t.row0 + tid] = {y};",
+            f"    best = {y};",
+            "    arg = t.row0 + tid;",
+            "  }",
+            "  block_argmax(best, arg, t.red);",
+            "  if (tid == 0) { ws_lmval(t.ws)[t.tile] = best; ws_lmidx(t.ws)[t.tile] = arg; }",
+        ]
+    else:
+        lines += ["  if (row) {"] + ["    " + b for b in body]
+        lines += [f"    {CUDA_OUTPUTS[kind.output]}[t.row0 + tid] = f2bf({y});", "  }"]
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def _round(dtype: str) -> str:
+    r = DTYPES[dtype].cuda_round
+    if r is None:
+        raise SuperoptError(f"dtype {dtype} is not supported by the CUDA emitter (bfloat16, float32)")
+    return r
+
+
+def _expr(s: Step, names: dict[str, str], operand: Callable[[str], str]) -> str:
+    """An elementwise step as a rounded C++ float expression of its operands."""
+    attrs = s.op.attrs
+    c = _literal(attrs["c"]) if "c" in attrs else ""
+    return f"{_round(s.dtype)}({CUDA_EXPR[s.op.op].format(*map(operand, s.op.inputs), c=c)})"
+
+
+def _prologue(kind: Kind, stage: Stage, names: dict[str, str]) -> list[str]:
+    """The prologue's lines: the GEMV's vector into shared memory (t.xs, bf16) and the scalars the epilogue
+    reads into t.red. A thread holds elements 8 * (tid + i * NCONSUMERS) + e of every vector value."""
+    k = stage.k
+    src = {v: kind.sources[v] for v in stage.vectors}
+    if not stage.prologue and not stage.scalars:  # x is the vector itself
+        where = src[stage.x]
+        if where == "attn":
+            return ["combine_to_smem(ws_part(t.ws, t.layer), t.xs);"]
+        ptr, embedded = CUDA_SOURCES[where]
+        if not embedded:
+            return [f"copy_to_smem<{k}>({ptr}, t.xs);"]
+    per = f"Slice<{k}>::PER"
+    loop = f"for (int i = 0; i < {per}; ++i)"
+    each = f"#pragma unroll\n{loop}\n#pragma unroll\nfor (int e = 0; e < 8; ++e)"
+    valid = f"(int)threadIdx.x + i * NCONSUMERS < {k // 8}"
+    lines = []
+    lines += [f"Slice<{k}> l{j};" for j in range(len(stage.vectors))]
+    for j, v in enumerate(stage.vectors):  # every load issued before any is used: one L2 round trip
+        lines.append(f"l{j}.load({CUDA_SOURCES[src[v]][0]});")
+    for j, v in enumerate(stage.vectors):
+        names[v] = f"v{j}[i][e]"
+        lines.append(f"float v{j}[{per}][8];")
+        embedded = CUDA_SOURCES[src[v]][1]
+        value = f"embed_scale(elem(l{j}.v[i], e))" if embedded else f"elem(l{j}.v[i], e)"
+        if embedded:
+            lines.append(f"const bool emb{j} = {embedded};")
+            value = f"emb{j} ? {value} : elem(l{j}.v[i], e)"
+        lines += [*each.split("\n"), f"  v{j}[i][e] = {value};"]
+    sums = 0
+    for n, s in enumerate(stage.prologue):
+        out = s.op.outputs[0]
+        if s.op.op in STATS or s.op.op == "rms_norm":
+            (x,) = s.op.inputs
+            term = names[x] if s.op.op in ("accum_sum_last", "accum_mean_last") else f"{names[x]} * {names[x]}"
+            if sums:
+                lines.append("consumers_sync();  // the reduction scratch is free again")
+            sums += 1
+            lines += [f"float q{n} = 0.f;", *each.split("\n"), f"  if ({valid}) q{n} += {term};"]
+            lines.append(f"const float p{n} = block_sum(q{n}, t.red);")
+            eps = _literal(s.op.attrs.get("eps", 0.0))
+            if s.op.op == "rms_norm":
+                lines.append(f"const float w{n} = rsqrtf(p{n} / {k} + {eps});")
+                names[out] = f"x{n}[i][e]"
+                lines += [f"float x{n}[{per}][8];", *each.split("\n")]
+                lines.append(f"  x{n}[i][e] = {_round(s.dtype)}({names[x]} * w{n});")
+                continue
+            total = {"accum_rms_last": f"sqrtf(p{n} / {k} + {eps})", "accum_mean_last": f"p{n} / {k}"}
+            lines.append(f"const float x{n} = {_round(s.dtype)}({total.get(s.op.op, f'p{n}')});")
+            names[out] = f"x{n}"
+        elif s.kind == "scalar":
+            lines.append(f"const float x{n} = {_expr(s, names, lambda v: names[v])};")
+            names[out] = f"x{n}"
+        else:
+            lines += [f"float x{n}[{per}][8];", *each.split("\n")]
+            lines.append(f"  x{n}[i][e] = {_expr(s, names, lambda v: names[v])};")
+            names[out] = f"x{n}[i][e]"
+    for j, v in enumerate(stage.scalars):
+        lines.append(f"if (threadIdx.x == 0) t.red[{SCALAR_SLOT + j}] = {names[v]};")
+    x = names[stage.x].removesuffix("[i][e]")
+    lines += [
+        "#pragma unroll",
+        loop,
+        f"  if ({valid}) ((V4*)t.xs)[threadIdx.x + i * NCONSUMERS] = pack8({x}[i]);",
+        "consumers_sync();",
+    ]
+    return lines
