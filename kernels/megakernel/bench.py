@@ -255,7 +255,7 @@ def benchmark(
     state.pop("mk", None)
     if baseline and not templates and "out" in state:
 
-        def baseline() -> float:
+        def time_templates() -> float:
             mk = GpuMegakernel(model, programs=programs, templates=True)
             out = mk.generate(prompt, new_tokens)
             res["vs_reference_bf16_templates"] = versus_reference_bf16(model, out, prompt_len)
@@ -265,7 +265,7 @@ def benchmark(
             res["tokens_templates"] = out.tokens
             return time_megakernel(mk, prompt, new_tokens)
 
-        timings["megakernel_templates"] = phase("time_megakernel_templates", baseline)
+        timings["megakernel_templates"] = phase("time_megakernel_templates", time_templates)
     if trace and "out" in state:
 
         def traced() -> dict[str, Any]:

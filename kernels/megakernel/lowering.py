@@ -182,18 +182,18 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
             raise SuperoptError(f"{what}: op '{op}' has no rule in a GEMV task's prologue or epilogue")
         operand = [kinds[i] for i in inputs]
         types[out] = ty
-        s = Step(Op(op, inputs, (out,), dict(attrs)), "", ty.dtype)
+        lowered = Op(op, inputs, (out,), dict(attrs))
         if "row" in operand:
             stage_ids = {owner[i] for i in inputs if kinds[i] == "row"}
             if len(stage_ids) != 1 or OPS[op].kind not in ("unary", "binary", "scalar"):
                 raise SuperoptError(f"{what}: op '{op}' on GEMV results is not elementwise over one stage's rows")
-            stages[stage_ids.pop()].epilogue.append(Step(s.op, "row", ty.dtype))
+            stages[stage_ids.pop()].epilogue.append(Step(lowered, "row", ty.dtype))
             kinds[out], owner[out] = "row", owner[next(i for i in inputs if kinds[i] == "row")]
             return
         kind = _kind_of_op(op, ["vector" if k == "input" and math.prod(types[i].shape) > 1 else k
                                 for k, i in zip(operand, inputs)])  # fmt: skip
         kinds[out] = kind
-        defs[out] = Step(s.op, kind, ty.dtype)
+        defs[out] = Step(lowered, kind, ty.dtype)
 
     for op in graph.ops:
         if op.block is None:
@@ -333,7 +333,7 @@ def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
         stage.prologue and any(kind.sources[v] == "attn" for v in stage.vectors)
     ):
         raise SuperoptError(f"{what}: the attention output is read only as the GEMV's vector itself")
-    if any(d != "bfloat16" for d in [s.dtype for s in stage.prologue if s.op.outputs[0] == stage.x]):
+    if any(s.op.outputs[0] == stage.x and s.dtype != "bfloat16" for s in stage.prologue):
         raise SuperoptError(f"{what}: the GEMV's vector is not bfloat16")
     return stage
 

@@ -140,7 +140,7 @@ def replay(
         if i == 0:
             h_in = epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]
         else:
-            h_in = buf[f"hmlp.{i - 1}"] if i < c.layers else buf[f"hmlp.{c.layers - 1}"]
+            h_in = buf[f"hmlp.{i - 1}"]  # the LM head's (layer L): the last layer's output
         if isinstance(bodies.get(t.op), Stage):
             generated(t, bodies[t.op], g, h_in)  # type: ignore[arg-type]
         elif t.op == "qkv":
