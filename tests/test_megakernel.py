@@ -38,7 +38,9 @@ from superopt.kernels.megakernel import (
     source,
     tables,
 )
-from superopt.kernels.megakernel.lowering import KINDS, Stage, run_stage, task_bodies
+from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
+from superopt.kernels.megakernel.bodies import task_bodies
+from superopt.kernels.megakernel.lowering import KINDS, Stage, run_stage
 from superopt.model import (
     Decoder,
     Model,
@@ -453,10 +455,98 @@ def test_a_program_that_does_not_lower_keeps_its_template_and_says_why() -> None
     assert report["qkv"]["body"] == "template" and "'mul_scalar' is not a [k, n] program input" in str(
         report["qkv"]["template_reason"]
     )
-    assert report["oproj"]["body"] == "generated" and report["attn"]["body"] == "template"
+    assert report["oproj"]["body"] == report["attn"]["body"] == "generated" and report["argmax"]["body"] == "template"
     src = source(tg, "t", 32, 32, programs={"attn_in": p})
     assert "{ template_qkv(t, chunk); }  // not lowered" in src and "void task_gateup" in src
     assert all(r["body"] == "template" for r in build_report(tg, templates=True))
+
+
+# --- attention's body lowered from qk_rope, kv_append and attention ------------------------------------------
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_attention_lowers_and_its_steps_compute_the_programs(name: str) -> None:
+    """qk_rope's head steps on every head row (attention.run_head) against the reference interpreter running
+    qk_rope in float64; the score steps at the attended positions, normalized and times v as the split-KV rule
+    computes them, against the attention program with its mask (-inf past the query's position) in float64:
+    within bf16 rounding."""
+    cfg = load_spec(MODELS / f"{name}.yaml").config
+    progs = layer_programs(cfg)
+    body = task_bodies(taskgraph.build(cfg, 8, 2), progs)["attn"]
+    assert isinstance(body, AttentionBody), body
+    gen = torch.Generator().manual_seed(2)
+
+    def rand(shape: tuple[int, ...]) -> torch.Tensor:
+        return torch.randn(shape, generator=gen).to(torch.bfloat16)
+
+    qk = progs["qk_rope"]
+    cos, sin = (torch.cat([t[5], t[5]])[None] for t in rope_table(cfg, 8))
+    inputs = {n: rand(qk.tensors[n].shape) for n in qk.inputs} | {"cos": cos, "sin": sin}
+    (expected,) = run(qk, inputs, "float64")
+    gamma = inputs["gamma"].float() if cfg.qk_norm else None
+    got = run_head(body, inputs["qk"].float(), gamma, cos.float(), sin.float())
+    assert (got - expected).abs().max() <= 2**-6 * expected.abs().max(), name
+    att = progs["attention"]
+    q, k, v = (rand(att.tensors[n].shape) for n in "qkv")
+    n, seen = att.tensors["k"].shape[-1], 11  # the query at position 10 attends 0..10
+    mask = torch.full((1, 1, n), -math.inf).index_fill(2, torch.arange(seen), 0.0).to(torch.bfloat16)
+    (expected,) = run(att, {"q": q, "k": k, "v": v, "mask": mask}, "float64")
+    scores = run_score(body, q.float() @ k.float()[..., :seen])
+    got = torch.softmax(scores, -1) @ v.float()[:, :seen]
+    assert (got - expected).abs().max() <= 2**-6 * expected.abs().max(), name
+
+
+def test_attention_programs_that_do_not_lower_keep_the_template_and_say_why() -> None:
+    """A softmax without its max shift and a q/k step with no rule on head rows: the attention body stays the
+    hand-written one; the build report and the source say why."""
+    cfg = load_spec(MODELS / "tiny-llama.yaml").config
+    tg = taskgraph.build(cfg, 8, 2)
+    att = layer_programs(cfg)["attention"]
+    p = superopt.Graph("attention")
+    q, k, v, mask = (p.input(n, att.tensors[n].shape, "bfloat16") for n in ("q", "k", "v", "mask"))
+    e = p.exp(p.add(p.mul_scalar(p.matmul(q, k), c=0.125), mask))
+    p.output(p.matmul(p.div(e, p.sum(e, dim=2, keepdim=True)), v))
+    report = {r["kind"]: r for r in build_report(tg, programs={"attention": p})}
+    assert report["attn"]["body"] == "template" and "is not the sub of softmax attention" in str(
+        report["attn"]["template_reason"]
+    )
+    src = source(tg, "t", 32, 32, programs={"attention": p})
+    assert "{ template_attn_head(r, g, cst, row); }  // not lowered" in src
+    rope = superopt.Graph("qk_rope")
+    x = rope.input("qk", (cfg.heads + cfg.kv_heads, cfg.head_dim), "bfloat16")
+    cs, sn = (rope.input(n, (1, cfg.head_dim), "bfloat16") for n in ("cos", "sin"))
+    rope.output(rope.rope(rope.mul(x, rope.max(x, dim=1, keepdim=True)), cs, sn))
+    reason = task_bodies(tg, layer_programs(cfg) | {"qk_rope": rope})["attn"]
+    assert isinstance(reason, str) and "op 'max' has no rule on an attention task's head rows" in reason
+
+
+def test_a_fused_qk_rope_winner_lowers_with_its_inner_tiles_in_float32() -> None:
+    """Qwen3's q/k norm as the search finds it (one loop-free block over whole head rows: rms_norm, the weight,
+    its output rounded), then RoPE: verified equal to the program, lowered to the same ops, the norm's result
+    unrounded, and its head steps within bf16 of the program's."""
+    cfg = load_spec(MODELS / "tiny-qwen3.yaml").config
+    program = layer_programs(cfg)["qk_rope"]
+    rows, d = cfg.heads + cfg.kv_heads, cfg.head_dim
+    g = superopt.Graph("qk_rope")
+    x, w = g.input("qk", (rows, d), "bfloat16"), g.input("gamma", (rows, d), "bfloat16")
+    cs, sn = g.input("cos", (1, d), "bfloat16"), g.input("sin", (1, d), "bfloat16")
+    b = g.block_graph(grid=(rows,), forloop_range=1)
+    xt, wt = b.input(x, imap=(0,)), b.input(w, imap=(0,))
+    b.output(b.accum_sum(b.mul(wt, b.rms_norm(xt, eps=cfg.eps))), omap=(0,))
+    (normed,) = g.graph_def(b)
+    g.output(g.rope(normed, cs, sn))
+    assert superopt.verify(program, g).equivalent
+    tg = taskgraph.build(cfg, 8, 2)
+    body = task_bodies(tg, layer_programs(cfg) | {"qk_rope": g})["attn"]
+    assert isinstance(body, AttentionBody)
+    assert [(s.op.op, s.dtype) for s in body.head] == [("rms_norm", "float32"), ("mul", "bfloat16"),
+                                                        ("rope", "bfloat16")]  # fmt: skip
+    gen = torch.Generator().manual_seed(4)
+    heads, gamma = (torch.randn(rows, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    cos, sin = (torch.cat([t[3], t[3]])[None] for t in rope_table(cfg, 8))
+    (expected,) = run(program, {"qk": heads, "gamma": gamma, "cos": cos, "sin": sin}, "float64")
+    got = run_head(body, heads.float(), gamma.float(), cos.float(), sin.float())
+    assert (got - expected).abs().max() <= 2**-6 * expected.abs().max()
 
 
 def test_replay_detects_a_missing_wait(llama: Model) -> None:

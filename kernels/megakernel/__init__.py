@@ -20,14 +20,15 @@ the argmax task writes the greedy token, so N steps need no host round trip.
 
 Task bodies: the GEMV tiles (QKV, O projection, gate/up, down, LM head) are lowered from the plan's verified
 winners for their layer programs (lowering.py: each a stage of its program, prologue over the whole vector, the
-GEMV over the ring, epilogue over the task's rows); attention (with the rotary embedding and the KV append), the
-split-KV combine and the argmax are hand-written (templates.cuh beside this file), and so are the GEMV bodies
-that `templates=True` builds, the baseline the generated ones are timed against. `build_report` says which, per
+GEMV over the ring, epilogue over the task's rows); attention's head steps (q/k norm, the rotary embedding) and
+score steps from qk_rope and the attention program (attention.py), around the split-KV softmax of attention.cuh
+(the rule of softmax attention; the O projection's prologue combines the splits); the argmax is hand-written, and
+so are the bodies that `templates=True` builds (templates.cuh), the baseline the generated ones are timed against. `build_report` says which, per
 task kind, with each program's winner and verification.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body with the kernel's rounding (the
-generated ones by the reference interpreter's rules, lowering.run_stage), and every read checked against the
+generated ones by the reference interpreter's rules, lowering.run_steps), and every read checked against the
 step that wrote its elements, so a missing wait shows up as a stale read.
 
 On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with

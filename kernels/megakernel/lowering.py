@@ -38,7 +38,7 @@ from superopt.interpret import TorchEval
 from superopt.ir import KernelGraph, Op
 from superopt.kernels.cuda_codegen import CUDA_EXPR
 from superopt.kernels.megakernel.layout import NCONSUMERS
-from superopt.kernels.taskgraph import MAX_TILE_ROWS, Gemv, TaskGraph
+from superopt.kernels.taskgraph import MAX_TILE_ROWS, Gemv
 from superopt.ops import ACCUMULATORS, DTYPES, OPS, TensorType
 
 STATS = ("accum_rms_last", "accum_mean_last", "accum_sum_last")  # whole-vector statistics: a scalar each
@@ -338,14 +338,6 @@ def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
     return stage
 
 
-def task_bodies(tg: TaskGraph, progs: dict[str, KernelGraph], templates: bool = False) -> dict[str, Stage | str]:
-    """Each GEMV task kind's body: the stage lowered from its program in `progs`, or why it is a template
-    (`templates`: all of them, the baseline the generated bodies are timed against)."""
-    if templates:
-        return {k.name: "--templates: the hand-written body" for k in KINDS}
-    return lower_kinds(progs, tg.gemv)
-
-
 # --- the replay's interpretation: the reference interpreter's rules ---------------------------------------------
 
 
@@ -355,25 +347,24 @@ def run_stage(
     """One task of the stage: `vectors` [1, k] and `rows` [1, task rows] by name, `weights` [task rows, k] a
     unit; each step by the reference interpreter's rule for its op, rounded to its dtype. The written value,
     [1, task rows], in float32."""
-    ev = TorchEval("native")
     env = dict(vectors) | dict(rows)
-
-    def ty(dtype: str) -> TensorType:
-        return TensorType((), dtype)
-
-    def run(steps: list[Step]) -> None:
-        for s in steps:
-            args = [env[i] for i in s.op.inputs]
-            env[s.op.outputs[0]] = (
-                ev.accumulate(s.op, [args], ty(s.dtype)) if s.op.op in ACCUMULATORS else ev.op(s.op, args, ty(s.dtype))
-            )
-
-    run(stage.prologue)
+    run_steps(stage.prologue, env)
     x = env[stage.x]
     for name, w, dtype in zip(stage.results, weights, stage.result_dtypes):
-        env[name] = ev.cast(x.float() @ w.float().T, ty(dtype))
-    run(stage.epilogue)
+        env[name] = NATIVE.cast(x.float() @ w.float().T, TensorType((), dtype))
+    run_steps(stage.epilogue, env)
     return env[stage.output].float()
+
+
+NATIVE = TorchEval("native")
+
+
+def run_steps(steps: list[Step], env: dict[str, torch.Tensor]) -> None:
+    """Each step on the values in `env` by the reference interpreter's rule for its op, rounded to its dtype."""
+    for s in steps:
+        args, ty = [env[i] for i in s.op.inputs], TensorType((), s.dtype)
+        accumulates = s.op.op in ACCUMULATORS
+        env[s.op.outputs[0]] = NATIVE.accumulate(s.op, [args], ty) if accumulates else NATIVE.op(s.op, args, ty)
 
 
 # --- the GPU's interpretation: CUDA ---------------------------------------------------------------------------

@@ -16,8 +16,10 @@ from superopt.errors import SuperoptError
 from superopt.interpret import TorchEval, evaluate
 from superopt.ir import KernelGraph
 from superopt.kernels import taskgraph
+from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
+from superopt.kernels.megakernel.bodies import task_bodies
 from superopt.kernels.megakernel.layout import packed_weights, small_params
-from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage, task_bodies
+from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Model, layer_programs
 
@@ -153,15 +155,22 @@ def replay(
             q = qkv[kv * grp * d : (kv + 1) * grp * d].view(grp, d)
             k = qkv[(c.heads + kv) * d : (c.heads + kv + 1) * d]
             v = qkv[(c.heads + c.kv_heads + kv) * d : (c.heads + c.kv_heads + kv + 1) * d]
-            if c.qk_norm:
-                q, k = norm(q, small["gq"][i]), norm(k, small["gk"][i])
             cs, sn = small["cos"][pos], small["sin"][pos]
+            body = bodies["attn"]
+            if isinstance(body, AttentionBody):  # qk_rope's steps on the q heads and k, the rows of the program
+                gamma = torch.stack([*[small["gq"][i]] * grp, small["gk"][i]]) if c.qk_norm else None
+                full = torch.cat([cs, cs])[None], torch.cat([sn, sn])[None]  # the halves of a RoPE row repeat
+                heads = run_head(body, torch.cat([q, k[None]]), gamma, *full)
+                q, k = heads[:grp], heads[grp]
+            else:
+                if c.qk_norm:
+                    q, k = norm(q, small["gq"][i]), norm(k, small["gk"][i])
 
-            def rope(x: torch.Tensor) -> torch.Tensor:
-                x1, x2 = x[..., :hd], x[..., hd:]
-                return torch.cat([rbf(rbf(x1 * cs) - rbf(x2 * sn)), rbf(rbf(x2 * cs) + rbf(x1 * sn))], -1)
+                def rope(x: torch.Tensor) -> torch.Tensor:
+                    x1, x2 = x[..., :hd], x[..., hd:]
+                    return torch.cat([rbf(rbf(x1 * cs) - rbf(x2 * sn)), rbf(rbf(x2 * cs) + rbf(x1 * sn))], -1)
 
-            q, k = rope(q), rope(k)
+                q, k = rope(q), rope(k)
             if t.split == 0:
                 kcache[i, kv, pos], vcache[i, kv, pos], kv_step[i, kv, pos] = k, v, g
             first = max(0, pos + 1 - c.sliding_window) if c.sliding_window else 0
@@ -174,7 +183,8 @@ def replay(
             out = torch.zeros(grp, taskgraph.PART_HEAD + d)  # max, sum, pad, outputs
             out[:, 0] = -1e30
             if p1 > p0:
-                s = (q @ keys.T) * (1 / math.sqrt(d))
+                s = q @ keys.T
+                s = run_score(body, s) if isinstance(body, AttentionBody) else s * (1 / math.sqrt(d))
                 out[:, 0] = s.amax(-1)
                 e = torch.exp(s - out[:, :1])
                 out[:, 1], out[:, taskgraph.PART_HEAD :] = e.sum(-1), e @ vals

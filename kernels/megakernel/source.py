@@ -1,8 +1,9 @@
 """The megakernel's CUDA C++ source: the constants of a model and task graph, the workspace accessors, the device
 prelude, the elementwise device functions generated from the layer programs (kernels/cuda_codegen.py), the
-hand-written templates, the GEMV task bodies lowered from the plan's winners (lowering.py) and the persistent
-kernel (the .cuh files beside this module); and the build report, which says per task kind which layer programs it
-computes and whether its body is generated or a template, and why."""
+hand-written templates, the task bodies lowered from the plan's winners (lowering.py: the GEMVs; attention.py:
+attention's steps), the attention skeleton and the persistent kernel (the .cuh files beside this module); and
+the build report, which says per task kind which layer programs it computes and whether its body is generated or
+a template, and why."""
 
 from __future__ import annotations
 
@@ -14,8 +15,10 @@ from typing import Any
 from superopt.ir import KernelGraph, identifier
 from superopt.kernels import taskgraph
 from superopt.kernels.cuda_codegen import emit_elementwise
+from superopt.kernels.megakernel.attention import AttentionBody, emit_attention
+from superopt.kernels.megakernel.bodies import task_bodies
 from superopt.kernels.megakernel.layout import NCONSUMERS, STAMP_NAMES, WORKSPACE, smem_plan, workspace_layout
-from superopt.kernels.megakernel.lowering import KIND, Stage, emit_stage, task_bodies
+from superopt.kernels.megakernel.lowering import KIND, Stage, emit_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import layer_programs
 from superopt.result import Result
@@ -25,7 +28,8 @@ from superopt.serialize import graph_hash
 @cache
 def cuda(name: str) -> str:
     """The CUDA source file `name`.cuh of this package: prelude (types, bf16, memory ordering, counters),
-    templates (the hand-written task bodies) or kernel (the persistent kernel and its loader)."""
+    templates (the hand-written task bodies), attention (the split-KV attention skeleton) or kernel (the persistent
+    kernel and its loader)."""
     return resources.files(__package__).joinpath(f"{name}.cuh").read_text()
 
 
@@ -100,17 +104,27 @@ def source(
     else:
         lines.append("__device__ __forceinline__ float embed_scale(float x) { return x; }  // (no embed_scale)")
     lines.append(cuda("templates"))
+    bodies = task_bodies(tg, progs, templates)
+    why = "--templates" if templates else "not lowered"
+    attn = bodies["attn"]
+    lines.append(emit_attention(attn) if isinstance(attn, AttentionBody) else "\n".join((
+        f"__device__ __forceinline__ void attn_head(float (&r)[HD / 32], const u16* g, const u16* cst, float* row) "
+        f"{{ template_attn_head(r, g, cst, row); }}  // {why}",
+        f"__device__ __forceinline__ float attn_score(float s) {{ return template_attn_score(s); }}  // {why}",
+    )))  # fmt: skip
+    lines.append(cuda("attention"))
     lines.append("// The GEMV task bodies:")
-    for kind, stage in task_bodies(tg, progs, templates).items():
-        body = f"{{ template_{kind}(t, chunk); }}  // {'--templates' if templates else 'not lowered'}"
+    for kind in KIND:
+        stage = bodies[kind]
+        body = f"{{ template_{kind}(t, chunk); }}  // {why}"
         lines.append(emit_stage(KIND[kind], stage) if isinstance(stage, Stage) else
                      f"__device__ __forceinline__ void task_{kind}(const GemvTask& t, u32& chunk) {body}")  # fmt: skip
     lines.append(cuda("kernel"))
     return "\n".join(lines)
 
 
-# The layer programs each task kind computes (superopt.model.layer_programs). The GEMV kinds' bodies are lowered
-# from theirs (lowering.KINDS); attention's and the argmax's are templates.
+# The layer programs each task kind computes (superopt.model.layer_programs), from which their bodies are lowered
+# (bodies.task_bodies); the argmax's is a template.
 TASK_PROGRAMS = {
     "qkv": ("embed_scale", "attn_in"),
     "attn": ("qk_rope", "kv_append", "attention"),
@@ -160,13 +174,15 @@ def build_report(
                 }
             computes.append(entry)
         row["computes"] = computes
-        body = bodies.get(op, "attention and the argmax are hand-written")
-        row["body"] = "generated" if isinstance(body, Stage) else "template"
+        body = bodies[op]
+        row["body"] = "template" if isinstance(body, str) else "generated"
         if isinstance(body, Stage):
             kind = KIND[op]
             row["generated_from"] = f"{kind.program} (stage {kind.stage})"
             if op == "qkv" and "embed_scale" in progs:
                 row["generated_from"] += ", embed_scale"
+        elif isinstance(body, AttentionBody):
+            row["generated_from"] = "qk_rope (head steps), kv_append, attention (score steps; split-KV softmax)"
         else:
             row["template_reason"] = body
         rows.append(row)
