@@ -23,8 +23,8 @@ winners for their layer programs (lowering.py: each a stage of its program, prol
 GEMV over the ring, epilogue over the task's rows); attention's head steps (q/k norm, the rotary embedding) and
 score steps from qk_rope and the attention program (attention.py), around the split-KV softmax of attention.cuh
 (the rule of softmax attention; the O projection's prologue combines the splits); the argmax is hand-written, and
-so are the bodies that `templates=True` builds (templates.cuh), the baseline the generated ones are timed against. `build_report` says which, per
-task kind, with each program's winner and verification.
+so are the bodies that `templates=True` builds (templates.cuh), the baseline the generated ones are timed
+against. `build_report` says which, per task kind, with each program's winner and verification.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body with the kernel's rounding (the
