@@ -73,6 +73,7 @@ OP_INSTRUCTIONS: dict[str, float] = {
     "add_scalar": 1,
     "sum": 1,
     "max": 1,
+    "argmax": 2,  # the max, and a select carrying its index
     "mean": 1,
     "rms_norm": 3,
     "layer_norm": 5,

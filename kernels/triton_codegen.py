@@ -280,6 +280,43 @@ def _reduce_value(em: Emitter, kind: str, x: Value, dim: int, keepdim: bool) -> 
     return Tile(expr, parts[0].shape, all(p.zero_pads for p in parts))
 
 
+def _argmax_value(em: Emitter, x: Value, dim: int, keepdim: bool) -> Value:
+    """The first index of the maximum over `dim`, as float32 (tl.argmax's tie_break_left: the lowest index among
+    equal maxima, as torch.argmax); padding is -inf, so a real lane wins any tie with it. Over a concatenated
+    dim, a later part's maximum replaces the running one only where it is greater, its index offset by the
+    parts before it."""
+    shape = list(x.shape)
+    shape[dim : dim + 1] = [1] if keepdim else []
+    if isinstance(x, Tile):
+        expr = em.masked(x, dim, "float('-inf')")
+        index = f"tl.argmax({expr}, axis={dim}, tie_break_left=True, keep_dims={keepdim})"
+        return Tile(f"{index}.to(tl.float32)", tuple(shape), x.zero_pads)
+    if x.dim != dim:
+        return Pieces(x.dim - (not keepdim and dim < x.dim), [_argmax_value(em, p, dim, keepdim) for p in x.parts])
+    best = where = ""
+    offset = 0
+    for part in x.parts:
+        if isinstance(part, Pieces):
+            raise CodegenError("argmax: a concatenation nested in the concatenated dim is not supported")
+        expr = em.masked(part, dim, "float('-inf')")
+        value, index = em.fresh("part_max"), em.fresh("part_arg")
+        em.emit(
+            f"{value}, {index} = tl.max({expr}, axis={dim}, return_indices=True, return_indices_tie_break_left=True, "
+            f"keep_dims={keepdim})"
+        )
+        if best:
+            em.emit(f"{where} = tl.where({value} > {best}, {index} + {offset}, {where})")
+            em.emit(f"{best} = tl.maximum({best}, {value})")
+        else:
+            best, where = value, index
+        offset += part.shape[dim]
+    return Tile(f"{where}.to(tl.float32)", tuple(shape), all(p.zero_pads for p in x.parts))
+
+
+def _argmax(em: Emitter, op: Op, args: list[Value]) -> Value:
+    return _argmax_value(em, args[0], op.attrs["dim"], op.attrs["keepdim"])
+
+
 def _divide(x: Value, by: str) -> Value:
     if isinstance(x, Pieces):
         return Pieces(x.dim, [_divide(p, by) for p in x.parts])
@@ -435,6 +472,7 @@ EMIT: dict[str, Callable[[Emitter, Op, list[Value]], Value]] = {
     **{name: _binary for name in BINARY},
     "sum": _reduce,
     "max": _reduce,
+    "argmax": _argmax,
     "mean": _reduce,
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,

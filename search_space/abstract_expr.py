@@ -1,7 +1,10 @@
 """Abstract expressions: what a tensor computes, up to the axioms the search prunes with.
 
 An abstract expression forgets indices, constants and signs: matmul(a, b) is sum_k(a * b), an accumulator is a
-sum over the loop's iterations, rms_norm(x) is x / sqrt(sum_n(x * x)), mul_scalar and neg are the identity.
+sum over the loop's iterations, neg is the identity. Constants are kept without their values, else a candidate
+that drops one would pass for the program (and a scaled tile would be the same tile as the unscaled one): x * c
+is x * #c, one symbol for every factor, and x + c is x + 1; so rms_norm(x), whose mean square has eps added, is
+x / sqrt(sum_n(x * x) + 1), as a hand-written x * rsqrt(mean(x * x) + eps) is.
 Mirage (OSDI'25, §4) prunes a µGraph prefix unless its abstract expression can be a subexpression of one
 equivalent to the program's, deciding that with an SMT solver over axioms: commutativity and associativity of
 + and *, distributivity of * over +, sum over + (sum_i(a + b) = sum_i a + sum_i b), sum over * and /
@@ -37,7 +40,7 @@ import z3
 
 from superopt.search_space.dims import UNIT, Dim, Monomial, ddiv, divides, dmul, is_cat
 
-Atom = tuple  # ("in", name) | (fn, Poly) | ("max", size, Poly) | ("poly", Poly): a sum in a denominator
+Atom = tuple  # ("in", name) | (fn, Poly) | ("max" | "argmax", size, Poly) | ("poly", Poly): a sum in a denominator
 Term = tuple  # (numerator size, denominator size, numerator atoms, denominator atoms); atoms sorted by `key`
 Poly = frozenset  # of Term
 
@@ -54,6 +57,9 @@ class Cat:
 
 Value = Poly | Cat
 ONE: Term = (UNIT, UNIT, (), ())
+CONSTANT: Poly = frozenset({ONE})  # an added constant, its value forgotten
+SCALE_NAME = "#c"  # no input's name: not an identifier
+SCALE: Poly = frozenset({(UNIT, UNIT, (("in", SCALE_NAME),), ())})  # a constant factor, its value forgotten
 
 
 @functools.lru_cache(maxsize=1 << 16)
@@ -64,7 +70,7 @@ def key(x: Atom | Poly | Term) -> str:
         return "{" + ",".join(sorted(key(t) for t in x)) + "}"
     if x and x[0] == "in":
         return x[1]
-    if x and isinstance(x[0], str):  # an atom: (fn, Poly), ("max", size, Poly), ("poly", Poly)
+    if x and isinstance(x[0], str):  # an atom: (fn, Poly), ("max" | "argmax", size, Poly), ("poly", Poly)
         return f"{x[0]}{x[1] if len(x) == 3 else ''}({key(x[-1])})"
     return f"{x[0]}/{x[1]}*" + "*".join(map(key, x[2])) + "/" + "/".join(map(key, x[3]))
 
@@ -113,7 +119,7 @@ def sqrt(a: Poly) -> Poly:
 
 
 def rms(size: Monomial, a: Poly) -> Poly:
-    return sqrt(sum_(size, mul(a, a)))
+    return sqrt(add(sum_(size, mul(a, a)), CONSTANT))  # eps added to the mean square
 
 
 # --- rules per op ---------------------------------------------------------------------------------------------
@@ -262,11 +268,12 @@ RULES: dict[str, Callable[[Ctx, tuple[Value, ...]], Value | None]] = {
     "rsqrt": _elementwise(lambda x: div(frozenset({ONE}), sqrt(x))),
     "square": _elementwise(lambda x: mul(x, x)),
     "neg": _same,
-    "mul_scalar": _same,
-    "add_scalar": _same,
+    "mul_scalar": _elementwise(lambda x: mul(x, SCALE)),
+    "add_scalar": _elementwise(lambda x: add(x, CONSTANT)),
     "sum": lambda ctx, args: _reduce_dim(ctx, args[0], sum_),
     "mean": lambda ctx, args: _reduce_dim(ctx, args[0], sum_),
     "max": lambda ctx, args: _reduce_dim(ctx, args[0], lambda n, x: atom(("max", n, x))),
+    "argmax": lambda ctx, args: _reduce_dim(ctx, args[0], lambda n, x: atom(("argmax", n, x))),
     "rms_norm": _per_row(lambda n, x: div(x, rms(n, x))),
     "layer_norm": _per_row(_layer_norm),
     "rope": _rope,
@@ -302,6 +309,24 @@ def _tquot(b: Term, a: Term) -> Term:
         return _sorted(list((Counter(x) - Counter(y)).elements()))
 
     return (ddiv(b[0], a[0]), ddiv(b[1], a[1]), minus(b[2], a[2]), minus(b[3], a[3]))
+
+
+def leaves(v: Value) -> frozenset[str]:
+    """The inputs `v` reads (not the symbol of constant factors). A walk with its own stack, as `_polys`."""
+    out: set[str] = set()
+    stack = [v]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, Cat):
+            stack += [v.left, v.right]
+            continue
+        for t in v:
+            for a in (*t[2], *t[3]):
+                if a[0] == "in":
+                    out.add(a[1])
+                else:
+                    stack.append(a[-1])
+    return frozenset(out - {SCALE_NAME})
 
 
 def _polys(v: Value, out: list[Poly]) -> None:
@@ -383,7 +408,7 @@ class _Z3Model:
             return self._var(f"in_{a[1]}")
         if a[0] == "poly":
             return self.value(a[1])
-        name = a[0] if a[0] != "max" else f"max_{repr(a[1])}"
+        name = a[0] if len(a) == 2 else f"{a[0]}_{repr(a[1])}"  # a reduction's function depends on its size
         if name not in self.funcs:
             self.funcs[name] = z3.Function(f"fn_{len(self.funcs)}", z3.RealSort(), z3.RealSort())
         return self.funcs[name](self.value(a[-1]))

@@ -31,10 +31,11 @@ from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.cost import predict
 from superopt.kernels.device import DeviceSpec, get_device
+from superopt.ops import OPS
 from superopt.result import IDENTITY, Candidate, Verification
 from superopt.search_space.enumerator import Choice, Counts, Found, Plan, Problem, Searcher, make_problem
 from superopt.search_space.instantiate import Sizer, concrete, resize, small_env
-from superopt.search_space.presets import Preset, get_preset
+from superopt.search_space.presets import Preset, for_program, get_preset, usable
 from superopt.serialize import graph_hash
 from superopt.verification import verify
 
@@ -62,6 +63,7 @@ class SearchStats:
     seconds: float = 0.0
     seconds_enumerate: float = 0.0
     seconds_size: float = 0.0
+    unfused: str = ""  # why no candidate has fewer kernels than the program ("" where one has)
 
     @property
     def pruned(self) -> int:
@@ -140,7 +142,8 @@ def _worker_run(job: tuple[int, Choice]) -> Found:
 def _enumerate(
     problem: Problem, preset: Preset, prune: bool, deadline: float, workers: int, stats: SearchStats, bar: Progress
 ) -> list[Plan]:
-    """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the budget."""
+    """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the budget, or past the first
+    depth with plans where the preset does not deepen."""
     plans: dict[tuple, Plan] = {}
     total = Counts()
     depth = 1
@@ -165,7 +168,7 @@ def _enumerate(
         pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline, preset.max_states))
     try:
         for depth in range(1, preset.kernel_ops + 1):
-            roots = searcher.roots()
+            roots = searcher.roots(depth)
             if pool is None:
                 for root in roots:
                     collect(searcher.run(depth, root))
@@ -177,6 +180,8 @@ def _enumerate(
             if stats.exhausted:
                 break
             stats.depth = depth
+            if plans and not preset.deepen:
+                break
     finally:
         if pool is not None:
             pool.terminate()
@@ -217,6 +222,44 @@ def _verify(problem: Problem, plan: Plan, seed: int) -> Verification | None:
     return Verification(result.method, result.tests, result.bound, result.seed, checked)
 
 
+def why_unfused(problem: Problem, preset: Preset, stats: SearchStats, plans: int, sized: int, rejected: int) -> str:
+    """One line on why no candidate has fewer kernels than the program, given how many such plans the
+    enumeration found, how many fit the device and how many failed verification: the first of a one-op
+    program, verification, device limits, the budget, an op the preset's block graphs lack, the preset's block
+    size."""
+    graph = problem.graph
+    n = len(graph.ops)
+    if n == 1:
+        return "the program is one kernel: nothing to fuse"
+    if rejected:
+        return (
+            f"all {rejected} fused plans tried failed verification (their abstract expressions match the "
+            "program's, their values do not)"
+        )
+    if sized:
+        return f"none of the {sized} fused plans that fit the device was verified within the budget"
+    if plans:
+        return f"none of the {plans} fused plans fits the device ({stats.device}: grid, threads, shared memory)"
+    if stats.exhausted:
+        return (
+            f"the budget ended the enumeration at {stats.depth + 1} kernels after {stats.states} states, before "
+            "any fused plan"
+        )
+    ops = tuple(dict.fromkeys(op.op for op in graph.ops))
+    block_ops = usable(preset.block_op_names, problem.target.functions, set(ops))
+    for op in ops:
+        if "block" not in OPS[op].levels:
+            return f"op '{op}' has no block-graph form"
+        if op not in block_ops:
+            return f"op '{op}' is not among the block ops of preset '{preset.name}' ({', '.join(block_ops)})"
+    if n > preset.block_ops:
+        return (
+            f"the program's {n} ops exceed the {preset.block_ops} ops per block graph of preset '{preset.name}', "
+            f"and no split into up to {preset.kernel_ops} kernels computes it"
+        )
+    return f"no µGraph of preset '{preset.name}' ({preset.description}) computes the program"
+
+
 def program_candidate(graph: KernelGraph, device: DeviceSpec) -> Candidate:
     """The input program itself as a candidate: verified by identity, ranked by the cost model like the rest."""
     return Candidate.of(graph, predict(graph, device).us, IDENTITY, "program")
@@ -234,12 +277,14 @@ def search(
     on_candidate: Callable[[Candidate], None] | None = None,
 ) -> SearchResult:
     """Verified µGraphs computing `graph`, ranked by predicted time on `device`, best first (see module doc).
-    `preset` defaults to the spec's `search: {preset}`, else "default"; `workers` to the CPU count; `prune=False`
-    turns off abstract-expression pruning (for tests: the space grows fast). `on_candidate` sees each candidate
-    as it is accepted."""
+    `preset` defaults to the spec's `search: {preset}`, else one made from the program's ops (for_program);
+    `workers` to the CPU count; `prune=False` turns off abstract-expression pruning (for tests: the space grows
+    fast). `on_candidate` sees each candidate as it is accepted. Where no candidate has fewer kernels than the
+    program, `stats.unfused` says why."""
     start = time.monotonic()
     spec = get_device(device)
-    chosen = get_preset(preset or graph.search_settings.get("preset"))
+    named = preset or graph.search_settings.get("preset")
+    chosen = get_preset(named) if named else for_program(graph)
     problem = make_problem(graph)
     stats = SearchStats(preset=chosen.name, device=spec.name, workers=max(1, workers or os.cpu_count() or 1))
     bar = Progress(progress, graph.name)
@@ -253,6 +298,7 @@ def search(
         candidates = [program_candidate(graph, spec)]
         accept(candidates[0])
         seen = {candidates[0].hash}
+        rejected_fused = 0
         for _, plan, env in sized:
             if len(candidates) > KEEP or (len(candidates) > 1 and time.monotonic() > start + budget_s):
                 break
@@ -264,6 +310,7 @@ def search(
             record = _verify(problem, plan, seed * 1_000_003 + int(h[:8], 16))
             if record is None:
                 stats.rejected += 1
+                rejected_fused += len(plan.ops) < len(graph.ops)
                 continue
             candidates.append(Candidate(found, h, len(found.ops), predict(found, spec).us, record, "search"))
             accept(candidates[-1])
@@ -271,6 +318,10 @@ def search(
             bar.update("verify", stats)
         candidates.sort(key=lambda c: (c.predicted_us, c.kernels, c.hash))
         stats.candidates = len(candidates)
+        if all(c.kernels >= len(graph.ops) for c in candidates):
+            fused = sum(len(p.ops) < len(graph.ops) for p in plans)
+            fused_sized = sum(len(p.ops) < len(graph.ops) for _, p, _ in sized)
+            stats.unfused = why_unfused(problem, chosen, stats, fused, fused_sized, rejected_fused)
         stats.seconds = round(time.monotonic() - start, 3)
         bar.update("done", stats, force=True)
     finally:

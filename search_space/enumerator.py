@@ -40,7 +40,7 @@ COMMUTATIVE = {"add", "mul"}
 LOOP = "loop"  # the label of a tile dim split by the forloop
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Tile:
     """A tensor of the search: a kernel tensor, or a block tile (with labels and its side of the loop)."""
 
@@ -54,6 +54,14 @@ class Tile:
 
     def __hash__(self) -> int:
         return self._hash
+
+    def __eq__(self, other: object) -> bool:  # the hash first: most tiles compared (a block's, a cache's) differ
+        return self is other or (
+            isinstance(other, Tile)
+            and self._hash == other._hash
+            and (self.shape, self.value, self.labels, self.after)
+            == (other.shape, other.value, other.labels, other.after)
+        )
 
     def __reduce__(self) -> tuple:  # rehash where unpickled: string hashes differ between processes
         return (Tile, (self.shape, self.value, self.labels, self.after))
@@ -321,6 +329,7 @@ class Problem:
     sizes: dict[str, int]  # class symbol -> size
     eps: tuple[float, ...]  # eps values of the program's norms
     constants: tuple[float, ...]  # c values of its scalar ops
+    keepdims: tuple[bool, ...]  # keepdim values of its reductions: True, and False where one drops its dim
     kernel_ops: tuple[str, ...]  # predefined ops that may appear at kernel level
     kept: frozenset[str]  # classes of the outputs' dims
     reduced: frozenset[str]  # classes some op reduces (contracts, sums, normalizes over)
@@ -351,8 +360,11 @@ def make_problem(graph: KernelGraph) -> Problem:
         target=ae.Target([values[o] for o in graph.outputs]),
         target_shapes=tuple(shapes[o] for o in graph.outputs),
         sizes=sizes,
-        eps=tuple(dict.fromkeys(op.attrs["eps"] for op in graph.ops if "eps" in op.attrs)) or (1e-6,),
+        eps=tuple(dict.fromkeys(op.attrs["eps"] for op in graph.ops if "eps" in op.attrs))
+        or tuple(dict.fromkeys(op.attrs["c"] for op in graph.ops if op.op == "add_scalar" and op.attrs["c"] > 0))
+        or (1e-6,),  # a hand-written norm's eps is the constant it adds to the mean square
         constants=tuple(dict.fromkeys(op.attrs["c"] for op in graph.ops if "c" in op.attrs)),
+        keepdims=(True, False) if any(op.attrs.get("keepdim") is False for op in graph.ops) else (True,),
         kernel_ops=tuple(dict.fromkeys(op.op for op in graph.ops)),
         kept=frozenset(s for o in graph.outputs for d in shapes[o] for s, _ in d),
         reduced=frozenset(reduced),
@@ -405,6 +417,7 @@ class Searcher:
     _blocks_memo: dict = field(default_factory=dict)
     _results: dict = field(default_factory=dict)
     _attrs: dict = field(default_factory=dict)
+    _leaf_memo: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         functions, program_ops = self.problem.target.functions, set(self.problem.kernel_ops)
@@ -425,8 +438,9 @@ class Searcher:
 
     # -- kernel level --
 
-    def roots(self) -> list[Choice]:
-        """The first-level choices, the units a process pool shares out."""
+    def roots(self, depth: int) -> list[Choice]:
+        """The first-level choices of plans of `depth` kernels, the units a process pool shares out."""
+        self.depth = depth
         return list(self._kernel_choices(self.initial()))
 
     def run(self, depth: int, root: Choice) -> Found:
@@ -465,10 +479,13 @@ class Searcher:
 
     def _kernel_choices(self, state: KernelState) -> Iterator[Choice]:
         n = len(state.tensors)
+        reads = self._reads_enough(state)
         for op in self.kernel_op_names:
             d = OPS[op]
             for inputs in itertools.product(range(n), repeat=d.arity):
                 if d.arity == 2 and (inputs[0] == inputs[1] or (op in COMMUTATIVE and inputs[0] > inputs[1])):
+                    continue
+                if not reads(inputs):
                     continue
                 for attrs in self._attr_choices(op, len(state.tensors[inputs[0]].shape)):
                     if _rank(inputs, op, attrs) > state.last_rank:
@@ -480,8 +497,31 @@ class Searcher:
             for inputs in itertools.combinations(range(n), size):
                 if not dangling <= set(inputs) or _rank(inputs, "graph_def", ())[:3] < state.last_rank[:3]:
                     continue
+                if not reads(inputs):
+                    continue
                 for axes, loop in self._maps_choices(state, inputs):
                     yield BlockChoice(inputs, axes, loop)
+
+    def _reads_enough(self, state: KernelState) -> Callable[[tuple[int, ...]], bool]:
+        """Whether a kernel over the given tensors may be the state's next: the last kernel must read, through
+        them, every program input that an output the state lacks reads (else it cannot compute that output)."""
+        if len(state.ops) < self.depth - 1:
+            return lambda inputs: True
+        target = self.problem.target
+        needed = frozenset().union(
+            *(
+                self._leaves(v)
+                for v, shape in zip(target.outputs, self.problem.target_shapes)
+                if not any(t.value == v and t.shape == shape for t in state.tensors)
+            )
+        )
+        return lambda inputs: needed <= frozenset().union(*(self._leaves(state.tensors[i].value) for i in inputs))
+
+    def _leaves(self, value: ae.Value) -> frozenset[str]:
+        hit = self._leaf_memo.get(value)
+        if hit is None:
+            hit = self._leaf_memo[value] = ae.leaves(value)
+        return hit
 
     def _attr_choices(self, op: str, rank: int) -> list[tuple]:
         """The attributes tried for `op` on a first operand of rank `rank`."""
@@ -492,9 +532,10 @@ class Searcher:
 
     def _new_attr_choices(self, op: str, rank: int) -> list[tuple]:
         d = OPS[op]
-        if d.kind in ("reduce", "concat"):
-            keep = (("keepdim", True),) if d.kind == "reduce" else ()
-            return [(("dim", k),) + keep for k in range(rank)]
+        if d.kind == "concat":
+            return [(("dim", k),) for k in range(rank)]
+        if d.kind == "reduce":
+            return [(("dim", k), ("keepdim", keep)) for k in range(rank) for keep in self.problem.keepdims]
         if "eps" in dict(d.attrs):
             return [(("eps", e),) for e in self.problem.eps]
         if "c" in dict(d.attrs):

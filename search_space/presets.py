@@ -5,7 +5,8 @@ Like Mirage's search configurations, a preset restricts the space to what a fami
 block graph loops, whether a grid axis may split a reduced dim (partial results that a later kernel combines, as
 split-KV attention does), and the block ops tried. The wall-clock budget is search()'s `budget_s`. Function ops
 (exp, silu, sqrt, ...) are further kept only where the program computes that function, since no other tensor can
-be part of its abstract expression.
+be part of its abstract expression. A program whose spec names no preset gets one made from its own ops
+(`for_program`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from superopt.errors import SuperoptError
+from superopt.ir import KernelGraph
+from superopt.ops import OPS
 
 ELEMENTWISE = (
     *("add", "sub", "mul", "div", "exp", "silu", "gelu", "gelu_tanh", "relu", "sigmoid", "sqrt", "rsqrt"),
@@ -34,6 +37,7 @@ class Preset:
     block_op_names: tuple[str, ...]
     description: str
     max_states: int = 20_000_000  # states one process visits at most
+    deepen: bool = True  # enumerate plans of more kernels also where fewer compute the program
 
     @property
     def allow_no_loop(self) -> bool:
@@ -162,6 +166,42 @@ def get_preset(name: str | None) -> Preset:
     if preset is None:
         raise SuperoptError(f"unknown preset '{name}' (known: {', '.join(PRESETS)})")
     return preset
+
+
+# What a block graph may compute a program op as, besides the op itself: a row norm split over a loop (its rms
+# accumulated, the division after the loop), a hand-written norm (x * rsqrt(mean(x * x) + eps)) as the one op,
+# a matmul's partial products summed over the loop.
+ALSO_AS = {
+    "rms_norm": ("accum_rms_last", "div"),
+    "sqrt": ("rms_norm", "layer_norm"),
+    "rsqrt": ("rms_norm", "layer_norm"),
+    "matmul": ("accum_sum",),
+}
+MAX_BLOCK_OPS = 9  # as many as attention with a scale and a mask has; past this the block DFS takes minutes
+MAX_BLOCK_INPUTS = 4  # attention's q, k, v and mask; each more multiplies the kernel-level choices
+
+
+def for_program(graph: KernelGraph) -> Preset:
+    """The preset of a program that names none, from its ops: its own ops (and what ALSO_AS computes them as) in
+    block graphs as large as the program (up to MAX_BLOCK_OPS), over its inputs (up to MAX_BLOCK_INPUTS), a grid
+    axis per output dim (up to two); a loop only where a matmul contracts, since a row a reduction or norm reads
+    whole is a block's whole row; a second kernel only where one cannot compute the program."""
+    ops = tuple(dict.fromkeys(op.op for op in graph.ops))
+    names = tuple(dict.fromkeys(n for op in ops if "block" in OPS[op].levels for n in (op, *ALSO_AS.get(op, ()))))
+    return Preset(
+        name="program",
+        kernel_ops=2,
+        graph_defs=2,
+        block_ops=min(len(graph.ops), MAX_BLOCK_OPS),
+        block_inputs=min(len(graph.inputs), MAX_BLOCK_INPUTS),
+        block_outputs=len(graph.outputs),
+        grid_axes=min(2, max(len(graph.tensors[o].shape) for o in graph.outputs)),
+        loops="optional" if "matmul" in ops else "never",
+        split_reductions=False,
+        block_op_names=names,
+        description="the program's own ops: " + ", ".join(names),
+        deepen=False,
+    )
 
 
 # Ops tried only where the program has one of these: abstract expressions forget signs, so sub would repeat every

@@ -9,7 +9,8 @@ exported through ONNX or torch.export thus loads as the same program (same graph
 
 The IR has no constants: weights (ONNX initializers, a .pt2's parameters and lifted constants) become program
 inputs under their own names; scalars fold into mul_scalar and add_scalar. A linear layer's weight becomes an
-input holding its transpose (named `<weight>_t`; superopt.optimize passes `w.t()`), since the IR has no transpose.
+input holding its transpose (named `<weight>_t`; superopt.optimize passes `w.t()`), since the IR has no transpose;
+so does any input whose last two dims the program swaps (transpose, t, permute), as attention's k in q @ k.T.
 """
 
 from __future__ import annotations
@@ -90,9 +91,15 @@ class Builder:
         return next((n for n in reversed(self.nodes) if n.out == v.name), None)
 
     def transpose_of(self, v: Any) -> Val:
-        """An input holding the transpose of input `v` (a linear layer's weight)."""
+        """An input holding input `v` with its last two dims swapped (a linear layer's weight, k in q @ k.T);
+        one per input, however often the program transposes it."""
         if not isinstance(v, Val) or v.name not in self.inputs:
-            raise Unsupported("linear: its weight is computed in the program; the IR has no transpose")
+            raise Unsupported(
+                "a transpose of a computed tensor: the IR has no transpose op (an input is read transposed)"
+            )
+        for t, source in self.transposed.items():
+            if source == v.name:
+                return Val(t)
         shape, dtype = self.types[v.name].shape, self.types[v.name].dtype
         t = self.input(f"{v.name}_t", shape[:-2] + (shape[-1], shape[-2]), dtype)
         self.transposed[t.name] = v.name
@@ -251,6 +258,20 @@ def _gelu(b: Builder, x: Val, approximate: str = "none") -> Val:
     return b.add(ops[approximate], x)
 
 
+def _transpose(b: Builder, x: Val, d0: int, d1: int) -> Val:
+    rank = len(b.types[x.name].shape)
+    if sorted((d0 % rank, d1 % rank)) != [rank - 2, rank - 1]:
+        raise Unsupported(f"transpose of dims {d0} and {d1} of a rank-{rank} tensor (only the last two)")
+    return b.transpose_of(x)
+
+
+def _permute(b: Builder, x: Val, dims: Sequence[int]) -> Val:
+    rank = len(b.types[x.name].shape)
+    if [d % rank for d in dims] != [*range(rank - 2), rank - 1, rank - 2]:
+        raise Unsupported(f"permute{tuple(dims)} (only one that swaps the last two dims)")
+    return b.transpose_of(x)
+
+
 def _cat(b: Builder, tensors: Sequence[Val], dim: int = 0) -> Val:
     out = tensors[0]
     for t in tensors[1:]:
@@ -271,8 +292,13 @@ ATEN: dict[str, Callable[..., Val]] = {
     "aten.sum.dim_IntList": _reduce("sum"),
     "aten.mean.dim": _reduce("mean"),
     "aten.amax.default": _reduce("max"),
+    # aten.argmax is left to torch: its int64 indices would come back as the IR argmax's float32 values, which
+    # the torch code around a replaced part (indexing, embedding lookups) cannot take.
     "aten.pow.Tensor_Scalar": _pow,
     "aten.cat.default": _cat,
+    "aten.transpose.int": _transpose,
+    "aten.t.default": lambda b, x: _transpose(b, x, -2, -1),
+    "aten.permute.default": _permute,
     "aten.softmax.int": _softmax,
     "aten._softmax.default": _softmax,
     **{f"aten.{op}.default": lambda b, x, *rest, **kw: x for op in ("clone", "alias", "detach", "contiguous")},
@@ -433,7 +459,7 @@ ONNX: dict[str, Callable[[Builder, list[Any], dict[str, Any]], Val]] = {
     "Pow": lambda b, args, attrs: _pow(b, *args),
     "ReduceSum": _onnx_reduce("sum"),
     "ReduceMean": _onnx_reduce("mean"),
-    "ReduceMax": _onnx_reduce("max"),
+    "ReduceMax": _onnx_reduce("max"),  # ArgMax is not mapped: int64 indices, as aten.argmax's
     "Concat": lambda b, args, attrs: _cat(b, args, attrs["axis"]),
     "Softmax": lambda b, args, attrs: _softmax(b, args[0], attrs.get("axis", -1)),
     "Identity": lambda b, args, attrs: args[0],

@@ -55,6 +55,7 @@ REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "add_scalar": lambda x, c: x + c,
     "sum": lambda x, dim, keepdim: x.sum(dim, keepdim=keepdim),
     "max": lambda x, dim, keepdim: x.amax(dim, keepdim=keepdim),
+    "argmax": lambda x, dim, keepdim: x.argmax(dim, keepdim=keepdim).to(x.dtype),  # the IR has float dtypes only
     "mean": lambda x, dim, keepdim: x.mean(dim, keepdim=keepdim),
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,

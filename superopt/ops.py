@@ -66,6 +66,7 @@ class OpDef:
     attrs: tuple[tuple[str, Any], ...] = ()  # (name, default or REQUIRED), in positional order
     levels: frozenset[str] = frozenset({"kernel", "block"})
     doc: str = ""
+    dtype: str | None = None  # the result's dtype where the op fixes it (argmax's indices); None: the operands'
 
     @property
     def elementwise(self) -> bool:
@@ -145,7 +146,7 @@ def _infer_reduce(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
         shape[dim] = 1
     else:
         del shape[dim]
-    return TensorType(tuple(shape), ins[0].dtype)
+    return TensorType(tuple(shape), op.dtype or ins[0].dtype)
 
 
 def _infer_matmul(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
@@ -236,6 +237,17 @@ OPS: dict[str, OpDef] = _table(
     OpDef("add_scalar", 1, "scalar", (("c", REQUIRED),), doc="x + c"),
     OpDef("sum", 1, "reduce", _DIM, doc="sum over dim"),
     OpDef("max", 1, "reduce", _DIM, doc="max over dim (values only)"),
+    OpDef(
+        "argmax",
+        1,
+        "reduce",
+        _DIM,
+        doc="torch.argmax over dim: the index of the first of equal maxima, as a float32 value whatever the "
+        "operand's dtype (the IR's dtypes are floats; float32 holds every index below 2^24 exactly); the shape is "
+        "max's. Inside a block graph it indexes the tile. With a NaN along dim the index is backend-defined (the "
+        "reference takes the first NaN, as torch does), as max's value is",
+        dtype="float32",
+    ),
     OpDef("mean", 1, "reduce", _DIM, doc="mean over dim"),
     OpDef("rms_norm", 1, "norm", (("eps", 1e-6),), doc="x / sqrt(mean(x^2, -1) + eps), no weight"),
     OpDef(

@@ -107,6 +107,23 @@ def _online_softmax() -> tuple[superopt.KernelGraph, superopt.KernelGraph]:
 EQUIVALENT["online softmax (accum_max, accum_rescaled_sum)"] = _online_softmax()
 
 
+def _fused_argmax() -> tuple[superopt.KernelGraph, superopt.KernelGraph]:
+    """argmax(x @ w) against one kernel whose epilogue takes the argmax of each row's whole tile (greedy decoding's
+    LM head): the loop runs over K, the grid over rows."""
+    spec = graph("spec", ROWS, lambda g, x, w: g.argmax(g.matmul(x, w), 1, keepdim=True))
+    g = superopt.Graph("fused")
+    x, w = (g.input(n, s, F32) for n, s in ROWS.items())
+    b = g.block_graph(grid=(3,), forloop_range=2)
+    logits = b.accum_sum(b.matmul(b.input(x, imap=(0,), fmap=1), b.input(w, imap=(None,), fmap=0)))
+    b.output(b.argmax(logits, 1, keepdim=True), omap=(0,))
+    (o,) = g.graph_def(b)
+    g.output(o)
+    return spec, g
+
+
+EQUIVALENT["argmax of a matmul, in the matmul's epilogue"] = _fused_argmax()
+
+
 DIFFERENT = {
     "matmul operands reassociated wrongly": (
         graph("l", {"a": (3, 3), "b": (3, 3)}, lambda g, a, b: g.matmul(a, b)),
@@ -141,6 +158,14 @@ DIFFERENT = {
     "rope is not x * cos + x * sin": (
         graph("l", VEC, lambda g, x, y, z: g.rope(x, y, z)),
         graph("r", VEC, lambda g, x, y, z: g.add(g.mul(x, y), g.mul(x, z))),
+    ),
+    "argmax of the values reversed": (
+        graph("l", {"a": (3, 1), "b": (3, 1)}, lambda g, a, b: g.argmax(g.concat(a, b, 1), 1)),
+        graph("r", {"a": (3, 1), "b": (3, 1)}, lambda g, a, b: g.argmax(g.concat(b, a, 1), 1)),
+    ),
+    "argmax is not max": (
+        graph("l", SOFTMAX, lambda g, s: g.argmax(s, 1, keepdim=True)),
+        graph("r", SOFTMAX, lambda g, s: g.max(s, 1, keepdim=True)),
     ),
     "gelu_tanh is not gelu": (
         graph("l", VEC, lambda g, x, y, z: g.gelu(x)),

@@ -135,6 +135,18 @@ def test_unsupported_ops_are_named(tmp_path):
         superopt.load(tmp_path / "missing.pt2")
 
 
+def test_argmax_is_left_to_torch(tmp_path):
+    """torch's argmax gives int64 indices and the IR's float32 values, which torch code indexing with them cannot
+    take: it is not mapped (superopt.optimize runs it in torch)."""
+
+    class Greedy(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.argmax(x, -1)
+
+    with pytest.raises(SpecError, match=r"g\.pt2: aten\.argmax\.default has no IR op"):
+        superopt.load(export_pt2(Greedy(), args((4, 8)), tmp_path / "g.pt2"))
+
+
 def test_onnx_without_the_package_says_how_to_install(tmp_path, monkeypatch, gated):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     with pytest.raises(SpecError, match=r"needs the onnx package: pip install 'superopt\[onnx\]'"):

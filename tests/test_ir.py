@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -171,6 +173,40 @@ def test_accumulators_against_hand_computed_values():
     }
     for k, v in expected.items():
         torch.testing.assert_close(got[k], torch.tensor(v, dtype=torch.float64), rtol=1e-12, atol=0)
+
+
+# Rows and columns with ties: [1, 3, 3, 2] -> 1, all equal -> 0, all -inf -> 0; column 1 ties 5 at rows 1 and 3.
+TIES = [[1.0, 3, 3, 2], [5, 5, 0, 5], [-math.inf] * 4, [-2, 5, 3, 7]]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("precision", ["native", "float64"])
+def test_argmax_is_the_first_maximum_as_float32(dtype, precision):
+    """Against hand-derived indices and torch.argmax in float64; float32 whatever the input's dtype, max's shape."""
+    g = superopt.Graph()
+    x = g.input("x", (4, 4), dtype)
+    per_row, per_column = g.argmax(x, dim=-1), g.argmax(x, 0, True)
+    g.output(per_row)
+    g.output(per_column)
+    assert (per_row.shape, per_row.dtype, per_column.shape, per_column.dtype) == ((4,), "float32", (1, 4), "float32")
+    assert g.ops[0].attrs == {"dim": 1, "keepdim": False}
+    ties = torch.tensor(TIES, dtype=torch.float64)
+    rows, columns = superopt.run(g, {"x": ties}, precision)
+    assert rows.dtype == (torch.float32 if precision == "native" else torch.float64)
+    assert rows.tolist() == [1, 0, 0, 3] and columns.tolist() == [[1, 1, 0, 3]]
+    assert torch.equal(rows.long(), torch.argmax(ties, -1)) and torch.equal(columns.long(), ties.argmax(0, True))
+
+
+def test_argmax_in_a_block_graph_indexes_the_tile():
+    """The grid splits the reduced dim in two tiles of 4 and the loop each tile in two chunks of 2: each block
+    finds the first maximum of its chunk, by its index within the chunk, and accum_sum adds the two chunks'."""
+    g = superopt.Graph()
+    x = g.input("x", (1, 8), "float32")
+    b = g.block_graph(grid=(2,), forloop_range=2)
+    b.output(b.accum_sum(b.argmax(b.input(x, imap=(1,), fmap=1), 1, keepdim=True)), omap=(1,))
+    g.output(g.graph_def(b)[0])
+    (got,) = superopt.run(g, {"x": torch.tensor([[1.0, 3, 2, 3, 6, 6, 7, 7]])}, "float64")
+    assert got.tolist() == [[1 + 1, 0 + 0]]  # chunks [1, 3] [2, 3] | [6, 6] [7, 7]: indices 1 1 | 0 0
 
 
 def test_native_precision_rounds_each_op_to_its_dtype():

@@ -6,6 +6,7 @@ Shapes are small (the interpreter runs each program in numpy) but odd where padd
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -155,6 +156,75 @@ def test_binary_op_broadcasting(op, shapes):
 @pytest.mark.parametrize("keepdim", [False, True])
 def test_reduce_op(op, dim, keepdim):
     assert_matches_reference(_one_op(op, [(3, 5, 20)], "float32", dim=dim, keepdim=keepdim), scale=1.0)
+
+
+def _ties() -> torch.Tensor:
+    """(3, 5, 20) bfloat16 small integers, with ties along every dim; set lines: [1, 3, 3, 2, -5, ...] (index 1
+    along dim 2), equal negative values along each dim (padding that held 0 would win), and -inf everywhere along
+    dim 2 (index 0)."""
+    x = torch.randint(-2, 3, (3, 5, 20), generator=torch.Generator().manual_seed(0)).double()
+    x[0, 0] = torch.tensor([1.0, 3, 3, 2] + [-5] * 16)
+    x[1, 2], x[2, :, 7], x[:, 4, 0] = -2, -2, -1
+    x[2, 3] = -math.inf
+    return x.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dim", [0, 1, 2])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_argmax_op_is_torchs_first_maximum(dim, keepdim):
+    """tl.argmax over ties and masked padding (extents 3, 5, 20 padded to 16, 16, 32) equals torch.argmax in
+    float64 exactly: float32 indices of a bfloat16 input."""
+    x = _ties()
+    (got,) = compile(_one_op("argmax", [(3, 5, 20)], "bfloat16", dim=dim, keepdim=keepdim))(x)
+    want = torch.argmax(x.double(), dim, keepdim)
+    assert got.dtype == torch.float32 and torch.equal(got, want.float())
+    if dim == 2:
+        assert got.reshape(3, 5)[0, 0] == 1 and got.reshape(3, 5)[2, 3] == 0
+
+
+def test_argmax_over_a_concatenated_dim():
+    """argmax over concat(x, y) kept as its parts: a later part's maximum wins only where it is greater (a tie
+    with an earlier part keeps the earlier index), its index offset by the first part's extent."""
+    g = superopt.Graph("cat_argmax")
+    x, y = g.input("x", (6, 20), "float32"), g.input("y", (6, 7), "float32")
+    b = g.block_graph(grid=(2,))
+    xt, yt = b.input(x, (0,)), b.input(y, (0,))
+    b.output(b.accum_sum(b.argmax(b.concat(xt, yt, dim=1), dim=1, keepdim=True)), omap=(0,))
+    b.output(b.accum_sum(b.argmax(b.concat(xt, b.neg(xt), dim=0), dim=0, keepdim=True)), omap=(0,))
+    for o in g.graph_def(b, inputs=[x, y]):
+        g.output(o)
+    gen = torch.Generator().manual_seed(1)
+    xs, ys = torch.randint(-3, 3, (6, 20), generator=gen).float(), torch.randint(-3, 3, (6, 7), generator=gen).float()
+    xs[0, 4], ys[0, 2] = 9, 9  # a tie across the parts: x's index
+    ys[1, 5] = 9  # y's alone: 20 + 5
+    xs[2], ys[2] = -math.inf, -math.inf
+    rows, columns = compile(g)(xs, ys)
+    assert rows[:3, 0].tolist() == [4, 25, 0]
+    assert torch.equal(rows, torch.cat([xs, ys], 1).double().argmax(1, keepdim=True).float())
+    halves = [torch.cat([h, -h]).double().argmax(0, keepdim=True) for h in xs.double().split(3)]
+    assert torch.equal(columns, torch.cat(halves).float())
+
+
+def test_argmax_kernels_compile_for_hopper(tmp_path):
+    """What the interpreter runs in numpy, Triton's compiler for sm_90 must take too: tl.argmax, and tl.max with
+    its indices over a concatenation's parts."""
+    code = (
+        "import superopt\n"
+        "from superopt.kernels import compile\n"
+        "g = superopt.Graph('am')\n"
+        "x, y = g.input('x', (6, 20), 'bfloat16'), g.input('y', (6, 7), 'bfloat16')\n"
+        "b = g.block_graph(grid=(2,))\n"
+        "cat = b.concat(b.input(x, (0,)), b.input(y, (0,)), dim=1)\n"
+        "b.output(b.accum_sum(b.argmax(cat, 1, keepdim=True)), omap=(0,))\n"
+        "g.output(g.graph_def(b, inputs=[x, y])[0])\n"
+        "g.output(g.argmax(x, 0))\n"
+        "for k in compile(g).kernels:\n"
+        "    print(k.code.name, '.entry' in k.compile_for(90).asm['ptx'])\n"
+    )
+    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}  # compiled for the GPU
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count(" True\n") == 2, proc.stdout
 
 
 @pytest.mark.parametrize("dim", [0, 1])

@@ -78,6 +78,23 @@ def test_every_op_has_a_flop_rule():
     assert missing_rules(FLOPS) == ["graph_def"]
 
 
+def test_argmax_writes_float32_indices_and_costs_a_select_more_than_max():
+    """Greedy decoding's argmax over bf16 logits (8, 32768): one block a row reads it once (2 bytes an element)
+    and writes a float32 index (4 bytes, where max writes 2); max and a select of the index per element (2
+    instructions, FMA-counted 2 FLOPs each), plus the identity accum_sum of lowering per output element."""
+    rows, vocab = 8, 32768
+    kernels = {}
+    for op in ("argmax", "max"):
+        g = superopt.Graph(op)
+        g.output(g.op(op, g.input("logits", (rows, vocab), "bfloat16"), dim=1))
+        (kernels[op],) = predict(g, H100).kernels
+    k = kernels["argmax"]
+    assert k.blocks == rows and k.dram_bytes == rows * vocab * 2 + rows * 4
+    assert kernels["max"].dram_bytes == rows * vocab * 2 + rows * 2
+    assert k.cuda_flops == 2 * 2 * rows * vocab + 2 * rows
+    assert kernels["max"].cuda_flops == 2 * rows * vocab + 2 * rows
+
+
 def _matmul(m: int, k: int, n: int) -> superopt.KernelGraph:
     g = superopt.Graph("mm")
     g.output(g.matmul(g.input("x", (m, k)), g.input("w", (k, n))))

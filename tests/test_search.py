@@ -72,7 +72,8 @@ def _graph(expr: str) -> superopt.KernelGraph:
 def _real(graph: superopt.KernelGraph) -> tuple[z3.ArithRef, list]:
     """The program in a real-valued model written here, apart from the normal form: each input a real, a sum
     over a dim class c (a matmul's contraction, a reduction, the mean inside rms_norm) the positive real n_c
-    times its summand, exp and sqrt positive uninterpreted functions. Returns the output and the side
+    times its summand, exp and sqrt positive uninterpreted functions, an added constant (rms_norm's eps
+    included) the real eps. Returns the output and the side
     conditions."""
     shapes = make_problem(graph).shapes
     funcs = {f: z3.Function(f, z3.RealSort(), z3.RealSort()) for f in ("exp", "sqrt")}
@@ -87,6 +88,7 @@ def _real(graph: superopt.KernelGraph) -> tuple[z3.ArithRef, list]:
         sides.append(funcs[f](x) > 0)
         return funcs[f](x)
 
+    eps = z3.Real("eps")  # every constant added here is rms_norm's eps
     env = {name: z3.Real(name) for name in graph.inputs}
     for op in graph.ops:
         x, dims = [env[i] for i in op.inputs], shapes[op.inputs[0]]
@@ -94,8 +96,10 @@ def _real(graph: superopt.KernelGraph) -> tuple[z3.ArithRef, list]:
             out = {"add": x[0] + x[1], "mul": x[0] * x[1], "div": x[0] / x[1]}[op.op]
         elif op.op in ("matmul", "sum"):
             out = n(dims[op.attrs.get("dim", -1)]) * x[0] * (x[1] if op.op == "matmul" else 1)
+        elif op.op == "add_scalar":
+            out = x[0] + eps
         elif op.op == "rms_norm":
-            out = x[0] / call("sqrt", n(dims[-1]) * x[0] * x[0])
+            out = x[0] / call("sqrt", n(dims[-1]) * x[0] * x[0] + eps)
         else:
             out = call(op.op, x[0])
         env[op.outputs[0]] = out
@@ -119,7 +123,7 @@ def _value(expr: str) -> ae.Value:
 EQUAL = [
     ("(a + b) * c", "a * c + b * c"),
     ("(a + b) @ c", "a @ c + b @ c"),
-    ("rms_norm(a) @ b", "(a @ b) / sqrt(sum(a * a, dim=1, keepdim=True))"),
+    ("rms_norm(a) @ b", "(a @ b) / sqrt(sum(a * a, dim=1, keepdim=True) + 1e-6)"),
     ("(exp(a) / sum(exp(a), dim=1, keepdim=True)) @ b", "(exp(a) @ b) / sum(exp(a), dim=1, keepdim=True)"),
 ]
 DIFFERENT = [
@@ -158,6 +162,21 @@ def test_subexpression_check():
     assert missing_rules(ae.RULES) == ["graph_def"]  # graph_def is expanded by the search itself
 
 
+def test_argmax_is_an_atom_of_its_own():
+    """argmax is an atom over the reduced values like max's, but a different one, and one per reduced size: z3
+    must not prove argmax over one dim class equal to argmax over another, nor to max."""
+    rows, columns = _value("argmax(a, dim=1, keepdim=True)"), _value("argmax(a, dim=0, keepdim=True)")
+    largest = _value("max(a, dim=1, keepdim=True)")
+    assert len({rows, columns, largest}) == 3
+    assert not ae.prove_equal(rows, columns) and not ae.prove_equal(rows, largest)
+    assert ae.prove_equal(_value("argmax(a + b, dim=1, keepdim=True)"), _value("argmax(b + a, dim=1, keepdim=True)"))
+    target = make_problem(_graph("argmax(a @ b, dim=1, keepdim=True)")).target
+    ((_, _, (found,), _),) = target.outputs[0]
+    assert found[0] == "argmax" and found[2] == _value("a @ b")
+    assert target.may_be_subexpr(found[2])  # the logits: a prefix computing them is kept
+    assert not target.may_be_subexpr(ae.atom(("max", *found[1:])))  # their max is not on the way
+
+
 def test_every_op_has_a_shape_rule():
     assert missing_rules(SHAPES, "block") == []
     assert missing_rules(SHAPES, "kernel") == ["graph_def"]  # a graph-defined op's shape is its block graph's
@@ -169,7 +188,7 @@ def test_every_op_has_a_shape_rule():
 def _plans(graph: superopt.KernelGraph, preset, prune: bool) -> list:
     searcher = Searcher(make_problem(graph), preset, prune=prune)
     depths = range(1, preset.kernel_ops + 1)
-    return [plan for depth in depths for root in searcher.roots() for plan in searcher.run(depth, root).plans]
+    return [plan for depth in depths for root in searcher.roots(depth) for plan in searcher.run(depth, root).plans]
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

@@ -158,7 +158,8 @@ def test_field_agrees_with_the_interpreter_on_integers(recipe):
 
 
 def block_zoo() -> superopt.KernelGraph:
-    """A graph-defined op using every accumulator, a loop-invariant input, two grid axes, concat, an epilogue."""
+    """A graph-defined op using every accumulator, a loop-invariant input, two grid axes, concat, an epilogue,
+    and an argmax in the loop (its dim shifted past the batch dims as max's is)."""
     g = superopt.Graph("zoo")
     x = g.input("x", (4, 6, 8), "float32")
     y = g.input("y", (4, 8, 6), "float32")
@@ -176,6 +177,7 @@ def block_zoo() -> superopt.KernelGraph:
         b.accum_max(b.square(s)),
         b.mul(b.accum_mean_last(xt), b.accum_rms_last(xt, eps=1e-3)),
         b.accum_sum_last(b.matmul(whole, b.silu(inv))),
+        b.accum_sum(b.argmax(s, 1, keepdim=True)),
     ]
     for o in outs:
         b.output(o, omap=(0, 1))
@@ -198,3 +200,62 @@ def test_batched_executor_equals_the_literal_interpreter():
         args = [ev.cast(inputs[n], graph.tensors[n]) for n in graph.inputs]
         for x, y in zip(literal_evaluate(graph, args, ev), batched.evaluate(graph, args, ev)):
             assert torch.allclose(x, y, rtol=1e-12, atol=1e-12), graph.name
+
+
+# --- argmax: an opaque function of its values in order ----------------------------------------------------------
+
+
+def _argmax_programs() -> dict[str, superopt.KernelGraph]:
+    """Over rows of two values [a, b]: argmax and max of them in order and reversed, and argmax of the sum a + b
+    written both ways round."""
+    programs = {}
+    for name, body in {
+        "argmax": lambda g, a, b: g.argmax(g.concat(a, b, 1), 1),
+        "argmax reversed": lambda g, a, b: g.argmax(g.concat(b, a, 1), 1),
+        "max": lambda g, a, b: g.max(g.concat(a, b, 1), 1),
+        "max reversed": lambda g, a, b: g.max(g.concat(b, a, 1), 1),
+        "argmax of a + b": lambda g, a, b: g.argmax(g.add(a, b), 0),
+        "argmax of b + a": lambda g, a, b: g.argmax(g.add(b, a), 0),
+    }.items():
+        g = superopt.Graph(name.replace(" ", "_").replace("+", "plus"))
+        g.output(body(g, g.input("a", (5, 1), "float32"), g.input("b", (5, 1), "float32")))
+        programs[name] = g
+    return programs
+
+
+def test_field_tells_argmax_from_argmax_reversed_and_from_max():
+    """The field keys argmax on the ordered values: reversing them changes every row's value (it changes the real
+    index too), while max, a function of the multiset, stays the same; argmax of one value computed two ways
+    agrees. Checked on the field's values, with the float64 truth beside each claim."""
+    programs = _argmax_programs()
+    ev = FieldEval(4, seed=0)
+    value = {name: field.evaluate(g, ev)[0] for name, g in programs.items()}
+    assert bool((value["argmax"] != value["argmax reversed"]).all())
+    assert bool((value["argmax"] != value["max"]).all())
+    assert torch.equal(value["max"], value["max reversed"])
+    assert torch.equal(value["argmax of a + b"], value["argmax of b + a"])
+    inputs = random_inputs(programs["argmax"], seed=0)
+    real = {name: superopt.run(g, inputs, "float64")[0] for name, g in programs.items()}
+    assert torch.equal(real["argmax"], 1 - real["argmax reversed"]) and torch.equal(real["max"], real["max reversed"])
+
+
+def test_argmax_sequence_depends_on_every_position():
+    """A change at any one position of a row (a value, or two values swapped) changes the row's encoding."""
+    ev = FieldEval(2, seed=3)
+    x = ev._residues((6,))
+    base = field.FIELD["argmax"](ev, x, 0, False)
+    for k in range(6):
+        changed = x.clone()
+        changed[:, k] = (changed[:, k] + 1) % ev.m(x)[:, 0]
+        assert bool((field.FIELD["argmax"](ev, changed, 0, False) != base).all()), k
+    swapped = x[:, [1, 0, 2, 3, 4, 5]]
+    assert bool((field.FIELD["argmax"](ev, swapped, 0, False) != base).all())
+    assert torch.equal(field.FIELD["max"](ev, swapped, 0, False), field.FIELD["max"](ev, x, 0, False))
+
+
+def test_z3_keys_argmax_on_the_order_and_max_on_the_multiset():
+    programs = _argmax_programs()
+    assert smt.prove(programs["argmax of a + b"], programs["argmax of b + a"])
+    assert smt.prove(programs["max"], programs["max reversed"])
+    assert not smt.prove(programs["argmax"], programs["argmax reversed"])
+    assert not smt.prove(programs["argmax"], programs["max"])

@@ -265,6 +265,7 @@ DEGREE: dict[str, Callable[..., Deg]] = {
     "add_scalar": _add_scalar,
     "sum": _sum,
     "max": _max,
+    "argmax": _max,  # an opaque atom of the reduced values, as max is (their order does not change the degree)
     "mean": _sum,
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,

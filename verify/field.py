@@ -51,6 +51,11 @@ sqrt(x)^2 = x; such graphs are rejected in the field and left to the caller (see
 max, accum_max and accum_rescaled_sum's running max are one symmetric opaque function of the multiset of values
 max-ed: R_max(sum_i R_elem(x_i)); equal multisets give equal values, so the online-softmax rescaling
 sum_i x_i exp(m_i - M) cancels as it does over the reals. max(max(a), max(b)) = max(a, b) is not modelled.
+
+argmax is an opaque function of the sequence of values along its dim, not of their multiset (the index moves
+with a permutation): R_argmax(sum_i R_pos(i) R_elem(x_i)), its own keys, so it is neither max nor argmax of
+the values in another order. None of its real identities (argmax(x + c) = argmax(x), argmax of a monotone
+function of x, a split argmax recombined) is modelled: it is outside COMPLETE.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ COMPLETE = frozenset(
     }
     | {"sum", "mean", "concat", "accum_sum", "accum_sum_last", "accum_mean_last", "graph_def"}
 )
-OPAQUE = ("sqrt", "gelu", "gelu_tanh", "relu", "max", "max.elem", "exp.q")  # keyed pseudo-random functions
+OPAQUE = ("sqrt", "gelu", "gelu_tanh", "relu", "max", "max.elem", "exp.q", "argmax", "argmax.elem", "argmax.pos")
 
 
 class ZeroDenominator(Exception):
@@ -268,6 +273,16 @@ class FieldEval:
         parts = self.opaque(x, "max.elem").sum(dim)
         return self.opaque(parts % self.m(parts), "max")
 
+    def sequence(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """The opaque function of the values along tensor dim `dim` in their order (argmax's encoding): each
+        value's opaque image weighted by an opaque image of its position, so a permutation changes it."""
+        n = x.shape[dim]
+        where = [1] * x.dim()
+        where[0], where[dim] = x.shape[0], n
+        positions = self.opaque(torch.arange(n).expand(x.shape[0], n).reshape(where), "argmax.pos")
+        parts = (self.opaque(x, "argmax.elem") * positions % self.m(x)).sum(dim)  # products < 2^62, reduced first
+        return self.opaque(parts % self.m(parts), "argmax")
+
     def exp(self, x: torch.Tensor) -> torch.Tensor:
         t = self.tests
         if x.shape[0] == t:
@@ -382,6 +397,11 @@ def _max(ev: FieldEval, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tenso
     return out.unsqueeze(dim + 1) if keepdim else out
 
 
+def _argmax(ev: FieldEval, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
+    out = ev.sequence(x, dim + 1)
+    return out.unsqueeze(dim + 1) if keepdim else out
+
+
 def _accum_sum(ev: FieldEval, xs: list[torch.Tensor]) -> torch.Tensor:
     out = torch.stack(xs).sum(0)
     return out % ev.m(out)
@@ -409,6 +429,7 @@ FIELD = {
     "add_scalar": lambda ev, x, c: ev.add(x, ev.scalar(x, c)),
     "sum": FieldEval.sum,
     "max": _max,
+    "argmax": _argmax,
     "mean": FieldEval.mean,
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,

@@ -3,11 +3,12 @@
 Every element becomes a fraction num/den of z3 real polynomials over the inputs and over uninterpreted function
 applications: exp(t) is split by exp(a + b) = exp(a) exp(b) over the monomials of t (integer multiples become
 powers, so exp(2x - y) = E(x)^2 / E(y)); sqrt, gelu, relu are functions of their argument's normal form (sqrt(0)
-= 0); max and the accumulators' running max are one function of the sorted multiset of values. Each of those is
-a true identity of the real ops, so equal fractions mean equal real functions wherever every denominator is
-nonzero. The two graphs are equal when num1 * den2 - num2 * den1 expands to 0 (z3's sum-of-monomials normal
-form), or, failing that, when z3 finds no real assignment making them differ within the time limit. Anything
-else is "not proved", never "not equivalent": the uninterpreted functions are weaker than the real ones.
+= 0); max and the accumulators' running max are one function of the sorted multiset of values; argmax is one
+of the values in their order (a permutation moves the index). Each of those is a true identity of the real ops,
+so equal fractions mean equal real functions wherever every denominator is nonzero. The two graphs are equal
+when num1 * den2 - num2 * den1 expands to 0 (z3's sum-of-monomials normal form), or, failing that, when z3
+finds no real assignment making them differ within the time limit. Anything else is "not proved", never "not
+equivalent": the uninterpreted functions are weaker than the real ones.
 
 Elements are held as int64 ids into a table of fractions, so the batched executor runs the graph unchanged.
 """
@@ -169,6 +170,10 @@ class SymbolicEval:
         keys = sorted((self.key(i) for i in ids), key=lambda t: t.sexpr())
         return self.intern(("max",) + tuple(sorted(ids)), lambda: (self.fn("max", *keys), ()))
 
+    def sequence(self, ids: list[int]) -> int:
+        """argmax's encoding: one function of the values in their order."""
+        return self.intern(("argmax",) + tuple(ids), lambda: (self.fn("argmax", *(self.key(i) for i in ids)), ()))
+
     # --- tensors --------------------------------------------------------------------------------------------
 
     def map(self, fn: Callable[..., int], *xs: torch.Tensor) -> torch.Tensor:
@@ -296,6 +301,7 @@ SYMBOLIC = {
     "add_scalar": lambda ev, x, c: ev.map(lambda v: ev.add(v, ev.const(c)), x),
     "sum": _reduce(lambda ev, ids: ev.total(ids)),
     "max": _reduce(lambda ev, ids: ev.multiset(ids)),
+    "argmax": _reduce(lambda ev, ids: ev.sequence(ids)),
     "mean": _reduce(lambda ev, ids: ev.mul(ev.total(ids), ev.const(Fraction(1, len(ids))))),
     "rms_norm": _rms_norm,
     "layer_norm": _layer_norm,
