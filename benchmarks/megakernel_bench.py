@@ -50,7 +50,7 @@ from superopt.kernels.megakernel import (
     timing_table,
 )
 from superopt.model import load_model, load_spec
-from superopt.model_search import search_model
+from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import Settings, device_spec
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -102,7 +102,10 @@ def planned_programs(
     planned = search_model(spec, settings, Cache(cache_dir), "require-hit", device_spec(device).sm_count)
     if planned.status != "hit":
         raise RuntimeError(f"{name}: {planned.note}")
-    return {n: o.winner for n, o in planned.programs.items()}, f"plan {planned.key[:16]} (hit)"
+    why = unverified_lowering(planned)
+    if why is not None:
+        raise RuntimeError(f"{name}: {why}")
+    return planned.winners(), f"plan {planned.key[:16]} (hit, its lowering verified)"
 
 
 def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str]]) -> dict:

@@ -23,7 +23,7 @@ from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel import benchmark, build_report, report_lines, source, timing_table
 from superopt.model import load_spec
-from superopt.model_search import search_model
+from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import SETTING_CHECKS
 from superopt.serialize import write_atomic
 
@@ -81,11 +81,17 @@ def megakernel_command(
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     planned = search_model(ms, settings, Cache(cache_dir), "offline" if offline else "search", n_sms, "none", say)
     say(planned.note)
-    programs = {name: o.winner for name, o in planned.programs.items()}
+    why = unverified_lowering(planned)
+    if why is not None and not templates:
+        raise SuperoptError(f"{ms.name}: {why} (--templates builds the hand-written bodies)")
+    programs = planned.winners()
     results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
+    lowering = planned.lowering_json()
     if emit_dir is not None:
         report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status}
-        report["kinds"] = build_report(tg, results, programs, templates)
+        report["kinds"] = build_report(
+            tg, results, programs, templates, lowering if isinstance(lowering, dict) else None
+        )
         try:
             text = source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs, templates=templates)
             write_atomic(emit_dir / "megakernel.cu", text)

@@ -59,7 +59,8 @@ def table(result: Result) -> str:
 
 
 def summary(result: Result) -> list[str]:
-    """What the table cannot say: the baselines, or why nothing was timed, and how the winner was checked."""
+    """What the table cannot say: the baselines, or why nothing was timed, how the winner was checked, and why
+    no candidate is fused where none is."""
     lines = []
     if result.measured:
         times = ", ".join(
@@ -83,6 +84,8 @@ def summary(result: Result) -> list[str]:
     verify = result.best.verify
     bound = f", bound {verify.bound:.3g}" if verify.method == "tested" else ""
     lines.append(f"winner verified: {verify.method}{bound}")
+    if result.search and result.search.get("unfused"):
+        lines.append(f"no fused candidate: {result.search['unfused']}")
     return lines
 
 
@@ -126,10 +129,16 @@ def run_model(
             for line in summary(o.result):
                 say(f"   {line}")
     say(outcome.note)
+    if isinstance(outcome.lowering, str):
+        say(f"task bodies: {outcome.lowering}")
+    else:
+        for name, r in outcome.lowering.items():
+            say(f"-- {name}: lowered to task bodies, {r}".splitlines()[0])
     doc = {
         "model": job.model.name,
         "plan": outcome.plan.to_json() if outcome.plan else None,
         "programs": {n: o.result.to_json() for n, o in outcome.programs.items() if o.result is not None},
+        "lowering": outcome.lowering_json(),
     }
     return outcome.status, outcome.key, doc
 

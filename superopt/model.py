@@ -443,8 +443,9 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     for every head. kv_append: the new k and v after the cached ones. attention: GQA decode over the `context`
     positions of a static cache, `mask` added to the scores (0 where a position is attended, -inf elsewhere).
     attn_out: the O projection and the residual. mlp: the post-attention norm, the gated MLP and the residual.
-    lm_head: the final norm and the LM head. mlp_act and residual: the elementwise epilogues of the MLP and the
-    projections, which the megakernel's GEMV tasks run."""
+    lm_head: the final norm, the LM head and the greedy token (the logits' argmax, the first of equal maxima).
+    mlp_act and residual: the elementwise epilogues of the MLP and the projections, which the megakernel's GEMV
+    tasks run."""
     h, d, i, nh, nkv, g = cfg.hidden, cfg.head_dim, cfg.intermediate, cfg.heads, cfg.kv_heads, cfg.group
     bf = "bfloat16"
     progs: dict[str, KernelGraph] = {}
@@ -490,7 +491,9 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     progs["mlp"] = p
     p = KernelGraph("lm_head")
     x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("w", (h, cfg.vocab), bf)
-    p.output(p.matmul(norm(p, x, gamma), w))
+    logits = p.matmul(norm(p, x, gamma), w)
+    p.output(logits)
+    p.output(p.argmax(logits, dim=1, keepdim=True))  # the greedy token
     progs["lm_head"] = p
     p = KernelGraph("mlp_act")
     p.output(p.mul(p.op(cfg.act, p.input("g", (1, i), bf)), p.input("u", (1, i), bf)))
@@ -713,5 +716,5 @@ class ProgramDecoder(DecodeLoop):
             (a,) = self.call("attention", q=q, k=self.k_cache[i], v=self.v_cache[i], mask=mask)
             (x,) = self.call("attn_out", a=a.reshape(1, nh * d), h=x, **lw["attn_out"])
             (x,) = self.call("mlp", h=x, **lw["mlp"])
-        (logits,) = self.call("lm_head", h=x, gamma=self.norm, w=self.lm_head)
+        logits, _ = self.call("lm_head", h=x, gamma=self.norm, w=self.lm_head)  # and the token, its argmax
         return logits[0].float()

@@ -23,10 +23,14 @@ from typing import Any
 from superopt.cache import Cache, cache_key, now, versions
 from superopt.errors import SuperoptError, brief
 from superopt.ir import KernelGraph
+from superopt.kernels import taskgraph
+from superopt.kernels.megakernel.bodies import lowered_programs
+from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import ModelConfig, ModelSpec, layer_programs
 from superopt.pipeline import MODES, Outcome, Settings, device_spec, optimize_program, trusted_winner
 from superopt.result import Result, ResultError
 from superopt.serialize import graph_hash
+from superopt.verification.check import VerifyResult, verify
 
 PLAN_FORMAT = "superopt.model-plan/1"
 
@@ -113,13 +117,44 @@ def read_plan(doc: Any, key: str, program_keys: dict[str, str], cache: Cache) ->
 @dataclass
 class ModelOutcome:
     """status: hit (the plan from the cache), searched, offline (unfused programs, nothing stored) or miss
-    (require-hit); `programs` holds each layer program's outcome by name (empty on a miss)."""
+    (require-hit); `programs` holds each layer program's outcome by name (empty on a miss); `lowering` each
+    program's lowering to task bodies verified against it (`validate_lowering`), or why there is none."""
 
     status: str
     key: str
     plan: ModelPlan | None
     programs: dict[str, Outcome]
     note: str
+    lowering: dict[str, VerifyResult] | str = "no plan"
+
+    def winners(self) -> dict[str, KernelGraph]:
+        return {name: o.winner for name, o in self.programs.items()}
+
+    def lowering_json(self) -> dict[str, Any] | str:
+        """The lowering's verification per program (the verdict, method, tests, false-accept bound, seed)."""
+        if isinstance(self.lowering, str):
+            return self.lowering
+        return {
+            name: {"equivalent": r.equivalent, "method": r.method, "tests": r.tests, "bound": r.bound, "seed": r.seed}
+            | ({"reason": r.reason} if r.reason else {})
+            for name, r in self.lowering.items()
+        }
+
+
+def validate_lowering(tg: TaskGraph, programs: dict[str, KernelGraph], seed: int = 0) -> dict[str, VerifyResult]:
+    """Translation validation: each program a generated task body is lowered from (the plan's winner, else the
+    layer program), written back as a program by the lowering itself (bodies.lowered_programs), verified against
+    it. The re-tiling of a winner and the cut into stages are checked for this plan, not argued in general."""
+    progs = layer_programs(tg.config) | programs
+    return {name: verify(progs[name], lowered, seed=seed) for name, lowered in lowered_programs(tg, progs).items()}
+
+
+def unverified_lowering(outcome: ModelOutcome) -> str | None:
+    """Why a megakernel must not be built from the outcome's generated bodies, or None."""
+    if isinstance(outcome.lowering, str):
+        return outcome.lowering
+    bad = [f"{name}: {str(r).splitlines()[0]}" for name, r in outcome.lowering.items() if not r.equivalent]
+    return f"the lowering to task bodies is not verified equivalent for {'; '.join(bad)}" if bad else None
 
 
 def program_settings(graph: KernelGraph, settings: Settings) -> Settings:
@@ -137,7 +172,28 @@ def search_model(
 ) -> ModelOutcome:
     """The plan of `spec`'s decode step: from the cache, or each layer program through the pipeline (searched
     where it misses) and the plan stored. mode as for optimize_program; the settings apply to every program, a
-    preset chosen per program (`preset_for`) where they name none."""
+    preset chosen per program (`preset_for`) where they name none. The winners' lowering to the megakernel's
+    task bodies is validated each time (`validate_lowering`), for a plan read back as for a new one."""
+    outcome = _plan(spec, settings, cache, mode, n_sms, progress, say)
+    if outcome.programs:
+        try:
+            tg = taskgraph.build(spec.config, n_sms)
+        except SuperoptError as e:
+            outcome.lowering = f"no megakernel: {brief(str(e))}"
+        else:
+            outcome.lowering = validate_lowering(tg, outcome.winners())
+    return outcome
+
+
+def _plan(
+    spec: ModelSpec,
+    settings: Settings,
+    cache: Cache | None,
+    mode: str,
+    n_sms: int,
+    progress: str,
+    say: Callable[[str], None],
+) -> ModelOutcome:
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     programs = layer_programs(spec.config, spec.max_seq)

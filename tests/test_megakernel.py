@@ -429,7 +429,7 @@ def test_every_gemv_kind_lowers_and_its_stage_computes_its_program(name: str) ->
         inputs = {n: torch.randn(graph.tensors[n].shape, generator=gen).to(torch.bfloat16) for n in graph.inputs}
         weights = {w for k in KINDS if k.program == program for w in k.weights}
         inputs |= {n: weight_rows(graph.tensors[n].shape) for n in weights}
-        (expected,) = run(graph, inputs, "float64")
+        expected = run(graph, inputs, "float64")[0]  # (lm_head's second output, its argmax, is the token)
         value: dict[str, torch.Tensor] = {}
         for kind in (k for k in KINDS if k.program == program):
             st = stages[kind.name]
@@ -455,10 +455,17 @@ def test_a_program_that_does_not_lower_keeps_its_template_and_says_why() -> None
     assert report["qkv"]["body"] == "template" and "'mul_scalar' is not a [k, n] program input" in str(
         report["qkv"]["template_reason"]
     )
-    assert report["oproj"]["body"] == report["attn"]["body"] == "generated" and report["argmax"]["body"] == "template"
+    assert report["oproj"]["body"] == report["attn"]["body"] == report["argmax"]["body"] == "generated"
     src = source(tg, "t", 32, 32, programs={"attn_in": p})
     assert "{ template_qkv(t, chunk); }  // not lowered" in src and "void task_gateup" in src
     assert all(r["body"] == "template" for r in build_report(tg, templates=True))
+    # lm_head without its argmax: the step has no next token, so neither half of the split argmax lowers.
+    lm = superopt.Graph("lm_head")
+    h, g = lm.input("h", (1, cfg.hidden), "bfloat16"), lm.input("gamma", (1, cfg.hidden), "bfloat16")
+    lm.output(lm.matmul(lm.mul(lm.rms_norm(h, eps=cfg.eps), g), lm.input("w", (cfg.hidden, cfg.vocab), "bfloat16")))
+    report = {r["kind"]: r for r in build_report(tg, programs={"lm_head": lm})}
+    assert report["lmhead"]["body"] == report["argmax"]["body"] == "template"
+    assert "the step needs the next token" in report["lmhead"]["template_reason"]
 
 
 # --- attention's body lowered from qk_rope, kv_append and attention ------------------------------------------

@@ -6,6 +6,7 @@ reference decoder, the build report names each winner."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -66,6 +67,9 @@ def test_every_layer_program_is_searched_verified_and_cached_once(searched, name
     plan = doc["plan"]
     assert [p["name"] for p in plan["programs"]] == list(programs)
     assert Cache(cache).plan_path(plan["key"]).exists()
+    # Translation validation: every program a task body is lowered from, its lowering verified against it.
+    lowered = {"attn_in", "attn_out", "mlp", "lm_head", "qk_rope", "attention"}
+    assert set(doc["lowering"]) == lowered and all(v["equivalent"] for v in doc["lowering"].values())
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -159,6 +163,11 @@ def test_megakernel_emit_uses_the_cached_plan_and_reports_each_winner(searched, 
     for kind in report["kinds"]:
         for c in kind["computes"]:
             assert c["winner_hash"] == winners[c["program"]] and c["verification"]["method"]
+            assert (
+                kind["body"] == "template"
+                or c["program"] in ("embed_scale", "kv_append")
+                or c["lowering_verification"]["equivalent"]
+            )
     bodies = {k["kind"]: (k["body"], k.get("generated_from")) for k in report["kinds"]}
     assert bodies["gateup"] == ("generated", "mlp (stage 0)") and bodies["down"] == ("generated", "mlp (stage 1)")
     assert all(body == "generated" for body, _ in bodies.values() if body != bodies["argmax"][0])
@@ -168,6 +177,39 @@ def test_megakernel_emit_uses_the_cached_plan_and_reports_each_winner(searched, 
     if not torch.cuda.is_available():
         result = CliRunner().invoke(megakernel_command, [str(MODELS / "tiny-qwen3.yaml"), "--cache-dir", str(cache)])
         assert result.exit_code == 2 and "no CUDA GPU" in result.output
+
+
+def test_a_lowering_that_does_not_compute_its_program_is_never_built(searched, tmp_path, monkeypatch):
+    """A lowering bug (the O projection's residual dropped from its stage, as if the cut lost it): translation
+    validation finds the lowered program not equivalent to the winner, and the megakernel is not built from it:
+    one line naming the program, exit 2, nothing written; --templates still builds the hand-written bodies."""
+    from superopt.kernels.megakernel import lowering
+
+    real = lowering.stages_graph
+
+    def dropped_residual(program, stages):
+        if program.name == "attn_out":
+            stages = [dataclasses.replace(st, epilogue=[], output=st.results[0]) for st in stages]
+        return real(program, stages)
+
+    monkeypatch.setattr(lowering, "stages_graph", dropped_residual)
+    monkeypatch.setattr("superopt.kernels.megakernel.bodies.stages_graph", dropped_residual)
+    cache, _ = searched["tiny-llama"]
+    args = [
+        str(MODELS / "tiny-llama.yaml"),
+        "--emit",
+        str(tmp_path / "out"),
+        "--cache-dir",
+        str(cache),
+        "--budget",
+        "2",
+    ]
+    result = CliRunner().invoke(megakernel_command, args)
+    assert result.exit_code == 2 and not (tmp_path / "out" / "megakernel.cu").exists()
+    assert "attn_out: not equivalent" in result.output and "--templates" in result.output
+    assert "Traceback" not in result.output
+    result = CliRunner().invoke(megakernel_command, [*args, "--templates"])
+    assert result.exit_code == 0 and (tmp_path / "out" / "megakernel.cu").exists()
 
 
 def test_a_fused_winner_lowers_to_the_same_device_function():

@@ -26,6 +26,7 @@ writes them as the CUDA device functions attn_head and attn_score the attention 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -283,3 +284,30 @@ def emit_attention(body: AttentionBody) -> str:
         score[s.op.outputs[0]] = f"s{n}"
     lines += [f"  return {score[body.score_out]};", "}"]
     return "\n".join(lines) + "\n"
+
+
+# --- the lowering as programs: what translation validation compares with qk_rope and attention ------------------
+
+
+def head_graph(body: AttentionBody, program: KernelGraph) -> KernelGraph:
+    """The head steps as a kernel graph over qk_rope's inputs (every head row at once)."""
+    g = KernelGraph(program.name)
+    env: dict[str, Any] = {n: g.input(n, program.tensors[n].shape, program.tensors[n].dtype) for n in program.inputs}
+    for s in body.head:
+        env[s.op.outputs[0]] = g.op(s.op.op, *(env[i] for i in s.op.inputs), **s.op.attrs)
+    g.output(env[body.head_out])
+    return g
+
+
+def attention_graph(body: AttentionBody, program: KernelGraph) -> KernelGraph:
+    """Softmax attention with the body's score steps, over the attention program's inputs: what the split-KV rule
+    computes, written as the program's ops."""
+    g = KernelGraph(program.name)
+    env: dict[str, Any] = {n: g.input(n, program.tensors[n].shape, program.tensors[n].dtype) for n in program.inputs}
+    env[body.score_in] = g.matmul(env["q"], env["k"])
+    for s in body.score:
+        env[s.op.outputs[0]] = g.op(s.op.op, *(env[i] for i in s.op.inputs), **s.op.attrs)
+    s = env[body.score_out]
+    e = g.exp(g.sub(s, g.max(s, dim=2, keepdim=True)))
+    g.output(g.matmul(g.div(e, g.sum(e, dim=2, keepdim=True)), env["v"]))
+    return g

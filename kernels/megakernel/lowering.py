@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -101,6 +102,7 @@ class Stage:
     epilogue: list[Step] = field(default_factory=list)
     scalars: list[str] = field(default_factory=list)
     output: str = ""
+    argmax: str = ""  # the argmax of the output over its rows, a split reduction: each task's, then all tasks'
 
 
 def _kind_of_op(op: str, operand_kinds: list[str]) -> str:
@@ -178,11 +180,19 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
             round_to(inputs[0], ty.dtype)
             alias[out] = inputs[0]
             return
-        if op not in CUDA_EXPR and op not in STATS and op != "rms_norm":
+        if op not in CUDA_EXPR and op not in STATS and op not in ("rms_norm", "argmax"):
             raise SuperoptError(f"{what}: op '{op}' has no rule in a GEMV task's prologue or epilogue")
         operand = [kinds[i] for i in inputs]
         types[out] = ty
         lowered = Op(op, inputs, (out,), dict(attrs))
+        if op == "argmax":  # over the GEMV's output dim: the task's rows, then all tasks'
+            stage = stages[owner[inputs[0]]] if operand == ["row"] else None
+            if stage is None or attrs["dim"] not in (1, -1) or stage.argmax:
+                raise SuperoptError(f"{what}: an argmax of GEMV results is one over their output dim")
+            if stage.output and stage.output != inputs[0]:
+                raise SuperoptError(f"{what}: the argmax of '{inputs[0]}', which its stage does not write")
+            stage.output, stage.argmax, kinds[out] = inputs[0], out, "token"
+            return
         if "row" in operand:
             stage_ids = {owner[i] for i in inputs if kinds[i] == "row"}
             if len(stage_ids) != 1 or OPS[op].kind not in ("unary", "binary", "scalar"):
@@ -204,7 +214,7 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
             types[o] = graph.tensors[o]
     for stage in stages:
         _close(stage, defs, kinds, types, what)
-    for out in (name(o) for o in graph.outputs):
+    for out in (name(o) for o in graph.outputs if kinds.get(name(o)) != "token"):
         if kinds.get(out) != "row":
             raise SuperoptError(f"{what}: output '{out}' is not computed by a GEMV stage")
         stage = stages[owner[out]]
@@ -274,6 +284,8 @@ def _expand_block(graph: KernelGraph, op: Op, alias: dict[str, str], step: Calla
             if outputs:
                 step("accum_sum", (alias[result],), {}, outputs[0], ty)
             continue
+        if bop.op == "argmax":  # a tile's index, not the row's
+            raise SuperoptError(f"{what}: an argmax inside a block graph has no GEMV lowering")
         if bop.op in ACCUMULATORS and bop.op not in STATS:
             raise SuperoptError(f"{what}: accumulator '{bop.op}' is not a sum over the GEMV's reduction")
         alias[result] = outputs[0] if outputs else f"{prefix}.{result}"
@@ -335,6 +347,9 @@ def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
         raise SuperoptError(f"{what}: the attention output is read only as the GEMV's vector itself")
     if any(s.op.outputs[0] == stage.x and s.dtype != "bfloat16" for s in stage.prologue):
         raise SuperoptError(f"{what}: the GEMV's vector is not bfloat16")
+    if (kind.output == "logits") != bool(stage.argmax):
+        want = "the next token: the argmax of its logits" if kind.output == "logits" else "no argmax"
+        raise SuperoptError(f"{what}: the step needs {want}")
     return stage
 
 
@@ -434,7 +449,7 @@ def emit_stage(kind: Kind, stage: Stage) -> str:
         names[s.op.outputs[0]] = f"e{n}"
         body.append(f"const float e{n} = {_expr(s, names, lambda v: names[v])};")
     y = names[stage.output]
-    if kind.output == "logits":
+    if stage.argmax:  # the task's part of the split argmax; the argmax task combines the tasks' (lm_head's)
         lines += ["  float best = -3.0e38f;", "  int arg = 0x7fffffff;", "  if (row) {"]
         lines += ["    " + b for b in body]
         lines += [
@@ -533,3 +548,43 @@ def _prologue(kind: Kind, stage: Stage, names: dict[str, str]) -> list[str]:
         "consumers_sync();",
     ]
     return lines
+
+
+# --- the lowering as a program: what translation validation compares with the program it was lowered from ------
+
+# A whole-vector statistic as predefined ops on the vector [1, k] (the accumulators are block-level ops).
+STAT_OPS: dict[str, Callable[..., Any]] = {
+    "accum_sum_last": lambda g, x: g.sum(x, dim=1, keepdim=True),
+    "accum_mean_last": lambda g, x: g.mean(x, dim=1, keepdim=True),
+    "accum_rms_last": lambda g, x, eps: g.sqrt(g.add_scalar(g.mean(g.square(x), dim=1, keepdim=True), c=eps)),
+}
+
+
+def stages_graph(program: KernelGraph, stages: list[Stage]) -> KernelGraph:
+    """A program's stages (program_stages, in order) as one kernel graph of predefined ops over its inputs: each
+    stage's prologue on whole vectors, its GEMVs, its epilogue on whole rows. Equivalent to `program` exactly when
+    the cut into stages and the re-tiling of a graph-defined winner kept its function."""
+    g = KernelGraph(program.name)
+    env: dict[str, Any] = {n: g.input(n, program.tensors[n].shape, program.tensors[n].dtype) for n in program.inputs}
+
+    def emit(s: Step) -> None:
+        args = [env[i] for i in s.op.inputs]
+        if s.op.op in STAT_OPS:
+            env[s.op.outputs[0]] = STAT_OPS[s.op.op](g, *args, **s.op.attrs)
+        else:
+            env[s.op.outputs[0]] = g.op(s.op.op, *args, **s.op.attrs)
+
+    read = {""} & {v for st in stages for v in st.vectors}
+    for at, stage in enumerate(stages):
+        for s in stage.prologue:
+            emit(s)
+        for res, w in zip(stage.results, stage.weights):
+            env[res] = g.matmul(env[stage.x], env[w])
+        for s in stage.epilogue:
+            emit(s)
+        env[""] = env[stage.output]
+        if not (read and at + 1 < len(stages) and "" in stages[at + 1].vectors):
+            g.output(env[stage.output])
+        if stage.argmax:
+            g.output(g.argmax(env[stage.output], dim=1, keepdim=True))
+    return g

@@ -14,7 +14,7 @@ import torch
 
 from superopt.errors import SuperoptError
 from superopt.interpret import TorchEval, evaluate
-from superopt.ir import KernelGraph
+from superopt.ir import KernelGraph, Op
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
 from superopt.kernels.megakernel.bodies import task_bodies
@@ -22,6 +22,9 @@ from superopt.kernels.megakernel.layout import packed_weights, small_params
 from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Model, layer_programs
+from superopt.ops import TensorType
+
+INDEX = TensorType((), "float32")  # an argmax's result
 
 
 def rbf(x: torch.Tensor) -> torch.Tensor:
@@ -128,9 +131,9 @@ def replay(
         w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
         units = [w[u * t.nrows : (u + 1) * t.nrows] for u in range(plan.unit)]
         y = run_stage(stage, vectors, rows, units)[0]
-        if kind.output == "logits":
+        if stage.argmax:  # this task's part of the split argmax: its rows' maximum and its index
             write("logits", t.row0, y, g)
-            k = int(y.argmax())  # the first of equal maxima
+            k = int(native.op(Op("argmax", ("y",), ("k",), {"dim": 0, "keepdim": False}), [y], INDEX))
             write("lmpart", 2 * t.tile, torch.tensor([y[k], float(t.row0 + k)]), g)
         else:
             write(f"{kind.output}.{i}", t.row0, y, g)
@@ -143,7 +146,7 @@ def replay(
             h_in = epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]
         else:
             h_in = buf[f"hmlp.{i - 1}"]  # the LM head's (layer L): the last layer's output
-        if isinstance(bodies.get(t.op), Stage):
+        if t.op in KIND and isinstance(bodies[t.op], Stage):
             generated(t, bodies[t.op], g, h_in)  # type: ignore[arg-type]
         elif t.op == "qkv":
             y = tile_rows(t, norm(h_in, small["gin"][i]))

@@ -124,7 +124,7 @@ def source(
 
 
 # The layer programs each task kind computes (superopt.model.layer_programs), from which their bodies are lowered
-# (bodies.task_bodies); the argmax's is a template.
+# (bodies.task_bodies).
 TASK_PROGRAMS = {
     "qkv": ("embed_scale", "attn_in"),
     "attn": ("qk_rope", "kv_append", "attention"),
@@ -132,7 +132,7 @@ TASK_PROGRAMS = {
     "gateup": ("mlp",),
     "down": ("mlp",),
     "lmhead": ("lm_head",),
-    "argmax": (),
+    "argmax": ("lm_head",),
 }
 
 
@@ -141,11 +141,13 @@ def build_report(
     results: dict[str, Result] | None = None,
     programs: dict[str, KernelGraph] | None = None,
     templates: bool = False,
+    lowering: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Per task kind: its tasks and tiling, the layer programs it computes with their hashes, and, from the
     plan's `results` (each program's search result, by name), each program's winner, verification and predicted
     time; `body`: "generated" (lowered from `programs`, the winners, as `source` lowers them) or "template",
-    and why."""
+    and why; `lowering`: each program's lowering verified against it (model_search.validate_lowering, as JSON),
+    in the rows whose body is generated from it."""
     progs = layer_programs(tg.config) | (programs or {})
     bodies = task_bodies(tg, progs, templates)
     rows = []
@@ -172,11 +174,15 @@ def build_report(
                     if result.best.predicted_us
                     else None,
                 }
+            if name in (lowering or {}) and not isinstance(bodies[op], str):
+                entry["lowering_verification"] = (lowering or {})[name]
             computes.append(entry)
         row["computes"] = computes
         body = bodies[op]
         row["body"] = "template" if isinstance(body, str) else "generated"
-        if isinstance(body, Stage):
+        if op == "argmax" and isinstance(body, Stage):
+            row["generated_from"] = "lm_head (its argmax: the LM head tasks' maxima combined)"
+        elif isinstance(body, Stage):
             kind = KIND[op]
             row["generated_from"] = f"{kind.program} (stage {kind.stage})"
             if op == "qkv" and "embed_scale" in progs:
@@ -202,6 +208,6 @@ def report_lines(report: list[dict[str, Any]]) -> list[str]:
             for c in row["computes"]
         )
         why = f" from {row['generated_from']}" if row["body"] == "generated" else f" ({row['template_reason']})"
-        lines.append(f"{row['kind']}: {row['tasks']} tasks{tiling}; computes {names or 'the argmax'}; "
+        lines.append(f"{row['kind']}: {row['tasks']} tasks{tiling}; computes {names}; "
                      f"body: {row['body']}{why}")  # fmt: skip
     return lines
