@@ -73,6 +73,15 @@ def assert_matches_reference(
         assert error <= TOLERANCE[ty.dtype], f"{name}: relative error {error:.2e}"
 
 
+def compiled_for_the_gpu(code: str, tmp_path: Path) -> str:
+    """`code` run in a fresh interpreter with Triton compiling for the GPU (no interpreter), its own cache; its
+    stdout, after asserting it exited 0."""
+    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
 def test_every_block_op_has_a_rule():
     assert missing_rules(EMIT | ACCUMULATE, "block") == []
 
@@ -221,10 +230,8 @@ def test_argmax_kernels_compile_for_hopper(tmp_path):
         "for k in compile(g).kernels:\n"
         "    print(k.code.name, '.entry' in k.compile_for(90).asm['ptx'])\n"
     )
-    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}  # compiled for the GPU
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count(" True\n") == 2, proc.stdout
+    stdout = compiled_for_the_gpu(code, tmp_path)
+    assert stdout.count(" True\n") == 2, stdout
 
 
 @pytest.mark.parametrize("dim", [0, 1])
@@ -430,7 +437,5 @@ def test_full_size_fused_kernels_compile_for_hopper(tmp_path):
         "            assert 'wgmma' in c.asm['ptx'], k.code.name\n"
         "        print(k.code.name, c.metadata.shared)\n"
     )
-    env = os.environ | {"TRITON_INTERPRET": "0", "SUPEROPT_CACHE_DIR": str(tmp_path)}  # compiled for the GPU
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("\n") == 7  # 1 + 1 + 1 + 2 + 2 kernels
+    stdout = compiled_for_the_gpu(code, tmp_path)
+    assert stdout.count("\n") == 7  # 1 + 1 + 1 + 2 + 2 kernels

@@ -574,7 +574,6 @@ def stages_graph(program: KernelGraph, stages: list[Stage]) -> KernelGraph:
         else:
             env[s.op.outputs[0]] = g.op(s.op.op, *args, **s.op.attrs)
 
-    read = {""} & {v for st in stages for v in st.vectors}
     for at, stage in enumerate(stages):
         for s in stage.prologue:
             emit(s)
@@ -583,7 +582,7 @@ def stages_graph(program: KernelGraph, stages: list[Stage]) -> KernelGraph:
         for s in stage.epilogue:
             emit(s)
         env[""] = env[stage.output]
-        if not (read and at + 1 < len(stages) and "" in stages[at + 1].vectors):
+        if at + 1 == len(stages) or "" not in stages[at + 1].vectors:  # not read by the next stage: an output
             g.output(env[stage.output])
         if stage.argmax:
             g.output(g.argmax(env[stage.output], dim=1, keepdim=True))
