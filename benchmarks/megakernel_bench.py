@@ -109,12 +109,12 @@ def planned_programs(
 
 
 def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str]]) -> dict:
-    """The tiny models on the GPU against the CPU replay of the same task list (same SM count): the GEMV bodies
-    lowered from the plan's winners (`plans`), with one KV split over cached positions 8 at a time (attention's
-    chunk loop), and the hand-written bodies; tokens equal up to the first bf16 near tie, logits within bf16
-    rounding (megakernel.agrees_with_replay)."""
+    """The tiny models on the GPU against the CPU replay of the same task list (same SM count): the task bodies
+    lowered from the plan's winners (`plans`), also with one KV split over cached positions 8 at a time
+    (attention's chunk loop); tokens equal up to the first bf16 near tie, logits within bf16 rounding
+    (megakernel.agrees_with_replay)."""
     out = {}
-    variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}, "templates": {"templates": True}}
+    variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}
     for name in sorted(p.stem for p in MODELS.glob("tiny-*.yaml")):
         model = load_model(MODELS / f"{name}.yaml")
         prompt = prompt_tokens(model.config.vocab, 6, seed=1)
@@ -128,7 +128,7 @@ def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str
             try:
                 mk = GpuMegakernel(model, programs=programs, **kw)
                 gpu = mk.generate(prompt, 20)
-                cpu = replay(model, mk.tg, prompt, 20, programs=programs, templates=kw.get("templates", False))
+                cpu = replay(model, mk.tg, prompt, 20, programs=programs)
                 out[f"{name}/{label}"] = agrees_with_replay(gpu, cpu, len(prompt))
                 out[f"{name}/{label}"]["tokens"] = gpu.tokens
                 log(f"[tiny] {name} {label}: {out[f'{name}/{label}']}")
@@ -147,7 +147,6 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer (its compile is slow)")
     ap.add_argument("--no-tiny", action="store_true")
     ap.add_argument("--trace", action="store_true", help="also run a traced kernel: per-op wait and run times")
-    ap.add_argument("--no-templates", action="store_true", help="skip the hand-written bodies' baseline")
     ap.add_argument("--cache-dir", type=Path, help="the plans' cache (default: the layer programs, no plan)")
     ap.add_argument("--budget", type=float, default=None, help="the --budget the plans were searched with")
     ap.add_argument("--device", default="h100", help="the --device the plans were searched for")
@@ -169,13 +168,10 @@ def main(argv: list[str]) -> int:
     for name in args.models.split(","):
         try:
             programs, what = plans(name)
-            log(f"[{name}] GEMV bodies from {what}")
+            log(f"[{name}] task bodies from {what}")
             model = load_model(MODELS / f"{name}.yaml", device="cuda")
             peers, compile_peer = not args.no_peers, not args.no_compile
-            r = benchmark(
-                model, args.prompt_len, args.new_tokens, peers, compile_peer, log, args.trace, programs,
-                baseline=not args.no_templates,
-            )  # fmt: skip
+            r = benchmark(model, args.prompt_len, args.new_tokens, peers, compile_peer, log, args.trace, programs)
             r["programs"] = what
         except Hang as e:  # the GPU is stuck with the kernel: save what there is and leave
             doc["results"].append({"model": name, "errors": {"hang": str(e)}})

@@ -3,9 +3,9 @@
 --emit DIR writes the generated CUDA source, the task graph (JSON) and the build report, and needs no GPU (the
 task graph is built for the detected GPU's SM count, else --sms). On a GPU it builds the kernel, decodes
 --new-tokens greedy tokens after a seeded random prompt, and checks the tokens and logits against the bf16
-reference decoder on the same sequence; --bench adds the timing table beside HF transformers, a CUDA-graph torch
-decode and the megakernel with the hand-written GEMV bodies (kernels/megakernel/bench.py `benchmark`).
---templates builds that baseline instead of the bodies lowered from the plan.
+reference decoder on the same sequence; --bench adds the timing table beside HF transformers and a CUDA-graph
+torch decode (kernels/megakernel/bench.py `benchmark`). A plan whose lowering to task bodies is not verified
+equivalent is refused.
 """
 
 from __future__ import annotations
@@ -53,11 +53,6 @@ MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
 )
 @click.option("--offline", is_flag=True, help="Never search: without a cached plan, the unfused layer programs.")
 @click.option("--cache-dir", type=Folder(), help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).")
-@click.option(
-    "--templates",
-    is_flag=True,
-    help="The hand-written GEMV task bodies, not those lowered from the plan (the baseline; --bench times both).",
-)
 @reports_errors
 def megakernel_command(
     spec: Path,
@@ -69,7 +64,6 @@ def megakernel_command(
     budget_s: float | None,
     offline: bool,
     cache_dir: Path | None,
-    templates: bool,
 ) -> None:
     """Build MODEL.yaml's decoder as one persistent kernel from its plan (cached, or searched now: see `superopt
     search MODEL.yaml`): emit it, or run and check it on the GPU."""
@@ -82,18 +76,16 @@ def megakernel_command(
     planned = search_model(ms, settings, Cache(cache_dir), "offline" if offline else "search", n_sms, "none", say)
     say(planned.note)
     why = unverified_lowering(planned)
-    if why is not None and not templates:
-        raise SuperoptError(f"{ms.name}: {why} (--templates builds the hand-written bodies)")
+    if why is not None:
+        raise SuperoptError(f"{ms.name}: {why}")
     programs = planned.winners()
     results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
     lowering = planned.lowering_json()
     if emit_dir is not None:
         report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status}
-        report["kinds"] = build_report(
-            tg, results, programs, templates, lowering if isinstance(lowering, dict) else None
-        )
+        report["kinds"] = build_report(tg, results, programs, lowering if isinstance(lowering, dict) else None)
         try:
-            text = source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs, templates=templates)
+            text = source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs)
             write_atomic(emit_dir / "megakernel.cu", text)
             write_atomic(emit_dir / "taskgraph.json", json.dumps(tg.to_json()))
             write_atomic(emit_dir / "build_report.json", json.dumps(report, indent=1) + "\n")
@@ -112,9 +104,7 @@ def megakernel_command(
     if prompt_len + new_tokens - 1 > ms.max_seq:
         raise SuperoptError(f"{spec}: {prompt_len + new_tokens - 1} positions exceed max_seq {ms.max_seq}")
     model = ms.load("cuda")
-    res = benchmark(
-        model, prompt_len, new_tokens, bench, bench, say, programs=programs, templates=templates, baseline=bench
-    )
+    res = benchmark(model, prompt_len, new_tokens, bench, bench, say, programs=programs)
     click.echo(f"tokens: {res.get('tokens', [])[prompt_len:]}")
     for key in ("vs_reference_bf16", "vs_hf"):
         if key in res:

@@ -24,7 +24,7 @@ from superopt.cache import Cache, cache_key, now, versions
 from superopt.errors import SuperoptError, brief
 from superopt.ir import KernelGraph
 from superopt.kernels import taskgraph
-from superopt.kernels.megakernel.bodies import lowered_programs
+from superopt.kernels.megakernel.bodies import lower, lowered_programs
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import ModelConfig, ModelSpec, layer_programs
 from superopt.pipeline import MODES, Outcome, Settings, device_spec, optimize_program, trusted_winner
@@ -142,11 +142,11 @@ class ModelOutcome:
 
 
 def validate_lowering(tg: TaskGraph, programs: dict[str, KernelGraph], seed: int = 0) -> dict[str, VerifyResult]:
-    """Translation validation: each program a generated task body is lowered from (the plan's winner, else the
-    layer program), written back as a program by the lowering itself (bodies.lowered_programs), verified against
-    it. The re-tiling of a winner and the cut into stages are checked for this plan, not argued in general."""
-    progs = layer_programs(tg.config) | programs
-    return {name: verify(progs[name], lowered, seed=seed) for name, lowered in lowered_programs(tg, progs).items()}
+    """Translation validation: each program a task body is lowered from (the plan's winner, else the layer
+    program), written back as a program by the lowering itself (bodies.lowered_programs), verified against it.
+    The re-tiling of a winner and the cut into stages are checked for this plan, not argued in general."""
+    low = lower(tg, programs)
+    return {name: verify(low.sources[name], lowered, seed=seed) for name, lowered in lowered_programs(low).items()}
 
 
 def unverified_lowering(outcome: ModelOutcome) -> str | None:
@@ -177,11 +177,9 @@ def search_model(
     outcome = _plan(spec, settings, cache, mode, n_sms, progress, say)
     if outcome.programs:
         try:
-            tg = taskgraph.build(spec.config, n_sms)
+            outcome.lowering = validate_lowering(taskgraph.build(spec.config, n_sms), outcome.winners())
         except SuperoptError as e:
             outcome.lowering = f"no megakernel: {brief(str(e))}"
-        else:
-            outcome.lowering = validate_lowering(tg, outcome.winners())
     return outcome
 
 

@@ -11,6 +11,7 @@ import shutil
 import struct
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 import pytest
@@ -31,15 +32,17 @@ from superopt.kernels.megakernel import (
     GpuMegakernel,
     StaleRead,
     agrees_with_replay,
+    bodies,
     build_report,
     critical_path,
     replay,
+    report_lines,
     smem_plan,
     source,
     tables,
 )
 from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
-from superopt.kernels.megakernel.bodies import task_bodies
+from superopt.kernels.megakernel.bodies import lower
 from superopt.kernels.megakernel.lowering import KINDS, Stage, run_stage
 from superopt.model import (
     Decoder,
@@ -52,6 +55,7 @@ from superopt.model import (
     rope_table,
 )
 from superopt.ops import OPS, missing_rules
+from superopt.serialize import graph_hash
 
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 PROMPT = [3, 17, 42, 7, 99]
@@ -385,17 +389,16 @@ def test_check_rejects_a_missing_wait(llama: Model) -> None:
 # --- the replay ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("templates", [False, True], ids=["generated", "templates"])
 @pytest.mark.parametrize("name", TINY)
-def test_replay_matches_the_reference_decoder(name: str, templates: bool) -> None:
-    """The task list, interleaved over 8 SMs (adversarially and at random), over two launches, its GEMV bodies
-    lowered from the layer programs (or the hand-written ones), gives the bf16 reference decoder's tokens and
+def test_replay_matches_the_reference_decoder(name: str) -> None:
+    """The task list, interleaved over 8 SMs (adversarially and at random), over two launches, its bodies
+    lowered from the layer programs, gives the bf16 reference decoder's tokens and
     logits (the programs round where HF rounds, so equal up to float32 summation order and a bias rounded before
     its add), and stays within bf16 error of the float32 reference on the same sequence."""
     model = load_model(MODELS / f"{name}.yaml")
     tg = taskgraph.build(model.config, 8, 2)
-    out = replay(model, tg, PROMPT, 8, templates=templates)
-    shuffled = replay(model, tg, PROMPT, 8, seed=3, launches=3, templates=templates)
+    out = replay(model, tg, PROMPT, 8)
+    shuffled = replay(model, tg, PROMPT, 8, seed=3, launches=3)
     assert shuffled.tokens == out.tokens and torch.equal(shuffled.logits, out.logits)
     tokens, logits = Decoder(model, "bfloat16").generate(PROMPT, 8)
     assert out.tokens == tokens
@@ -417,7 +420,7 @@ def test_every_gemv_kind_lowers_and_its_stage_computes_its_program(name: str) ->
     cfg = model.config
     progs = layer_programs(cfg)
     tg = taskgraph.build(cfg, 8, 2)
-    stages = task_bodies(tg, progs)
+    stages = lower(tg).bodies
     assert all(isinstance(stages[k.name], Stage) for k in KINDS), stages
     gen = torch.Generator().manual_seed(1)
 
@@ -442,30 +445,45 @@ def test_every_gemv_kind_lowers_and_its_stage_computes_its_program(name: str) ->
         assert (got - expected).abs().max() <= 2**-6 * expected.abs().max(), (name, program)
 
 
-def test_a_program_that_does_not_lower_keeps_its_template_and_says_why() -> None:
+def test_a_winner_that_does_not_lower_gives_way_to_its_layer_program_and_the_report_says_why() -> None:
     """attn_in with its weight scaled inside the program (the GEMV's weight is not a program input): the qkv
-    body stays the hand-written one, the build report and the source say why, the rest are generated."""
+    body is lowered from the layer program instead, the build report says why, the others from their winners;
+    lm_head without its argmax (the step needs the next token): the LM head and argmax bodies likewise."""
     cfg = load_spec(MODELS / "tiny-llama.yaml").config
     p = superopt.Graph("attn_in")
     x, gamma = p.input("h", (1, cfg.hidden), "bfloat16"), p.input("gamma", (1, cfg.hidden), "bfloat16")
     w = p.input("wqkv", (cfg.hidden, cfg.qkv_rows), "bfloat16")
     p.output(p.matmul(p.mul(p.rms_norm(x, eps=cfg.eps), gamma), p.mul_scalar(w, c=1.0)))
-    tg = taskgraph.build(cfg, 8, 2)
-    report = {r["kind"]: r for r in build_report(tg, programs={"attn_in": p})}
-    assert report["qkv"]["body"] == "template" and "'mul_scalar' is not a [k, n] program input" in str(
-        report["qkv"]["template_reason"]
-    )
-    assert report["oproj"]["body"] == report["attn"]["body"] == report["argmax"]["body"] == "generated"
-    src = source(tg, "t", 32, 32, programs={"attn_in": p})
-    assert "{ template_qkv(t, chunk); }  // not lowered" in src and "void task_gateup" in src
-    assert all(r["body"] == "template" for r in build_report(tg, templates=True))
-    # lm_head without its argmax: the step has no next token, so neither half of the split argmax lowers.
     lm = superopt.Graph("lm_head")
     h, g = lm.input("h", (1, cfg.hidden), "bfloat16"), lm.input("gamma", (1, cfg.hidden), "bfloat16")
     lm.output(lm.matmul(lm.mul(lm.rms_norm(h, eps=cfg.eps), g), lm.input("w", (cfg.hidden, cfg.vocab), "bfloat16")))
-    report = {r["kind"]: r for r in build_report(tg, programs={"lm_head": lm})}
-    assert report["lmhead"]["body"] == report["argmax"]["body"] == "template"
-    assert "the step needs the next token" in report["lmhead"]["template_reason"]
+    progs = layer_programs(cfg)
+    winners = {"attn_in": p, "lm_head": lm, "mlp": progs["mlp"]}
+    tg = taskgraph.build(cfg, 8, 2)
+    low = lower(tg, winners)
+    assert low.sources["attn_in"] is not p and low.sources["lm_head"] is not lm and low.sources["mlp"] is winners["mlp"]
+    assert "'mul_scalar' is not a [k, n] program input" in low.fallbacks["attn_in"]
+    assert "the step needs the next token" in low.fallbacks["lm_head"]
+    report = {r["kind"]: r for r in build_report(tg, programs=winners)}
+    assert all(r["body"] == "generated" for r in report.values())
+    (qkv,) = (c for c in report["qkv"]["computes"] if c["program"] == "attn_in")
+    assert qkv["lowered_from"] == "program" and "mul_scalar" in qkv["winner_not_lowered"]
+    assert report["gateup"]["computes"][0]["lowered_from"] == "winner"
+    assert "the winner does not lower" in report_lines(list(report.values()))[0]
+    assert source(tg, "t", 32, 32, programs=winners) == source(tg, "t", 32, 32, programs={"mlp": progs["mlp"]})
+
+
+def test_a_layer_program_that_does_not_lower_is_a_model_the_megakernel_refuses(monkeypatch: Any) -> None:
+    """With no lowerable program to fall back to, building says which task kind and why, in one line."""
+    cfg = load_spec(MODELS / "tiny-llama.yaml").config
+    tg = taskgraph.build(cfg, 8, 2)
+    progs = layer_programs(cfg)
+    lm = superopt.Graph("lm_head")
+    h, g = lm.input("h", (1, cfg.hidden), "bfloat16"), lm.input("gamma", (1, cfg.hidden), "bfloat16")
+    lm.output(lm.matmul(lm.mul(lm.rms_norm(h, eps=cfg.eps), g), lm.input("w", (cfg.hidden, cfg.vocab), "bfloat16")))
+    monkeypatch.setattr(bodies, "layer_programs", lambda c: progs | {"lm_head": lm})
+    with pytest.raises(SuperoptError, match="the lmhead task body does not lower from its layer program: .*next token"):
+        lower(tg)
 
 
 # --- attention's body lowered from qk_rope, kv_append and attention ------------------------------------------
@@ -479,7 +497,7 @@ def test_attention_lowers_and_its_steps_compute_the_programs(name: str) -> None:
     within bf16 rounding."""
     cfg = load_spec(MODELS / f"{name}.yaml").config
     progs = layer_programs(cfg)
-    body = task_bodies(taskgraph.build(cfg, 8, 2), progs)["attn"]
+    body = lower(taskgraph.build(cfg, 8, 2)).bodies["attn"]
     assert isinstance(body, AttentionBody), body
     gen = torch.Generator().manual_seed(2)
 
@@ -503,28 +521,27 @@ def test_attention_lowers_and_its_steps_compute_the_programs(name: str) -> None:
     assert (got - expected).abs().max() <= 2**-6 * expected.abs().max(), name
 
 
-def test_attention_programs_that_do_not_lower_keep_the_template_and_say_why() -> None:
-    """A softmax without its max shift and a q/k step with no rule on head rows: the attention body stays the
-    hand-written one; the build report and the source say why."""
+def test_attention_winners_that_do_not_lower_give_way_to_the_layer_programs_and_say_why() -> None:
+    """A softmax without its max shift and a q/k step with no rule on head rows: the attention body is lowered
+    from the layer programs; the build report says why."""
     cfg = load_spec(MODELS / "tiny-llama.yaml").config
     tg = taskgraph.build(cfg, 8, 2)
-    att = layer_programs(cfg)["attention"]
+    progs = layer_programs(cfg)
+    att = progs["attention"]
     p = superopt.Graph("attention")
     q, k, v, mask = (p.input(n, att.tensors[n].shape, "bfloat16") for n in ("q", "k", "v", "mask"))
     e = p.exp(p.add(p.mul_scalar(p.matmul(q, k), c=0.125), mask))
     p.output(p.matmul(p.div(e, p.sum(e, dim=2, keepdim=True)), v))
     report = {r["kind"]: r for r in build_report(tg, programs={"attention": p})}
-    assert report["attn"]["body"] == "template" and "is not the sub of softmax attention" in str(
-        report["attn"]["template_reason"]
-    )
-    src = source(tg, "t", 32, 32, programs={"attention": p})
-    assert "{ template_attn_head(r, g, cst, row); }  // not lowered" in src
+    (entry,) = (c for c in report["attn"]["computes"] if c["program"] == "attention")
+    assert entry["lowered_from"] == "program" and "is not the sub of softmax attention" in entry["winner_not_lowered"]
     rope = superopt.Graph("qk_rope")
     x = rope.input("qk", (cfg.heads + cfg.kv_heads, cfg.head_dim), "bfloat16")
     cs, sn = (rope.input(n, (1, cfg.head_dim), "bfloat16") for n in ("cos", "sin"))
     rope.output(rope.rope(rope.mul(x, rope.max(x, dim=1, keepdim=True)), cs, sn))
-    reason = task_bodies(tg, layer_programs(cfg) | {"qk_rope": rope})["attn"]
-    assert isinstance(reason, str) and "op 'max' has no rule on an attention task's head rows" in reason
+    low = lower(tg, {"qk_rope": rope})
+    assert graph_hash(low.sources["qk_rope"]) == graph_hash(progs["qk_rope"])
+    assert "op 'max' has no rule on an attention task's head rows" in low.fallbacks["qk_rope"]
 
 
 def test_a_fused_qk_rope_winner_lowers_with_its_inner_tiles_in_float32() -> None:
@@ -544,7 +561,9 @@ def test_a_fused_qk_rope_winner_lowers_with_its_inner_tiles_in_float32() -> None
     g.output(g.rope(normed, cs, sn))
     assert superopt.verify(program, g).equivalent
     tg = taskgraph.build(cfg, 8, 2)
-    body = task_bodies(tg, layer_programs(cfg) | {"qk_rope": g})["attn"]
+    low = lower(tg, {"qk_rope": g})
+    assert low.sources["qk_rope"] is g
+    body = low.bodies["attn"]
     assert isinstance(body, AttentionBody)
     assert [(s.op.op, s.dtype) for s in body.head] == [("rms_norm", "float32"), ("mul", "bfloat16"),
                                                         ("rope", "bfloat16")]  # fmt: skip
@@ -570,11 +589,11 @@ def test_replay_detects_a_missing_wait(llama: Model) -> None:
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("spec, templates", [*((n, False) for n in TINY), ("tiny-qwen2", True)])
-def test_emitted_cuda_compiles_for_sm90a(spec: str, templates: bool, tmp_path: Path) -> None:
+@pytest.mark.parametrize("spec", TINY)
+def test_emitted_cuda_compiles_for_sm90a(spec: str, tmp_path: Path) -> None:
     ms = load_spec(MODELS / f"{spec}.yaml")
     src = tmp_path / "mk.cu"
-    src.write_text(source(taskgraph.build(ms.config, 132), ms.name, ms.max_seq, ms.max_seq, templates=templates))
+    src.write_text(source(taskgraph.build(ms.config, 132), ms.name, ms.max_seq, ms.max_seq))
     proc = subprocess.run(
         ["nvcc", "-arch=sm_90a", "-c", "-Xptxas", "-v", "-o", str(tmp_path / "mk.o"), str(src)],
         capture_output=True,

@@ -163,14 +163,11 @@ def test_megakernel_emit_uses_the_cached_plan_and_reports_each_winner(searched, 
     for kind in report["kinds"]:
         for c in kind["computes"]:
             assert c["winner_hash"] == winners[c["program"]] and c["verification"]["method"]
-            assert (
-                kind["body"] == "template"
-                or c["program"] in ("embed_scale", "kv_append")
-                or c["lowering_verification"]["equivalent"]
-            )
+            assert c["lowered_from"] == "winner"
+            assert c["program"] in ("embed_scale", "kv_append") or c["lowering_verification"]["equivalent"]
     bodies = {k["kind"]: (k["body"], k.get("generated_from")) for k in report["kinds"]}
     assert bodies["gateup"] == ("generated", "mlp (stage 0)") and bodies["down"] == ("generated", "mlp (stage 1)")
-    assert all(body == "generated" for body, _ in bodies.values() if body != bodies["argmax"][0])
+    assert all(body == "generated" for body, _ in bodies.values())
     assert bodies["attn"][1].startswith("qk_rope") and "task_qkv" in (tmp_path / "megakernel.cu").read_text()
     graph = json.loads((tmp_path / "taskgraph.json").read_text())
     assert graph["n_sms"] == 132 and 'extern "C" __global__' in (tmp_path / "megakernel.cu").read_text()
@@ -182,7 +179,7 @@ def test_megakernel_emit_uses_the_cached_plan_and_reports_each_winner(searched, 
 def test_a_lowering_that_does_not_compute_its_program_is_never_built(searched, tmp_path, monkeypatch):
     """A lowering bug (the O projection's residual dropped from its stage, as if the cut lost it): translation
     validation finds the lowered program not equivalent to the winner, and the megakernel is not built from it:
-    one line naming the program, exit 2, nothing written; --templates still builds the hand-written bodies."""
+    one line naming the program, exit 2, nothing written."""
     from superopt.kernels.megakernel import lowering
 
     real = lowering.stages_graph
@@ -206,10 +203,7 @@ def test_a_lowering_that_does_not_compute_its_program_is_never_built(searched, t
     ]
     result = CliRunner().invoke(megakernel_command, args)
     assert result.exit_code == 2 and not (tmp_path / "out" / "megakernel.cu").exists()
-    assert "attn_out: not equivalent" in result.output and "--templates" in result.output
-    assert "Traceback" not in result.output
-    result = CliRunner().invoke(megakernel_command, [*args, "--templates"])
-    assert result.exit_code == 0 and (tmp_path / "out" / "megakernel.cu").exists()
+    assert "attn_out: not equivalent" in result.output and "Traceback" not in result.output
 
 
 def test_a_fused_winner_lowers_to_the_same_device_function():

@@ -22,7 +22,7 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     for sub in ("search_space", "verification", "kernels", "cli"):
         assert f"superopt/{sub}/__init__.py" in names
     assert "superopt/cli/main.py" in names
-    for cuda in ("prelude", "templates", "attention", "kernel"):  # the megakernel's CUDA, package data
+    for cuda in ("prelude", "gemv", "attention", "kernel"):  # the megakernel's CUDA, package data
         assert f"superopt/kernels/megakernel/{cuda}.cuh" in names
     assert any(n.endswith("entry_points.txt") for n in names)
 

@@ -18,13 +18,14 @@ where the last launch stopped.
 Prefill runs as decode steps whose argmax is not written while the next position is still inside the prompt;
 the argmax task writes the greedy token, so N steps need no host round trip.
 
-Task bodies: the GEMV tiles (QKV, O projection, gate/up, down, LM head) are lowered from the plan's verified
-winners for their layer programs (lowering.py: each a stage of its program, prologue over the whole vector, the
-GEMV over the ring, epilogue over the task's rows); attention's head steps (q/k norm, the rotary embedding) and
-score steps from qk_rope and the attention program (attention.py), around the split-KV softmax of attention.cuh
-(the rule of softmax attention; the O projection's prologue combines the splits); the argmax is hand-written, and
-so are the bodies that `templates=True` builds (templates.cuh), the baseline the generated ones are timed
-against. `build_report` says which, per task kind, with each program's winner and verification.
+Task bodies are lowered from the plan's verified winners for their layer programs (bodies.py; a winner that does
+not lower gives way to its layer program, and the build report says why): the GEMV tiles (QKV, O projection,
+gate/up, down, LM head) by lowering.py, each a stage of its program (prologue over the whole vector, the GEMV over
+the ring, epilogue over the task's rows); attention's head steps (q/k norm, the rotary embedding) and score steps
+from qk_rope and the attention program (attention.py), around the split-KV softmax of attention.cuh (the rule of
+softmax attention; the O projection's prologue combines the splits); the argmax task combines the LM-head tasks'
+maxima (lm_head's argmax as a split reduction). `build_report` says, per task kind, which programs its body is
+lowered from, with each program's winner and verification.
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body with the kernel's rounding (the

@@ -2,10 +2,11 @@
 // The split's cached positions were written by earlier steps, so attention_prefetch copies the first KV_CAP of
 // them into shared memory (cp.async) before the task waits for this step's q, k and v, and before them (a group
 // of its own) this position's RoPE row and the layer's q/k norm weights; attention then runs the head steps on
-// q's heads and this position's k (attn_head: qk_rope's steps, from kernels/megakernel/attention.py, or the
-// template's), split 0 appends k and v to the cache, and each chunk of at most KV_CAP positions takes three
-// passes: scores (attn_score: the attention program's steps from q . k to the softmax), a warp per q head for
-// the online softmax, outputs. It writes (max, sum, unnormalized output) per q head. The passes are bound by shared-memory traffic, so their layouts keep
+// q's heads and this position's k (attn_head: qk_rope's steps, from kernels/megakernel/attention.py), split 0
+// appends k and v to the cache, and each chunk of at most KV_CAP positions takes three passes: scores
+// (attn_score: the attention program's steps from q . k to the softmax), a warp per q head for the online
+// softmax, outputs. It writes (max, sum, unnormalized output) per q head. The passes are bound by shared-memory
+// traffic, so their layouts keep
 // it down: with a thread per (position, quarter of the head) the scores re-read q from shared memory for every
 // position (0.5-0.9 us on the H200, 0.3 us as below).
 constexpr int KS = HD + 8;  // a cached row in shared memory, padded so a warp's 16-byte reads of 8 rows differ in bank

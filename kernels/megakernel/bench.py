@@ -192,13 +192,10 @@ def benchmark(
     log: Callable[[str], None] = print,
     trace: bool = False,
     programs: dict[str, KernelGraph] | None = None,
-    templates: bool = False,
-    baseline: bool = True,
 ) -> dict[str, Any]:
-    """Builds and runs the megakernel (its GEMV bodies lowered from `programs`, the plan's winners; see
-    `source`; `templates`: the hand-written bodies), checks its greedy tokens and logits against HF transformers
-    (and the bf16 reference decoder), and times it beside the peers and (`baseline`) beside the megakernel with
-    the hand-written bodies, whose tokens are checked against the same references.
+    """Builds and runs the megakernel (its task bodies lowered from `programs`, the plan's winners; see
+    `source`), checks its greedy tokens and logits against HF transformers (and the bf16 reference decoder), and
+    times it beside the peers.
     Each phase catches its own failure and records it, so one that fails still leaves the others' results."""
     res: dict[str, Any] = {"model": model.name, "prompt_len": prompt_len, "new_tokens": new_tokens, "errors": {}}
     prompt = prompt_tokens(model.config.vocab, prompt_len, seed=0)
@@ -218,10 +215,10 @@ def benchmark(
             return None
 
     def build() -> None:
-        mk = state["mk"] = GpuMegakernel(model, programs=programs, templates=templates)
+        mk = state["mk"] = GpuMegakernel(model, programs=programs)
         res["resources"] = mk.resources
         res["tasks"] = len(mk.tg.tasks)
-        res["build_report"] = build_report(mk.tg, programs=programs, templates=templates)
+        res["build_report"] = build_report(mk.tg, programs=programs)
 
     def run() -> None:
         out = state["out"] = state["mk"].generate(prompt, new_tokens)
@@ -253,23 +250,10 @@ def benchmark(
     if "out" in state:
         timings["megakernel"] = phase("time_megakernel", lambda: time_megakernel(state["mk"], prompt, new_tokens))
     state.pop("mk", None)
-    if baseline and not templates and "out" in state:
-
-        def time_templates() -> float:
-            mk = GpuMegakernel(model, programs=programs, templates=True)
-            out = mk.generate(prompt, new_tokens)
-            res["vs_reference_bf16_templates"] = versus_reference_bf16(model, out, prompt_len)
-            if "hf" in state:
-                ref = teacher_forced_logits(state["hf"], out.tokens, prompt_len)
-                res["vs_hf_templates"] = compare(out.tokens, out.logits, ref, prompt_len)
-            res["tokens_templates"] = out.tokens
-            return time_megakernel(mk, prompt, new_tokens)
-
-        timings["megakernel_templates"] = phase("time_megakernel_templates", time_templates)
     if trace and "out" in state:
 
         def traced() -> dict[str, Any]:
-            mk = GpuMegakernel(model, trace=True, programs=programs, templates=templates)
+            mk = GpuMegakernel(model, trace=True, programs=programs)
             mk.generate(prompt, new_tokens)
             return mk.trace_summary()
 

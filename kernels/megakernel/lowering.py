@@ -303,7 +303,7 @@ def _expand_block(graph: KernelGraph, op: Op, alias: dict[str, str], step: Calla
 
 def lower_kinds(progs: dict[str, KernelGraph], gemv: dict[str, Gemv]) -> dict[str, Stage | str]:
     """Each GEMV task kind's stage, lowered from its layer program in `progs` (a winner or the program itself)
-    and checked against the task graph's tiling of the kind (`gemv`), or the reason its body stays a template."""
+    and checked against the task graph's tiling of the kind (`gemv`), or why it does not lower."""
     by_program: dict[str, list[Stage] | str] = {}
     out: dict[str, Stage | str] = {}
     for kind in KINDS:

@@ -1,11 +1,10 @@
 """The megakernel's CPU replay: the same task list as the GPU runs, the per-SM lists interleaved under the
 counter protocol (an adversarial order by default: the latest runnable task first), each task body in torch with
-the kernel's rounding (the generated bodies through the reference interpreter of the winners they come from),
+the kernel's rounding (the bodies through the reference interpreter of the programs they are lowered from),
 and every read checked against the step that wrote its elements, so a missing wait shows up as a stale read."""
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -17,11 +16,11 @@ from superopt.interpret import TorchEval, evaluate
 from superopt.ir import KernelGraph, Op
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
-from superopt.kernels.megakernel.bodies import task_bodies
+from superopt.kernels.megakernel.bodies import lower
 from superopt.kernels.megakernel.layout import packed_weights, small_params
 from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import Model, layer_programs
+from superopt.model import Model
 from superopt.ops import TensorType
 
 INDEX = TensorType((), "float32")  # an argmax's result
@@ -50,14 +49,13 @@ def replay(
     seed: int | None = None,
     launches: int = 2,
     programs: dict[str, KernelGraph] | None = None,
-    templates: bool = False,
 ) -> Generation:
     """Runs the task list on the CPU: prefill and generation as decode steps over `launches` launches, the SMs
     interleaved under the counter protocol (seed None: always the runnable task latest in the step, so a
     consumer runs as soon as its waits allow; else a seeded random runnable SM). Raises StaleRead for a read of
-    data its step has not written, SuperoptError for a deadlock. The GEMV tasks run the stages lowered from
-    `programs` (the winners the source was emitted from, as `source` lowers them) by the reference
-    interpreter's rules (lowering.run_stage); `templates`: the hand-written bodies' arithmetic instead."""
+    data its step has not written, SuperoptError for a deadlock. The tasks run the bodies lowered from `programs`
+    (the winners the source was emitted from, as `source` lowers them) by the reference interpreter's rules
+    (lowering.run_stage, attention.run_head and run_score)."""
     c = tg.config
     steps_total = len(prompt) + new_tokens - 1
     if steps_total > model.max_seq:
@@ -65,8 +63,8 @@ def replay(
     weights = {k: v.float() for k, v in packed_weights(model, tg).items()}
     small = {k: v.float() for k, v in small_params(model).items()}
     embed = model.w("model.embed_tokens.weight").float()
-    progs = layer_programs(c) | (programs or {})
-    bodies = task_bodies(tg, progs, templates)
+    lowering = lower(tg, programs)
+    bodies, progs = lowering.bodies, lowering.sources
     native = TorchEval("native")
     buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
     written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
@@ -92,15 +90,6 @@ def replay(
     def write(name: str, lo: int, values: torch.Tensor, g: int) -> None:
         buf[name][lo : lo + len(values)] = values
         written[name][lo : lo + len(values)] = g
-
-    def norm(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
-        inv = torch.rsqrt(x.square().mean(-1, keepdim=True) + c.eps)
-        return rbf(x * inv * (1 + gamma)) if c.gemma else rbf(gamma * rbf(x * inv))
-
-    def tile_rows(t: taskgraph.Task, x: torch.Tensor) -> torch.Tensor:
-        plan = tg.gemv[t.op]
-        w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
-        return w @ x
 
     def epilogue(name: str, *args: torch.Tensor) -> torch.Tensor:
         return evaluate(progs[name], [a.to(torch.bfloat16) for a in args], native)[0].float()
@@ -141,18 +130,13 @@ def replay(
     def run(t: taskgraph.Task, g: int, pos: int) -> None:
         for r in t.reads:
             check_read(r, g, pos)
-        i, d, hd = t.layer, c.head_dim, c.head_dim // 2
+        i, d = t.layer, c.head_dim
         if i == 0:
             h_in = epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]
         else:
             h_in = buf[f"hmlp.{i - 1}"]  # the LM head's (layer L): the last layer's output
-        if t.op in KIND and isinstance(bodies[t.op], Stage):
+        if t.op in KIND:
             generated(t, bodies[t.op], g, h_in)  # type: ignore[arg-type]
-        elif t.op == "qkv":
-            y = tile_rows(t, norm(h_in, small["gin"][i]))
-            if c.qkv_bias:  # added before the one rounding
-                y = y + small["bqkv"][i, t.row0 : t.row0 + t.nrows]
-            write(f"qkv.{i}", t.row0, rbf(y), g)
         elif t.op == "attn":
             qkv, kv, grp = buf[f"qkv.{i}"], t.head, c.group
             q = qkv[kv * grp * d : (kv + 1) * grp * d].view(grp, d)
@@ -160,20 +144,11 @@ def replay(
             v = qkv[(c.heads + c.kv_heads + kv) * d : (c.heads + c.kv_heads + kv + 1) * d]
             cs, sn = small["cos"][pos], small["sin"][pos]
             body = bodies["attn"]
-            if isinstance(body, AttentionBody):  # qk_rope's steps on the q heads and k, the rows of the program
-                gamma = torch.stack([*[small["gq"][i]] * grp, small["gk"][i]]) if c.qk_norm else None
-                full = torch.cat([cs, cs])[None], torch.cat([sn, sn])[None]  # the halves of a RoPE row repeat
-                heads = run_head(body, torch.cat([q, k[None]]), gamma, *full)
-                q, k = heads[:grp], heads[grp]
-            else:
-                if c.qk_norm:
-                    q, k = norm(q, small["gq"][i]), norm(k, small["gk"][i])
-
-                def rope(x: torch.Tensor) -> torch.Tensor:
-                    x1, x2 = x[..., :hd], x[..., hd:]
-                    return torch.cat([rbf(rbf(x1 * cs) - rbf(x2 * sn)), rbf(rbf(x2 * cs) + rbf(x1 * sn))], -1)
-
-                q, k = rope(q), rope(k)
+            assert isinstance(body, AttentionBody)
+            # qk_rope's steps on the q heads and k, the rows of the program; the halves of a RoPE row repeat
+            gamma = torch.stack([*[small["gq"][i]] * grp, small["gk"][i]]) if c.qk_norm else None
+            heads = run_head(body, torch.cat([q, k[None]]), gamma, torch.cat([cs, cs])[None], torch.cat([sn, sn])[None])
+            q, k = heads[:grp], heads[grp]
             if t.split == 0:
                 kcache[i, kv, pos], vcache[i, kv, pos], kv_step[i, kv, pos] = k, v, g
             first = max(0, pos + 1 - c.sliding_window) if c.sliding_window else 0
@@ -186,26 +161,11 @@ def replay(
             out = torch.zeros(grp, taskgraph.PART_HEAD + d)  # max, sum, pad, outputs
             out[:, 0] = -1e30
             if p1 > p0:
-                s = q @ keys.T
-                s = run_score(body, s) if isinstance(body, AttentionBody) else s * (1 / math.sqrt(d))
+                s = run_score(body, q @ keys.T)
                 out[:, 0] = s.amax(-1)
                 e = torch.exp(s - out[:, :1])
                 out[:, 1], out[:, taskgraph.PART_HEAD :] = e.sum(-1), e @ vals
             write(f"part.{i}", (t.split * c.kv_heads + kv) * out.numel(), out.reshape(-1), g)
-        elif t.op == "oproj":
-            res = h_in[t.row0 : t.row0 + t.nrows]
-            write(f"hattn.{i}", t.row0, epilogue("residual", res, rbf(tile_rows(t, combined(i)))), g)
-        elif t.op == "gateup":
-            y = rbf(tile_rows(t, norm(buf[f"hattn.{i}"], small["gpost"][i])))
-            write(f"act.{i}", t.row0, epilogue("mlp_act", y[: t.nrows], y[t.nrows :]), g)
-        elif t.op == "down":
-            y = rbf(tile_rows(t, buf[f"act.{i}"]))
-            write(f"hmlp.{i}", t.row0, epilogue("residual", buf[f"hattn.{i}"][t.row0 : t.row0 + t.nrows], y), g)
-        elif t.op == "lmhead":
-            y = rbf(tile_rows(t, norm(buf[f"hmlp.{c.layers - 1}"], small["gfinal"])))
-            write("logits", t.row0, y, g)
-            k = int(y.argmax())  # the first of equal maxima
-            write("lmpart", 2 * t.tile, torch.tensor([y[k], float(t.row0 + k)]), g)
         else:  # argmax over the tiles' maxima: the lowest index among equal values
             vals, idx = buf["lmpart"][0::2], buf["lmpart"][1::2]
             token = int(idx[vals == vals.max()].min())

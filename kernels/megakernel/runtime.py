@@ -44,7 +44,6 @@ class GpuMegakernel:
         trace: bool = False,
         kv_cap: int | None = None,
         programs: dict[str, KernelGraph] | None = None,
-        templates: bool = False,
     ) -> None:
         import cupy  # an optional dependency (the gpu extra): only a GPU run needs it
 
@@ -55,7 +54,7 @@ class GpuMegakernel:
         self.model = model
         self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits)
         self.logit_slots = logit_slots or model.max_seq
-        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap, programs, templates)
+        self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap, programs)
         self.plan = smem_plan(self.tg, model.max_seq, kv_cap)
         dev = torch.device("cuda")
         self.weights = {k: v.to(dev) for k, v in packed_weights(model, self.tg).items()}

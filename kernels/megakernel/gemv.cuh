@@ -65,9 +65,6 @@ __device__ __forceinline__ float gemv_row(const float* part, int r) {
 }
 
 // ---- prologues: the GEMV's input vector x (bf16) into shared memory.
-// rms_norm with weight, rounded where HF's bf16 RMSNorm rounds: bf16(gamma * bf16(x * rsqrt(mean(x^2) + eps))),
-// or Gemma's, in float32 with one rounding: bf16(x * rsqrt(mean(x^2) + eps) * (1 + gamma)). `embedded`: x is the
-// token's embedding row, which Gemma scales first (the generated embed_scale) where HF scales it, before the norm.
 // A thread's part of a vector of K bf16: its 16-byte vectors threadIdx.x + i * NCONSUMERS.
 template <int K>
 struct Slice {
@@ -80,42 +77,6 @@ struct Slice {
   }
   __device__ __forceinline__ bool has(int i) const { return threadIdx.x + i * NCONSUMERS < VEC; }
 };
-template <int K>
-__device__ void norm_to_smem(const u16* x, const u16* gamma, u16* xs, float* red, bool embedded = false) {
-  Slice<K> v, g;
-  v.load(x);
-  g.load(gamma);
-  if (EMBED_SCALE && embedded)
-#pragma unroll
-    for (int i = 0; i < v.PER; ++i) {
-      u32* e = &v.v[i].x;
-      for (int k = 0; k < 4; ++k) e[k] = f2bf(embed_scale(lo(e[k]))) | ((u32)f2bf(embed_scale(hi(e[k]))) << 16);
-    }
-  float ss = 0.f;
-#pragma unroll
-  for (int i = 0; i < v.PER; ++i) {
-    const u32* e = &v.v[i].x;
-    if (v.has(i))
-      for (int k = 0; k < 4; ++k) ss += lo(e[k]) * lo(e[k]) + hi(e[k]) * hi(e[k]);
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / K + EPS);
-#pragma unroll
-  for (int i = 0; i < v.PER; ++i) {
-    if (v.has(i)) {
-      const u32* e = &v.v[i].x;
-      const u32* ge = &g.v[i].x;
-      V4 o;
-      u32* oe = &o.x;
-      for (int k = 0; k < 4; ++k) {
-        const u32 a = GEMMA_NORM ? f2bf(lo(e[k]) * inv * (1.f + lo(ge[k]))) : f2bf(lo(ge[k]) * rbf(lo(e[k]) * inv));
-        const u32 b = GEMMA_NORM ? f2bf(hi(e[k]) * inv * (1.f + hi(ge[k]))) : f2bf(hi(ge[k]) * rbf(hi(e[k]) * inv));
-        oe[k] = a | (b << 16);
-      }
-      ((V4*)xs)[threadIdx.x + i * NCONSUMERS] = o;
-    }
-  }
-  consumers_sync();
-}
 template <int K>
 __device__ void copy_to_smem(const u16* x, u16* xs) {
   Slice<K> v;
@@ -198,96 +159,3 @@ __device__ __forceinline__ V4 pack8(const float (&f)[8]) {
   for (int k = 0; k < 4; ++k) w[k] = f2bf(f[2 * k]) | ((u32)f2bf(f[2 * k + 1]) << 16);
   return v;
 }
-
-// The hand-written bodies (the baseline the generated ones are timed against: --templates), rounded as HF's bf16
-// modules round.
-__device__ __forceinline__ void template_qkv(const GemvTask& t, u32& chunk) {
-  if (t.fresh) norm_to_smem<HID>(layer_input(t.ws, t.embed, t.layer, t.pos), ws_gin(t.ws, t.layer), t.xs, t.red,
-                                 t.layer == 0);
-  stamp(t.tr, 2);
-  gemv<HID, RC_QKV>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
-  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS)  // a bias (Qwen2) is added before the one rounding
-    ws_qkv(t.ws, t.layer)[t.row0 + r] = f2bf(gemv_row<HID, RC_QKV>(t.part, r) +
-                                             (QKV_BIAS ? bf2f(ws_bqkv(t.ws, t.layer)[t.row0 + r]) : 0.f));
-}
-__device__ __forceinline__ void template_oproj(const GemvTask& t, u32& chunk) {
-  const int tid = threadIdx.x;
-  float res = tid < t.nrows ? ldcgbf(layer_input(t.ws, t.embed, t.layer, t.pos) + t.row0 + tid) : 0.f;
-  if (EMBED_SCALE && t.layer == 0) res = embed_scale(res);
-  if (t.fresh) combine_to_smem(ws_part(t.ws, t.layer), t.xs);
-  stamp(t.tr, 2);
-  gemv<NH * HD, RC_OPROJ>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
-  if (tid < t.nrows)
-    ws_hattn(t.ws, t.layer)[t.row0 + tid] = f2bf(residual(res, rbf(gemv_row<NH * HD, RC_OPROJ>(t.part, tid))));
-}
-__device__ __forceinline__ void template_gateup(const GemvTask& t, u32& chunk) {
-  if (t.fresh) norm_to_smem<HID>(ws_hattn(t.ws, t.layer), ws_gpost(t.ws, t.layer), t.xs, t.red);
-  stamp(t.tr, 2);
-  gemv<HID, RC_GATEUP>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
-  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS) {
-    const float gate = rbf(gemv_row<HID, RC_GATEUP>(t.part, r));
-    const float up = rbf(gemv_row<HID, RC_GATEUP>(t.part, t.nrows + r));
-    ws_act(t.ws, t.layer)[t.row0 + r] = f2bf(mlp_act(gate, up));
-  }
-}
-__device__ __forceinline__ void template_down(const GemvTask& t, u32& chunk) {
-  const int tid = threadIdx.x;
-  const float res = tid < t.nrows ? ldcgbf(ws_hattn(t.ws, t.layer) + t.row0 + tid) : 0.f;
-  if (t.fresh) copy_to_smem<INTER>(ws_act(t.ws, t.layer), t.xs);
-  stamp(t.tr, 2);
-  gemv<INTER, RC_DOWN>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
-  if (tid < t.nrows)
-    ws_hmlp(t.ws, t.layer)[t.row0 + tid] = f2bf(residual(res, rbf(gemv_row<INTER, RC_DOWN>(t.part, tid))));
-}
-__device__ __forceinline__ void template_lmhead(const GemvTask& t, u32& chunk) {
-  if (t.fresh) norm_to_smem<HID>(ws_hmlp(t.ws, NLAYER - 1), ws_gfinal(t.ws), t.xs, t.red);
-  stamp(t.tr, 2);
-  gemv<HID, RC_LMHEAD>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);
-  float* logits = ws_logits(t.ws) + (u64)(t.pos % LOGIT_SLOTS) * VOCAB;
-  float best = -3.0e38f;
-  int arg = 0x7fffffff;
-  for (int r = threadIdx.x; r < t.nrows; r += NCONSUMERS) {
-    const float y = rbf(gemv_row<HID, RC_LMHEAD>(t.part, r));
-    logits[t.row0 + r] = y;
-    if (better(y, t.row0 + r, best, arg)) { best = y; arg = t.row0 + r; }
-  }
-  block_argmax(best, arg, t.red);
-  if (threadIdx.x == 0) { ws_lmval(t.ws)[t.tile] = best; ws_lmidx(t.ws)[t.tile] = arg; }
-}
-
-// The hand-written attention steps (the baseline of attention.py's attn_head and attn_score): Qwen3's q/k norm,
-// rounded as HF's bf16 RMSNorm rounds, then RoPE, rounded as HF rounds: bf16(bf16(x cos) + bf16(rotate_half(x)
-// sin)), from the bf16 cos/sin half rows in cst; the scores scaled by 1 / sqrt(HD).
-__device__ __forceinline__ void template_attn_head(float (&r)[HD / 32], const u16* g, const u16* cst, float* row) {
-  constexpr int E = HD / 32;
-  const int lane = threadIdx.x & 31;
-  if (QK_NORM) {
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < E; ++i) ss += r[i] * r[i];
-    const float inv = rsqrtf(warp_sum(ss) / HD + EPS);
-#pragma unroll
-    for (int i = 0; i < E; ++i) r[i] = rbf(bf2f(g[lane + 32 * i]) * rbf(r[i] * inv));
-  }
-  if constexpr (E % 2 == 0) {
-#pragma unroll
-    for (int i = 0; i < E / 2; ++i) {
-      const float c = bf2f(cst[lane + 32 * i]), s = bf2f(cst[HD / 2 + lane + 32 * i]);
-      const float x1 = r[i], x2 = r[i + E / 2];
-      r[i] = rbf(rbf(x1 * c) - rbf(x2 * s));
-      r[i + E / 2] = rbf(rbf(x2 * c) + rbf(x1 * s));
-    }
-  } else {  // HD / 32 odd: a pair (d, d + HD / 2) spans two lanes, so it meets in the head's row
-#pragma unroll
-    for (int i = 0; i < E; ++i) row[lane + 32 * i] = r[i];
-    __syncwarp();
-#pragma unroll
-    for (int i = 0; i < E; ++i) {
-      const int e = lane + 32 * i, m = e % (HD / 2);
-      const float c = bf2f(cst[m]), s = bf2f(cst[HD / 2 + m]), p = rbf(row[(e + HD / 2) % HD] * s);
-      r[i] = rbf(rbf(r[i] * c) + (e < HD / 2 ? -p : p));
-    }
-    __syncwarp();
-  }
-}
-__device__ __forceinline__ float template_attn_score(float s) { return s * SCALE; }
