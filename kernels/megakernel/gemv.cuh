@@ -159,3 +159,60 @@ __device__ __forceinline__ V4 pack8(const float (&f)[8]) {
   for (int k = 0; k < 4; ++k) w[k] = f2bf(f[2 * k]) | ((u32)f2bf(f[2 * k + 1]) << 16);
   return v;
 }
+
+// ---- the fused MLP's down projection, split over the task's rows of the activation: out[j] = sum over the
+// task's rows r of act[r] * wd[r][j] (wd: the down weight transposed, its rows streamed after the gate/up rows),
+// added into the layer's sum in fixed point (ACC_SCALE: an integer sum is exact, so the order the tasks' adds
+// land in changes nothing, and a step is bitwise the same every run). A thread takes the vector v of a row's
+// 16-byte vectors and every G-th row (G: the rows that many vectors leave room for at once); the G partial sums
+// meet in shared memory (scratch: G * K floats), then one red.add per element.
+constexpr float ACC_SCALE = 4294967296.f;  // 2^32: a part of |x| >= 2^-8 converts exactly
+__device__ __forceinline__ float acc_value(u64 a) { return (float)((double)(long long)a * (1.0 / 4294967296.0)); }
+__device__ __forceinline__ void red_add64(u64* p, float x) {
+  asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" :: "l"(p), "l"((u64)__float2ll_rn(x * ACC_SCALE)) : "memory");
+}
+template <int K, int RC>
+__device__ void down_part(const GemvTask& t, u32& chunk, const float* act, int nchunks, float* scratch, u64* acc) {
+  constexpr int VEC = K / 8, G = NCONSUMERS / VEC > 1 ? NCONSUMERS / VEC : 1;
+  constexpr int PER = (VEC + NCONSUMERS - 1) / NCONSUMERS;  // vectors a thread takes (G == 1)
+  const int g = G > 1 ? threadIdx.x / VEC : 0, v0 = G > 1 ? threadIdx.x % VEC : threadIdx.x;
+  const bool active = threadIdx.x < G * VEC;
+  float s[PER][8] = {};
+  for (int c = 0; c < nchunks; ++c, ++chunk) {
+    const int slot = chunk % NSLOTS;
+    mbar_wait(&t.full[slot], (chunk / NSLOTS) & 1);
+    const V4* w4 = (const V4*)(t.ring + slot * SLOT);
+    if (active)
+      for (int r = g; r < RC; r += G) {
+        const float a = act[c * RC + r];
+#pragma unroll
+        for (int i = 0; i < PER; ++i) {
+          const int v = v0 + i * NCONSUMERS;
+          if (PER == 1 || v < VEC) {
+            const V4 w = w4[r * VEC + v];
+#pragma unroll
+            for (int e = 0; e < 8; ++e) s[i][e] = fmaf(a, elem(w, e), s[i][e]);
+          }
+        }
+      }
+    __syncwarp();
+    if (!t.keep && (threadIdx.x & 31) == 0) mbar_arrive(&t.empty[slot]);
+  }
+  if constexpr (G > 1) {
+    if (active)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) scratch[g * K + v0 * 8 + e] = s[0][e];
+    consumers_sync();
+    for (int j = threadIdx.x; j < K; j += NCONSUMERS) {
+      float total = 0.f;
+      for (int k = 0; k < G; ++k) total += scratch[k * K + j];
+      red_add64(acc + j, total);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < PER; ++i)
+      if (v0 + i * NCONSUMERS < VEC)
+#pragma unroll
+        for (int e = 0; e < 8; ++e) red_add64(acc + (v0 + i * NCONSUMERS) * 8 + e, s[i][e]);
+  }
+}

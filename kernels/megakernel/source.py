@@ -7,7 +7,6 @@ the layer program where the winner does not lower, and why."""
 
 from __future__ import annotations
 
-import math
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -18,7 +17,7 @@ from superopt.kernels.cuda_codegen import emit_elementwise
 from superopt.kernels.megakernel.attention import AttentionBody, emit_attention
 from superopt.kernels.megakernel.bodies import TASK_PROGRAMS, lower
 from superopt.kernels.megakernel.layout import NCONSUMERS, STAMP_NAMES, WORKSPACE, smem_plan, workspace_layout
-from superopt.kernels.megakernel.lowering import KIND, Stage, emit_stage
+from superopt.kernels.megakernel.lowering import KIND, FusedMlp, Stage, emit_fused_mlp, emit_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.result import Result
 from superopt.serialize import graph_hash
@@ -78,11 +77,7 @@ def source(
     consts |= {f"RC_{op.upper()}": g.chunk for op, g in tg.gemv.items()}
     lines = [f"// superopt megakernel: {identifier(name)} ({c.arch}), {tg.n_sms} SMs, {len(tg.tasks)} tasks a step"]
     lines += [f"constexpr int {k} = {v};" for k, v in consts.items()]
-    lines += [
-        f"constexpr float EPS = {c.eps!r}f;",
-        f"constexpr float SCALE = {1 / math.sqrt(c.head_dim)!r}f;",
-    ]
-    flags = {"QK_NORM": c.qk_norm, "QKV_BIAS": c.qkv_bias, "GEMMA_NORM": c.gemma, "EMBED_SCALE": "embed_scale" in progs}
+    flags = {"QK_NORM": c.qk_norm, "EMBED_SCALE": "embed_scale" in progs}
     flags["TRACE"] = trace
     lines += [f"constexpr bool {k} = {'true' if v else 'false'};" for k, v in flags.items()]
     lines += [f"constexpr unsigned long long OFF_{k.upper()} = {off};" for k, (off, _) in lay.items()]
@@ -105,10 +100,14 @@ def source(
     lines.append(emit_attention(attn))
     lines.append(cuda("attention"))
     lines.append("// The GEMV task bodies:")
-    for kind in KIND:
-        stage = lowering.bodies[kind]
-        assert isinstance(stage, Stage)
-        lines.append(emit_stage(KIND[kind], stage))
+    for kind in ("mlp", *KIND):  # mlp_out before the bodies that read it
+        body = lowering.bodies.get(kind)
+        if isinstance(body, FusedMlp):
+            lines.append(emit_fused_mlp(body))
+        elif isinstance(body, Stage):
+            lines.append(emit_stage(KIND[kind], body, tg.fused_mlp))
+        else:
+            lines.append(f"__device__ __forceinline__ void task_{kind}(const GemvTask&, u32&) {{}}  // no such tasks")
     lines.append(cuda("kernel"))
     return "\n".join(lines)
 
@@ -126,7 +125,7 @@ def build_report(
     against it (model_search.validate_lowering, as JSON)."""
     low = lower(tg, programs)
     rows = []
-    for op in taskgraph.OPS:
+    for op in tg.ops:
         plan = tg.gemv.get(op)
         row: dict[str, Any] = {"kind": op, "tasks": len(tg.by_op(op))}
         if plan is not None:
@@ -160,6 +159,8 @@ def build_report(
         row["body"] = "generated"  # every kind's body is lowered from a program
         if op == "argmax":
             row["generated_from"] = "lm_head's argmax: the LM head tasks' maxima combined"
+        elif isinstance(body, FusedMlp):
+            row["generated_from"] = "mlp (stage 0, then stage 1 split over the task's rows, added into the layer's sum)"
         elif isinstance(body, Stage):
             kind = KIND[op]
             row["generated_from"] = f"{kind.program} (stage {kind.stage})" + (
