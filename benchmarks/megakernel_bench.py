@@ -114,7 +114,7 @@ def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str
     (attention's chunk loop); tokens equal up to the first bf16 near tie, logits within bf16 rounding
     (megakernel.agrees_with_replay)."""
     out = {}
-    variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}, "fused_mlp": {"fused_mlp": True}}
+    variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}
     for name in sorted(p.stem for p in MODELS.glob("tiny-*.yaml")):
         model = load_model(MODELS / f"{name}.yaml")
         prompt = prompt_tokens(model.config.vocab, 6, seed=1)
@@ -128,7 +128,7 @@ def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str
             try:
                 mk = GpuMegakernel(model, programs=programs, **kw)
                 gpu = mk.generate(prompt, 20)
-                cpu = replay(model, mk.tg, prompt, 20, programs=programs)  # the same task graph as the GPU's
+                cpu = replay(model, mk.tg, prompt, 20, programs=programs)
                 out[f"{name}/{label}"] = agrees_with_replay(gpu, cpu, len(prompt))
                 out[f"{name}/{label}"]["tokens"] = gpu.tokens
                 log(f"[tiny] {name} {label}: {out[f'{name}/{label}']}")

@@ -41,7 +41,6 @@ VARIANTS = {
     "splits1": {"kv_splits": 1},
     "splits2": {"kv_splits": 2},
     "splits8": {"kv_splits": 8},
-    "fused_mlp": {"fused_mlp": True},
 }
 DROPPED = {
     "unsafe_down_skips_gateup": [("down", "gateup")],
@@ -92,15 +91,13 @@ def main(argv: list[str]) -> int:
                 doc["results"].append(row)
                 log(f"[{name}] {label}: {us:.1f} us/step, {row.get('vs_reference_bf16', '(unsafe)')}, {mk.resources}")
                 del mk
-            for label in (v for v in ("default", "fused_mlp") if v in args.variants.split(",")):
-                mk = GpuMegakernel(model, trace=True, **VARIANTS[label])
-                mk.generate(prompt, args.new_tokens)
-                summary = mk.trace_summary()
-                doc[f"trace_{name}_{label}"] = summary
-                (args.out / f"trace_{name}_{label}.json").write_text(json.dumps(mk.trace_rows()))
-                log(f"[{name}] trace ({label}): {json.dumps(summary)}")
-                del mk
-            del model
+            mk = GpuMegakernel(model, trace=True)
+            mk.generate(prompt, args.new_tokens)
+            summary = mk.trace_summary()
+            doc[f"trace_{name}"] = summary
+            (args.out / f"trace_{name}.json").write_text(json.dumps(mk.trace_rows()))
+            log(f"[{name}] trace: {json.dumps(summary)}")
+            del mk, model
             torch.cuda.empty_cache()
     except Hang as e:
         log(str(e))

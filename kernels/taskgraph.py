@@ -31,8 +31,8 @@ TASK_OVERHEAD_BYTES = 16 * 1024  # a task's fixed cost (waits, prologue, barrier
 VECTOR = 8  # a GEMV row is read in 16-byte vectors of 8 bf16 (the last lanes of a row masked where it is short)
 PART_HEAD = 4  # an attention partial: max, sum and two unused floats, so the outputs after them are 16-byte aligned
 
-GEMV_OPS = ("qkv", "oproj", "gateup", "down", "lmhead", "mlp")
-OPS = ("qkv", "attn", "oproj", "gateup", "down", "lmhead", "argmax", "mlp")
+GEMV_OPS = ("qkv", "oproj", "gateup", "down", "lmhead")
+OPS = ("qkv", "attn", "oproj", "gateup", "down", "lmhead", "argmax")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,6 @@ class Region:
     lo: int
     hi: int
     prev: bool = False  # written by earlier steps
-    add: bool = False  # a write that adds to what the buffer holds: many tasks' adds may overlap
 
     def overlaps(self, other: Region) -> bool:
         return self.buffer == other.buffer and self.lo < other.hi and other.lo < self.hi
@@ -77,12 +76,10 @@ class Gemv:
         return self.tile * self.unit * self.k * 2
 
 
-def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int, unit_chunks: bool = False) -> Gemv:
+def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int) -> Gemv:
     """The tile that spreads the op's weights most evenly over the SMs: fewest bytes on the busiest SM, counting
     each of its tasks' fixed cost (TASK_OVERHEAD_BYTES); ties to fewer, larger tasks. A tile divides `rows`,
-    streams at most TILE_BYTES, and holds whole chunks, each the most rows (a power of two) a ring slot takes;
-    `unit_chunks`: each unit's rows whole chunks too, each the most rows that divide the tile (the fused MLP's down
-    rows, which need all the gate/up rows' results first, start a chunk)."""
+    streams at most TILE_BYTES, and holds whole chunks, each the most rows (a power of two) a ring slot takes."""
     if k % VECTOR:
         raise SuperoptError(f"megakernel: {op} reduces over {k} elements, not a multiple of {VECTOR}")
     row_bytes = 2 * k
@@ -92,17 +89,15 @@ def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int, unit_chunks: bo
     best = None
     for tile in range(1, min(rows, MAX_TILE_ROWS) + 1):
         weight_rows = tile * unit
-        rc = max(c for c in range(1, min(chunk, tile) + 1) if tile % c == 0) if unit_chunks else min(chunk, weight_rows)
-        if rows % tile or weight_rows * row_bytes > TILE_BYTES or weight_rows % rc:
+        if rows % tile or weight_rows * row_bytes > TILE_BYTES or weight_rows % min(chunk, weight_rows):
             continue
         rounds = -(-(rows // tile) // n_sms)
-        # With one chunk in flight an SM, a chunk far below a slot streams no faster than half a slot would.
-        streamed = weight_rows // rc * max(rc * row_bytes, SLOT_BYTES // 2) if unit_chunks else weight_rows * row_bytes
-        key = (rounds * (streamed + TASK_OVERHEAD_BYTES), -tile, rc)
+        key = (rounds * (weight_rows * row_bytes + TASK_OVERHEAD_BYTES), -tile)
         best = min(best or key, key)
     if best is None:
         raise SuperoptError(f"megakernel: {op} has no tile of whole {chunk}-row chunks within {TILE_BYTES} bytes")
-    return Gemv(op, k, rows, unit, -best[1], best[2])
+    tile = -best[1]
+    return Gemv(op, k, rows, unit, tile, min(chunk, tile * unit))
 
 
 @dataclass
@@ -151,16 +146,6 @@ class TaskGraph:
     def sink(self) -> Task:
         return self.tasks[-1]
 
-    @property
-    def ops(self) -> list[str]:
-        """The task kinds this graph has, in OPS order."""
-        present = {t.op for t in self.tasks}
-        return [op for op in OPS if op in present]
-
-    @property
-    def fused_mlp(self) -> bool:
-        return "mlp" in self.gemv
-
     def by_op(self, op: str, layer: int | None = None) -> list[Task]:
         return [t for t in self.tasks if t.op == op and (layer is None or t.layer == layer)]
 
@@ -203,11 +188,8 @@ def default_kv_splits(cfg: ModelConfig, n_sms: int) -> int:
     return splits
 
 
-def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None, fused_mlp: bool = False) -> TaskGraph:
-    """The task graph of one decode step, analysed and scheduled over `n_sms` SMs. `fused_mlp`: the MLP as one
-    task kind (mlp: a task's gate/up rows, their activation, and its part of the down projection over those rows,
-    added into the layer's sum, acc) instead of two (gateup, then down over the whole activation): one dependency
-    hop a layer fewer, for the adds' traffic."""
+def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGraph:
+    """The task graph of one decode step, analysed and scheduled over `n_sms` SMs."""
     if n_sms < 1:
         raise SuperoptError(f"megakernel: needs at least one SM, got {n_sms}")
     splits = kv_splits or default_kv_splits(cfg, n_sms)
@@ -215,42 +197,42 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None, fused_mlp:
     gemv = {
         "qkv": plan_gemv("qkv", h, cfg.qkv_rows, 1, n_sms),
         "oproj": plan_gemv("oproj", nh * d, h, 1, n_sms),
+        "gateup": plan_gemv("gateup", h, cfg.intermediate, 2, n_sms),
+        "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms),
+        "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms),
     }
-    if fused_mlp:  # a tile: its gate rows, its up rows, then the same rows of the down weight transposed
-        gemv["mlp"] = plan_gemv("mlp", h, cfg.intermediate, 3, n_sms, unit_chunks=True)
-    else:
-        gemv["gateup"] = plan_gemv("gateup", h, cfg.intermediate, 2, n_sms)
-        gemv["down"] = plan_gemv("down", cfg.intermediate, h, 1, n_sms)
-    gemv["lmhead"] = plan_gemv("lmhead", h, cfg.vocab, 1, n_sms)
     part = splits * nkv * g * (PART_HEAD + d)  # per (split, kv head, q head): max, sum, pad, d unnormalized outputs
     buffers = {"token": 1, "logits": cfg.vocab, "lmpart": 2 * gemv["lmhead"].tiles}  # (value, index) a tile
     for i in range(L):
-        buffers |= {f"qkv.{i}": cfg.qkv_rows, f"part.{i}": part, f"kv.{i}": nkv, f"hattn.{i}": h}
-        buffers |= {f"acc.{i}": h} if fused_mlp else {f"act.{i}": cfg.intermediate, f"hmlp.{i}": h}
+        buffers |= {f"qkv.{i}": cfg.qkv_rows, f"part.{i}": part, f"kv.{i}": nkv}
+        buffers |= {f"hattn.{i}": h, f"act.{i}": cfg.intermediate, f"hmlp.{i}": h}
     tg = TaskGraph(cfg, n_sms, splits, gemv, buffers)
-
-    def layer_out(i: int, lo: int, hi: int) -> list[Region]:
-        """What reads of layer i's output (the residual stream after its MLP) read."""
-        return (
-            [Region(f"acc.{i}", lo, hi), Region(f"hattn.{i}", lo, hi)] if fused_mlp else [Region(f"hmlp.{i}", lo, hi)]
-        )
 
     def add(op: str, layer: int, tile: int, reads: list[Region], writes: list[Region], **kw: Any) -> None:
         tg.tasks.append(Task(len(tg.tasks), op, layer, tile, reads=tuple(reads), writes=tuple(writes), **kw))
 
-    def tiles(op: str, layer: int, reads: Any, writes: Any) -> None:
+    def tiles(op: str, layer: int, reads: Any, out: str) -> None:
         plan = gemv[op]
         for t in range(plan.tiles):
             lo, hi = t * plan.tile, (t + 1) * plan.tile
-            add(op, layer, t, reads(lo, hi), writes(lo, hi), row0=lo, nrows=plan.tile, weight_bytes=plan.tile_bytes)
+            add(
+                op,
+                layer,
+                t,
+                reads(lo, hi),
+                [Region(out, lo, hi)],
+                row0=lo,
+                nrows=plan.tile,
+                weight_bytes=plan.tile_bytes,
+            )
 
     for i in range(L):
         h_in = (
-            (lambda lo, hi: [Region("token", 0, 1, prev=True)])
+            (lambda lo, hi: Region("token", 0, 1, prev=True))
             if i == 0
-            else (lambda lo, hi, i=i: layer_out(i - 1, lo, hi))
+            else (lambda lo, hi, i=i: Region(f"hmlp.{i - 1}", lo, hi))
         )
-        tiles("qkv", i, lambda lo, hi, h_in=h_in: h_in(0, h), lambda lo, hi, i=i: [Region(f"qkv.{i}", lo, hi)])
+        tiles("qkv", i, lambda lo, hi, h_in=h_in: [h_in(0, h)], f"qkv.{i}")
         for kv in range(nkv):
             q = Region(f"qkv.{i}", kv * g * d, (kv + 1) * g * d)
             k = Region(f"qkv.{i}", (nh + kv) * d, (nh + kv + 1) * d)
@@ -270,38 +252,18 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None, fused_mlp:
                     head=kv,
                     split=j,
                 )
-        # Fused, the O projection's tiles also zero their rows of the layer's MLP sum, which the MLP tasks then add
-        # to: every reader of the last step's sum is done (it precedes this step), every add of this one follows.
-        tiles(
-            "oproj",
-            i,
-            lambda lo, hi, h_in=h_in, i=i: [Region(f"part.{i}", 0, part), *h_in(lo, hi)],
-            lambda lo, hi, i=i: [Region(f"hattn.{i}", lo, hi)] + ([Region(f"acc.{i}", lo, hi)] if fused_mlp else []),
-        )
-        if fused_mlp:
-            tiles(
-                "mlp",
-                i,
-                lambda lo, hi, i=i: [Region(f"hattn.{i}", 0, h)],
-                lambda lo, hi, i=i: [Region(f"acc.{i}", 0, h, add=True)],
-            )
-            continue
-        tiles(
-            "gateup",
-            i,
-            lambda lo, hi, i=i: [Region(f"hattn.{i}", 0, h)],
-            lambda lo, hi, i=i: [Region(f"act.{i}", lo, hi)],
-        )
+        tiles("oproj", i, lambda lo, hi, h_in=h_in, i=i: [Region(f"part.{i}", 0, part), h_in(lo, hi)], f"hattn.{i}")
+        tiles("gateup", i, lambda lo, hi, i=i: [Region(f"hattn.{i}", 0, h)], f"act.{i}")
         tiles(
             "down",
             i,
             lambda lo, hi, i=i: [Region(f"act.{i}", 0, cfg.intermediate), Region(f"hattn.{i}", lo, hi)],
-            lambda lo, hi, i=i: [Region(f"hmlp.{i}", lo, hi)],
+            f"hmlp.{i}",
         )
     plan = gemv["lmhead"]
     for t in range(plan.tiles):
         lo, hi = t * plan.tile, (t + 1) * plan.tile
-        reads, writes = layer_out(L - 1, 0, h), [Region("logits", lo, hi), Region("lmpart", 2 * t, 2 * t + 2)]
+        reads, writes = [Region(f"hmlp.{L - 1}", 0, h)], [Region("logits", lo, hi), Region("lmpart", 2 * t, 2 * t + 2)]
         add("lmhead", L, t, reads, writes, row0=lo, nrows=plan.tile, weight_bytes=plan.tile_bytes)
     add("argmax", L, 0, [Region("lmpart", 0, 2 * plan.tiles)], [Region("token", 0, 1)])
     _analyse(tg)
@@ -312,13 +274,11 @@ def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None, fused_mlp:
 
 
 def _analyse(tg: TaskGraph) -> None:
-    """Fills each task's same-step and earlier-step producers from the regions it reads. An add depends on the
-    writes it adds to, a read of a buffer that takes adds on every add to the elements it reads."""
+    """Fills each task's same-step and earlier-step producers from the regions it reads."""
     writers: dict[str, list[tuple[int, int, int]]] = defaultdict(list)  # buffer -> (lo, hi, task), sorted by lo
-    adders: dict[str, list[tuple[int, int, int]]] = defaultdict(list)
     for t in tg.tasks:
         for w in t.writes:
-            (adders if w.add else writers)[w.buffer].append((w.lo, w.hi, t.id))
+            writers[w.buffer].append((w.lo, w.hi, t.id))
     for name, spans in writers.items():
         spans.sort()
         for (_, hi, a), (lo2, hi2, b) in zip(spans, spans[1:]):
@@ -327,7 +287,7 @@ def _analyse(tg: TaskGraph) -> None:
     starts = {name: [lo for lo, _, _ in spans] for name, spans in writers.items()}
     for t in tg.tasks:
         deps, prev = set(), set()
-        for r in (*t.reads, *(w for w in t.writes if w.add)):
+        for r in t.reads:
             spans = writers[r.buffer]
             k = max(0, bisect.bisect_right(starts.get(r.buffer, []), r.lo) - 1)
             end = r.lo
@@ -343,8 +303,6 @@ def _analyse(tg: TaskGraph) -> None:
                 raise SuperoptError(
                     f"megakernel: task {t.id} ({t.op}) reads {r.buffer}[{end}:{r.hi}], which no task writes"
                 )
-            if not r.add:
-                deps |= {u for lo, hi, u in adders[r.buffer] if lo < r.hi and r.lo < hi}
         if deps and max(deps) >= t.id:
             raise SuperoptError(f"megakernel: task {t.id} ({t.op}) reads what task {max(deps)} writes later")
         t.deps, t.prev_deps = sorted(deps), sorted(prev)

@@ -14,11 +14,11 @@ from dataclasses import dataclass
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.megakernel.attention import AttentionBody, attention_graph, head_graph, lower_attention
-from superopt.kernels.megakernel.lowering import KINDS, FusedMlp, Stage, lower_kinds, stages_graph
-from superopt.kernels.taskgraph import TaskGraph
+from superopt.kernels.megakernel.lowering import KINDS, Stage, lower_kinds, stages_graph
+from superopt.kernels.taskgraph import OPS, TaskGraph
 from superopt.model import layer_programs
 
-Body = Stage | FusedMlp | AttentionBody
+Body = Stage | AttentionBody
 
 # The layer programs each task kind computes (superopt.model.layer_programs), from which its body is lowered.
 TASK_PROGRAMS = {
@@ -27,7 +27,6 @@ TASK_PROGRAMS = {
     "oproj": ("attn_out",),
     "gateup": ("mlp",),
     "down": ("mlp",),
-    "mlp": ("mlp",),
     "lmhead": ("lm_head",),
     "argmax": ("lm_head",),
 }
@@ -74,7 +73,7 @@ def lower(tg: TaskGraph, programs: dict[str, KernelGraph] | None = None) -> Lowe
     failed = next(((kind, why) for kind, why in bodies.items() if isinstance(why, str)), None)
     if failed is not None:
         raise SuperoptError(f"megakernel: the {failed[0]} task body does not lower from its layer program: {failed[1]}")
-    return Lowering({k: bodies[k] for k in tg.ops}, sources, fallbacks)  # type: ignore[misc]
+    return Lowering({k: bodies[k] for k in OPS}, sources, fallbacks)  # type: ignore[misc]
 
 
 def lowered_programs(lowering: Lowering) -> dict[str, KernelGraph]:
@@ -84,8 +83,7 @@ def lowered_programs(lowering: Lowering) -> dict[str, KernelGraph]:
     out: dict[str, KernelGraph] = {}
     for name in dict.fromkeys(k.program for k in KINDS):
         kinds = sorted((k for k in KINDS if k.program == name), key=lambda k: k.stage)
-        fused = lowering.bodies.get("mlp") if name == "mlp" else None
-        stages = [fused.up, fused.down] if isinstance(fused, FusedMlp) else [lowering.bodies[k.name] for k in kinds]
+        stages = [lowering.bodies[k.name] for k in kinds]
         out[name] = stages_graph(lowering.sources[name], stages)  # type: ignore[arg-type]
     attn = lowering.bodies["attn"]
     assert isinstance(attn, AttentionBody)

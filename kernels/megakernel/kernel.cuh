@@ -1,4 +1,4 @@
-enum { OP_QKV, OP_ATTN, OP_OPROJ, OP_GATEUP, OP_DOWN, OP_LMHEAD, OP_ARGMAX, OP_MLP };  // taskgraph.OPS
+enum { OP_QKV, OP_ATTN, OP_OPROJ, OP_GATEUP, OP_DOWN, OP_LMHEAD, OP_ARGMAX };
 enum { D_OP, D_LAYER, D_TILE, D_ROW0, D_NROWS, D_HEAD, D_SPLIT, D_WAIT_OFF, D_WAIT_CNT, D_SIG0, D_SIG1, D_NCHUNKS,
        D_CHUNK_BYTES, D_EARLY, D_WLO, D_WHI };
 
@@ -105,7 +105,6 @@ megakernel(unsigned char* ws, const u16* embed, const int* tasks, const int* sm_
         case OP_GATEUP: task_gateup(gt, chunk); break;
         case OP_DOWN: task_down(gt, chunk); break;
         case OP_LMHEAD: task_lmhead(gt, chunk); break;
-        case OP_MLP: task_mlp(gt, chunk); break;
         case OP_ARGMAX: {
           float best = -3.0e38f;
           int arg = 0x7fffffff;

@@ -39,7 +39,7 @@ class Buffer:
     count: Callable[[TaskGraph, int, int], int]  # (task graph, KV-cache length, logit slots) -> elements
 
 
-CTYPE_BYTES = {"u16": 2, "int": 4, "float": 4, "u64": 8}
+CTYPE_BYTES = {"u16": 2, "int": 4, "float": 4}
 
 
 def _per_layer(ctype: str, row: str, elements: Callable[[TaskGraph], int]) -> Buffer:
@@ -58,10 +58,8 @@ WORKSPACE: dict[str, Buffer] = {
     "qkv": _per_layer("u16", "QKV", lambda tg: tg.config.qkv_rows),
     "part": _per_layer("float", "PART", lambda tg: tg.buffers["part.0"]),  # attention's split-KV partials
     "hattn": _per_layer("u16", "HID", lambda tg: tg.config.hidden),
-    "act": _per_layer("u16", "INTER", lambda tg: tg.config.intermediate * (not tg.fused_mlp)),
-    "hmlp": _per_layer("u16", "HID", lambda tg: tg.config.hidden * (not tg.fused_mlp)),
-    # the fused MLP's down projection, its tasks' parts added in fixed point (ACC_SCALE): exact, in any order
-    "acc": _per_layer("u64", "HID", lambda tg: tg.config.hidden * tg.fused_mlp),
+    "act": _per_layer("u16", "INTER", lambda tg: tg.config.intermediate),
+    "hmlp": _per_layer("u16", "HID", lambda tg: tg.config.hidden),
     **{
         name: Buffer(
             "u16",
@@ -109,8 +107,6 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
         )
     xs_elems = max(g.k for g in tg.gemv.values())
     gemv = 2 * xs_elems + 4 * 8 * max(g.tile * g.unit for g in tg.gemv.values())  # partial sums: 8 warps a row
-    if tg.fused_mlp:  # and the fused MLP's activation rows and its down part's partial sums (down_part)
-        gemv = max(gemv, 2 * xs_elems + 4 * (17 * tg.gemv["mlp"].tile + 8 * NCONSUMERS))
     attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group) + 2 * 3 * c.head_dim  # and cos, sin, q/k norm weights
     per_position = 2 * 2 * (c.head_dim + 8) + 4 * 4 * c.group  # padded k and v rows, 4 partial scores a q head
     fixed = 16 * 8 + 256  # two mbarriers a slot (8 slots at most), reduction scratch
@@ -165,21 +161,17 @@ def _i32(u: int) -> int:
 
 def packed_weights(model: Model, tg: TaskGraph) -> dict[tuple[str, int], torch.Tensor]:
     """Each GEMV op's weights, one contiguous [rows * unit, k] tensor per layer whose tile t is the rows of task
-    t: QKV stacks q, k and v; gate/up tiles hold their gate rows, then their up rows; the fused MLP's tiles their
-    gate rows, up rows, then the same rows of the down weight transposed (its columns: what those act on)."""
+    t: QKV stacks q, k and v; gate/up tiles hold their gate rows, then their up rows."""
     c = tg.config
     out = {}
     for i in range(c.layers):
         p = f"model.layers.{i}."
         out[("qkv", i)] = torch.cat([model.w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
         out[("oproj", i)] = model.w(p + "self_attn.o_proj.weight")
-        down = model.w(p + "mlp.down_proj.weight")
-        plan = tg.gemv["mlp" if tg.fused_mlp else "gateup"]
-        units = [model.w(p + f"mlp.{n}_proj.weight") for n in ("gate", "up")] + ([down.T] if tg.fused_mlp else [])
-        tiled = torch.stack([u.reshape(plan.tiles, plan.tile, c.hidden) for u in units], 1)
-        out[(plan.op, i)] = tiled.reshape(len(units) * c.intermediate, c.hidden)
-        if not tg.fused_mlp:
-            out[("down", i)] = down
+        plan = tg.gemv["gateup"]
+        gate, up = (model.w(p + f"mlp.{n}_proj.weight").view(plan.tiles, plan.tile, c.hidden) for n in ("gate", "up"))
+        out[("gateup", i)] = torch.stack([gate, up], 1).reshape(2 * c.intermediate, c.hidden)
+        out[("down", i)] = model.w(p + "mlp.down_proj.weight")
     out[("lmhead", c.layers)] = model.w("lm_head.weight")
     return {k: v.contiguous() for k, v in out.items()}
 

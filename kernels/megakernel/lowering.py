@@ -105,17 +105,6 @@ class Stage:
     argmax: str = ""  # the argmax of the output over its rows, a split reduction: each task's, then all tasks'
 
 
-@dataclass
-class FusedMlp:
-    """The fused MLP task's body (taskgraph.build(fused_mlp=True)): the MLP program's gate/up stage for the task's
-    rows (`up`, as the gateup kind computes it), then the down stage's GEMV split over those rows: the task's part
-    of the down projection, added into the layer's sum. The down stage's epilogue (the residual) runs where the
-    layer's output is read (mlp_out)."""
-
-    up: Stage
-    down: Stage
-
-
 def _kind_of_op(op: str, operand_kinds: list[str]) -> str:
     if op in STATS:
         return "scalar"
@@ -312,37 +301,22 @@ def _expand_block(graph: KernelGraph, op: Op, alias: dict[str, str], step: Calla
     alias |= {out: alias.get(bo.name, bo.name) for bo, out in zip(block.outputs, op.outputs)}
 
 
-def lower_kinds(progs: dict[str, KernelGraph], gemv: dict[str, Gemv]) -> dict[str, Stage | FusedMlp | str]:
-    """Each GEMV task kind's body, lowered from its layer program in `progs` (a winner or the program itself)
-    and checked against the task graph's tiling of the kind (`gemv`), or why it does not lower. With a fused MLP
-    (gemv's "mlp"), the gateup and down stages are checked as the fused task computes them."""
+def lower_kinds(progs: dict[str, KernelGraph], gemv: dict[str, Gemv]) -> dict[str, Stage | str]:
+    """Each GEMV task kind's stage, lowered from its layer program in `progs` (a winner or the program itself)
+    and checked against the task graph's tiling of the kind (`gemv`), or why it does not lower."""
     by_program: dict[str, list[Stage] | str] = {}
-    out: dict[str, Stage | FusedMlp | str] = {}
-    fused = gemv.get("mlp")
-    plans = dict(gemv)
-    if fused is not None:  # the fused task's units as the two kinds' tilings (what _bind checks)
-        plans["gateup"] = Gemv("gateup", fused.k, fused.rows, 2, fused.tile, fused.chunk)
-        plans["down"] = Gemv("down", fused.rows, fused.k, 1, 1, 1)
-    for kind in (k for k in KINDS if k.name in plans):
+    out: dict[str, Stage | str] = {}
+    for kind in KINDS:
         if kind.program not in by_program:
             try:
                 by_program[kind.program] = program_stages(progs[kind.program])
             except SuperoptError as e:
                 by_program[kind.program] = str(e)
+        stages = by_program[kind.program]
         try:
-            out[kind.name] = _bind(kind, by_program[kind.program], plans[kind.name])
+            out[kind.name] = _bind(kind, stages, gemv[kind.name])
         except SuperoptError as e:
             out[kind.name] = str(e)
-    if fused is not None:
-        up, down = out.pop("gateup"), out.pop("down")
-        if isinstance(up, str) or isinstance(down, str):
-            out["mlp"] = up if isinstance(up, str) else down
-        elif down.prologue or down.scalars or down.x != "":
-            out["mlp"] = "mlp: the down stage's vector is not the gate/up stage's output itself (no fused task)"
-        elif any(KIND["down"].sources[v] != "hattn" for v in down.rows):
-            out["mlp"] = "mlp: the down stage's epilogue reads more than the layer's attention output (no fused task)"
-        else:
-            out["mlp"] = FusedMlp(up, down)
     return out
 
 
@@ -437,79 +411,43 @@ def _literal(x: object) -> str:
     return f"{v!r}f"
 
 
-# Sources that are a layer's MLP output, and which layer's: with a fused MLP, its sum and epilogue (mlp_out).
-MLP_OUT = {"h_in": "t.layer - 1", "hmlp_last": "NLAYER - 1"}
-
-
-def _row_load(where: str, fused: bool) -> str:
-    """The value of source `where` at the task's row tid, as a float expression."""
-    ptr = CUDA_SOURCES[where][0]
-    plain = f"ldcgbf({ptr} + t.row0 + tid)"
-    if not fused or where not in MLP_OUT:
-        return plain
-    out = f"bf2f(mlp_out(t.ws, {MLP_OUT[where]}, t.row0 + tid))"
-    return out if where == "hmlp_last" else f"(t.layer > 0 ? {out} : {plain})"
-
-
-def _vector_load(j: int, where: str, fused: bool) -> str:
-    """The statement loading source `where` whole into Slice l{j}."""
-    ptr = CUDA_SOURCES[where][0]
-    if not fused or where not in MLP_OUT:
-        return f"l{j}.load({ptr});"
-    if where == "hmlp_last":
-        return f"load_mlp_out(l{j}, t.ws, NLAYER - 1);"
-    return f"if (t.layer > 0) load_mlp_out(l{j}, t.ws, t.layer - 1); else l{j}.load({ptr});"
-
-
-def _stage_head(kind: Kind, stage: Stage, names: dict[str, str], fused: bool, nchunks: str, rc: str) -> list[str]:
-    """A task body's start: its row operands' loads (issued first, their latency under the GEMV's), the prologue
-    over the whole vector (skipped where the SM's previous task computed it: `t.fresh`), the GEMV over `nchunks`
-    chunks of `rc` rows of the weight ring."""
-    k = stage.k
-    lines = ["  const int tid = threadIdx.x;", "  const bool row = tid < t.nrows;"]
-    for j, v in enumerate(stage.rows):
-        names[v] = f"r{j}"
-        lines.append(f"  float r{j} = row ? {_row_load(kind.sources[v], fused)} : 0.f;")
-        embedded = CUDA_SOURCES[kind.sources[v]][1]
-        if embedded:
-            lines.append(f"  if ({embedded}) r{j} = embed_scale(r{j});")
-    lines.append("  if (t.fresh) {")
-    lines += ["    " + line for line in _prologue(kind, stage, names, fused)]
-    lines.append("  }")
-    for j, v in enumerate(stage.scalars):
-        names[v] = f"t.red[{SCALAR_SLOT + j}]"
-    lines.append("  stamp(t.tr, 2);")
-    lines.append(f"  gemv<{k}, {rc}>(t.xs, t.ring, t.full, t.empty, chunk, {nchunks}, t.keep, t.part, t.tr);")
-    return lines
-
-
-def _stage_rows(stage: Stage, names: dict[str, str], plan_rc: str) -> list[str]:
-    """The GEMV's results for row tid, rounded to their dtypes, and the epilogue's steps."""
-    body = []
-    for u, (res, dtype) in enumerate(zip(stage.results, stage.result_dtypes)):
-        names[res] = f"m{u}"
-        at = f"{u} * t.nrows + tid" if u else "tid"
-        body.append(f"const float m{u} = {_round(dtype)}(gemv_row<{stage.k}, {plan_rc}>(t.part, {at}));")
-    for n, s in enumerate(stage.epilogue):
-        names[s.op.outputs[0]] = f"e{n}"
-        body.append(f"const float e{n} = {_expr(s, names, lambda v: names[v])};")
-    return body
-
-
-def emit_stage(kind: Kind, stage: Stage, fused: bool = False) -> str:
+def emit_stage(kind: Kind, stage: Stage) -> str:
     """The task body `task_<kind>(const GemvTask& t, u32& chunk)` computing one task of the stage: the row
-    operands, the prologue, the GEMV over the weight ring, the epilogue a row, and the write. `fused`: the layer
-    outputs are a fused MLP's (mlp_out), and the O projection zeroes its rows of the layer's MLP sum."""
+    operands' loads (issued first, their latency under the GEMV's), the prologue over the whole vector (skipped
+    where the SM's previous task computed it: `t.fresh`), the GEMV over the weight ring, the epilogue a row,
+    and the write."""
     if MAX_TILE_ROWS > NCONSUMERS:
         raise SuperoptError(f"megakernel: a task's {MAX_TILE_ROWS} rows exceed its {NCONSUMERS} consumer threads")
+    k, plan_rc = stage.k, f"RC_{kind.name.upper()}"
     names: dict[str, str] = {}  # stage value -> C++ name (never a name from the program: it may be anything)
     lines = [
         f"// {kind.name}: stage {kind.stage} of the layer program {kind.program}, generated by"
         " kernels/megakernel/lowering.py.",
         f"__device__ __forceinline__ void task_{kind.name}(const GemvTask& t, u32& chunk) {{",
-        *_stage_head(kind, stage, names, fused, "t.nchunks", f"RC_{kind.name.upper()}"),
+        "  const int tid = threadIdx.x;",
+        "  const bool row = tid < t.nrows;",
     ]
-    body = _stage_rows(stage, names, f"RC_{kind.name.upper()}")
+    for j, v in enumerate(stage.rows):
+        ptr, embedded = CUDA_SOURCES[kind.sources[v]]
+        names[v] = f"r{j}"
+        lines.append(f"  float r{j} = row ? ldcgbf({ptr} + t.row0 + tid) : 0.f;")
+        if embedded:
+            lines.append(f"  if ({embedded}) r{j} = embed_scale(r{j});")
+    lines.append("  if (t.fresh) {")
+    lines += ["    " + line for line in _prologue(kind, stage, names)]
+    lines.append("  }")
+    for j, v in enumerate(stage.scalars):
+        names[v] = f"t.red[{SCALAR_SLOT + j}]"
+    lines.append("  stamp(t.tr, 2);")
+    lines.append(f"  gemv<{k}, {plan_rc}>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);")
+    body = []
+    for u, (res, dtype) in enumerate(zip(stage.results, stage.result_dtypes)):
+        names[res] = f"m{u}"
+        at = f"{u} * t.nrows + tid" if u else "tid"
+        body.append(f"const float m{u} = {_round(dtype)}(gemv_row<{k}, {plan_rc}>(t.part, {at}));")
+    for n, s in enumerate(stage.epilogue):
+        names[s.op.outputs[0]] = f"e{n}"
+        body.append(f"const float e{n} = {_expr(s, names, lambda v: names[v])};")
     y = names[stage.output]
     if stage.argmax:  # the task's part of the split argmax; the argmax task combines the tasks' (lm_head's)
         lines += ["  float best = -3.0e38f;", "  int arg = 0x7fffffff;", "  if (row) {"]
@@ -524,84 +462,8 @@ def emit_stage(kind: Kind, stage: Stage, fused: bool = False) -> str:
         ]
     else:
         lines += ["  if (row) {"] + ["    " + b for b in body]
-        lines += [f"    {CUDA_OUTPUTS[kind.output]}[t.row0 + tid] = f2bf({y});"]
-        if fused and kind.output == "hattn":  # the MLP's sum starts at zero: see taskgraph.build
-            lines.append("    ws_acc(t.ws, t.layer)[t.row0 + tid] = 0;")
-        lines.append("  }")
+        lines += [f"    {CUDA_OUTPUTS[kind.output]}[t.row0 + tid] = f2bf({y});", "  }"]
     lines.append("}")
-    return "\n".join(lines) + "\n"
-
-
-def emit_fused_mlp(body: FusedMlp) -> str:
-    """The fused MLP: `task_mlp`, the gate/up stage over the task's rows of the activation, kept in shared
-    memory, then its part of the down projection added into the layer's sum (down_part); and `mlp_out`, the
-    down stage's epilogue, run where the layer's output is read: mlp_out(ws, l, j) its element j, and
-    load_mlp_out a Slice of it."""
-    up, down = KIND["gateup"], KIND["down"]
-    names: dict[str, str] = {}
-    lines = [
-        "// mlp: stages 0 and 1 of the layer program mlp in one task, generated by kernels/megakernel/lowering.py.",
-        "__device__ __forceinline__ void task_mlp(const GemvTask& t, u32& chunk) {",
-        *_stage_head(up, body.up, names, True, "2 * t.nchunks / 3", "RC_MLP"),
-        "  float* act = t.part + 16 * t.nrows;  // after the gate/up rows' partial sums",
-        "  if (row) {",
-        *["    " + b for b in _stage_rows(body.up, names, "RC_MLP")],
-        f"    act[tid] = rbf({names[body.up.output]});  // as the activation buffer would hold it",
-        "  }",
-        "  consumers_sync();",
-        f"  down_part<{body.up.k}, RC_MLP>(t, chunk, act, t.nchunks / 3, act + t.nrows, ws_acc(t.ws, t.layer));",
-        "}",
-    ]
-    # mlp_out: the down stage's result (the sum, rounded to its dtype) and epilogue for element j of layer l
-    names = {body.down.results[0]: "m0"}
-    loads, rows = [], []
-    for j, v in enumerate(body.down.rows):
-        names[v] = f"r{j}"
-        rows.append(f"float r{j}")
-        loads.append(CUDA_SOURCES[down.sources[v]][0].replace("t.ws", "ws").replace("t.layer", "l"))
-    steps = []
-    for n, s in enumerate(body.down.epilogue):
-        steps.append(f"  const float e{n} = {_expr(s, names, lambda v: names[v])};")
-        names[s.op.outputs[0]] = f"e{n}"
-    args = ", ".join(["u64 a", *rows])
-    lines += [
-        "// The fused MLP's output: the down stage's epilogue (the mlp program's stage 1) on the layer's sum.",
-        f"__device__ __forceinline__ u16 mlp_out_of({args}) {{",
-        f"  const float m0 = {_round(body.down.result_dtypes[0])}(acc_value(a));",
-        *steps,
-        f"  return f2bf({names[body.down.output]});",
-        "}",
-        "__device__ __forceinline__ u16 mlp_out(unsigned char* ws, int l, int j) {",
-        "  return mlp_out_of(" + ", ".join(["ldcg64(ws_acc(ws, l) + j)", *(f"ldcgbf({p} + j)" for p in loads)]) + ");",
-        "}",
-        "// Every load issued before any is used (one L2 round trip), as Slice::load does.",
-        "template <int K>",
-        "__device__ __forceinline__ void load_mlp_out(Slice<K>& s, unsigned char* ws, int l) {",
-        "  ulonglong2 a[Slice<K>::PER][4];",
-        *(f"  V4 r{j}[Slice<K>::PER];" for j in range(len(loads))),
-        "#pragma unroll",
-        "  for (int i = 0; i < Slice<K>::PER; ++i) {",
-        "    const int v = min((int)threadIdx.x + i * NCONSUMERS, Slice<K>::VEC - 1);",
-        "#pragma unroll",
-        "    for (int q = 0; q < 4; ++q) a[i][q] = ldcg2x64(ws_acc(ws, l) + 8 * v + 2 * q);",
-        *(f"    r{j}[i] = ldcg4({p} + 8 * v);" for j, p in enumerate(loads)),
-        "  }",
-        "#pragma unroll",
-        "  for (int i = 0; i < Slice<K>::PER; ++i) {",
-        "    u32* w = &s.v[i].x;",
-        "#pragma unroll",
-        "    for (int q = 0; q < 4; ++q) {",
-        "      const u32 x = mlp_out_of("
-        + ", ".join(["a[i][q].x", *(f"elem(r{j}[i], 2 * q)" for j in range(len(loads)))])
-        + ");",
-        "      const u32 y = mlp_out_of("
-        + ", ".join(["a[i][q].y", *(f"elem(r{j}[i], 2 * q + 1)" for j in range(len(loads)))])
-        + ");",
-        "      w[q] = x | (y << 16);",
-        "    }",
-        "  }",
-        "}",
-    ]
     return "\n".join(lines) + "\n"
 
 
@@ -619,7 +481,7 @@ def _expr(s: Step, names: dict[str, str], operand: Callable[[str], str]) -> str:
     return f"{_round(s.dtype)}({CUDA_EXPR[s.op.op].format(*map(operand, s.op.inputs), c=c)})"
 
 
-def _prologue(kind: Kind, stage: Stage, names: dict[str, str], fused: bool = False) -> list[str]:
+def _prologue(kind: Kind, stage: Stage, names: dict[str, str]) -> list[str]:
     """The prologue's lines: the GEMV's vector into shared memory (t.xs, bf16) and the scalars the epilogue
     reads into t.red. A thread holds elements 8 * (tid + i * NCONSUMERS) + e of every vector value."""
     k = stage.k
@@ -629,7 +491,7 @@ def _prologue(kind: Kind, stage: Stage, names: dict[str, str], fused: bool = Fal
         if where == "attn":
             return ["combine_to_smem(ws_part(t.ws, t.layer), t.xs);"]
         ptr, embedded = CUDA_SOURCES[where]
-        if not embedded and not (fused and where in MLP_OUT):
+        if not embedded:
             return [f"copy_to_smem<{k}>({ptr}, t.xs);"]
     per = f"Slice<{k}>::PER"
     loop = f"for (int i = 0; i < {per}; ++i)"
@@ -638,7 +500,7 @@ def _prologue(kind: Kind, stage: Stage, names: dict[str, str], fused: bool = Fal
     lines = []
     lines += [f"Slice<{k}> l{j};" for j in range(len(stage.vectors))]
     for j, v in enumerate(stage.vectors):  # every load issued before any is used: one L2 round trip
-        lines.append(_vector_load(j, src[v], fused))
+        lines.append(f"l{j}.load({CUDA_SOURCES[src[v]][0]});")
     for j, v in enumerate(stage.vectors):
         names[v] = f"v{j}[i][e]"
         lines.append(f"float v{j}[{per}][8];")

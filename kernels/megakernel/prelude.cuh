@@ -44,11 +44,6 @@ __device__ __forceinline__ float ldcgbf(const u16* p) {
   asm volatile("ld.global.cg.u16 %0, [%1];" : "=h"(v) : "l"(p));
   return bf2f(v);
 }
-__device__ __forceinline__ ulonglong2 ldcg2x64(const u64* p) {
-  ulonglong2 v;
-  asm volatile("ld.global.cg.v2.u64 {%0, %1}, [%2];" : "=l"(v.x), "=l"(v.y) : "l"(p));
-  return v;
-}
 __device__ __forceinline__ u64 ldcg64(const u64* p) {
   u64 v;
   asm volatile("ld.global.cg.u64 %0, [%1];" : "=l"(v) : "l"(p));

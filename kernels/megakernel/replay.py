@@ -18,7 +18,7 @@ from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
 from superopt.kernels.megakernel.bodies import lower
 from superopt.kernels.megakernel.layout import packed_weights, small_params
-from superopt.kernels.megakernel.lowering import KIND, NATIVE, FusedMlp, Stage, run_stage, run_steps
+from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Model
 from superopt.ops import TensorType
@@ -66,14 +66,8 @@ def replay(
     lowering = lower(tg, programs)
     bodies, progs = lowering.bodies, lowering.sources
     native = TorchEval("native")
-    # The fused MLP's sums (acc.i) in fixed point, as the kernel adds them (red.add of round(x * 2^32)).
-    buf = {
-        name: torch.zeros(size, dtype=torch.int64 if name.startswith("acc.") else None)
-        for name, size in tg.buffers.items()
-    }
+    buf = {name: torch.zeros(size) for name, size in tg.buffers.items()}
     written = {name: torch.full((size,), -1) for name, size in tg.buffers.items()}
-    added = {name: torch.zeros(size, dtype=torch.int64) for name, size in tg.buffers.items() if name.startswith("acc.")}
-    adders = {name: sum(w.buffer == name and w.add for t in tg.tasks for w in t.writes) for name in added}
     kcache = torch.zeros(c.layers, c.kv_heads, model.max_seq, c.head_dim)
     vcache = torch.zeros_like(kcache)
     kv_step = torch.full(kcache.shape[:3], -1)
@@ -90,28 +84,12 @@ def replay(
             ok = bool((seen == torch.arange(pos)).all())
         else:
             ok = bool((written[r.buffer][r.lo : r.hi] == (g - 1 if r.prev else g)).all())
-            if r.buffer in added and not r.add:  # a sum is read once every add to it has landed
-                ok = ok and bool((added[r.buffer][r.lo : r.hi] == adders[r.buffer]).all())
         if not ok:
             raise StaleRead(f"replay: step {g} reads {r.buffer}[{r.lo}:{r.hi}] before it is written")
 
     def write(name: str, lo: int, values: torch.Tensor, g: int) -> None:
         buf[name][lo : lo + len(values)] = values
         written[name][lo : lo + len(values)] = g
-        if name in added:
-            added[name][lo : lo + len(values)] = 0
-
-    def layer_out(i: int) -> torch.Tensor:
-        """Layer i's output: the residual stream after its MLP (fused: the down stage's epilogue on the sum)."""
-        if not tg.fused_mlp:
-            return buf[f"hmlp.{i}"]
-        fused = bodies["mlp"]
-        assert isinstance(fused, FusedMlp)
-        down = fused.down
-        m0 = NATIVE.cast((buf[f"acc.{i}"].double() * 2.0**-32).float(), TensorType((), down.result_dtypes[0]))
-        env = {down.results[0]: m0[None]} | {v: source(KIND["down"].sources[v], i, m0)[None] for v in down.rows}
-        run_steps(down.epilogue, env)
-        return rbf(env[down.output][0].float())
 
     def epilogue(name: str, *args: torch.Tensor) -> torch.Tensor:
         return evaluate(progs[name], [a.to(torch.bfloat16) for a in args], native)[0].float()
@@ -130,7 +108,7 @@ def replay(
         if name == "attn":
             return combined(i)
         if name == "hmlp_last":
-            return layer_out(c.layers - 1)
+            return buf[f"hmlp.{c.layers - 1}"]
         if name in ("hattn", "act"):
             return buf[f"{name}.{i}"]
         return small[name] if name == "gfinal" else small[name][i]
@@ -148,25 +126,6 @@ def replay(
             write("lmpart", 2 * t.tile, torch.tensor([y[k], float(t.row0 + k)]), g)
         else:
             write(f"{kind.output}.{i}", t.row0, y, g)
-            for r in t.writes:  # the O projection's rows of the fused MLP's sum, zeroed: see taskgraph.build
-                if r.buffer.startswith("acc.") and not r.add:
-                    write(r.buffer, r.lo, torch.zeros(r.hi - r.lo, dtype=torch.int64), g)
-
-    def fused_mlp(t: taskgraph.Task, body: FusedMlp, g: int) -> None:
-        """The gate/up stage on the task's rows, then their part of the down projection added into the sum."""
-        plan, i, name = tg.gemv["mlp"], t.layer, f"acc.{t.layer}"
-        w = weights[("mlp", i)].view(plan.tiles, 3 * plan.tile, plan.k)[t.tile]
-        vectors = {v: source(KIND["gateup"].sources[v], i, buf[f"hattn.{i}"])[None] for v in body.up.vectors}
-        rows = {
-            v: source(KIND["gateup"].sources[v], i, buf[f"hattn.{i}"])[None, t.row0 : t.row0 + t.nrows]
-            for v in body.up.rows
-        }
-        act = rbf(run_stage(body.up, vectors, rows, [w[: t.nrows], w[t.nrows : 2 * t.nrows]])[0])
-        part = act @ w[2 * t.nrows :]
-        if not bool((written[name] == g).all()):
-            raise StaleRead(f"replay: step {g} adds to {name} before it is zeroed")
-        buf[name] += torch.round(part.double() * 2.0**32).to(torch.int64)
-        added[name] += 1
 
     def run(t: taskgraph.Task, g: int, pos: int) -> None:
         for r in t.reads:
@@ -175,11 +134,9 @@ def replay(
         if i == 0:
             h_in = epilogue("embed_scale", embed[tokens[pos]]) if c.gemma else embed[tokens[pos]]
         else:
-            h_in = layer_out(i - 1)  # the LM head's (layer L): the last layer's output
+            h_in = buf[f"hmlp.{i - 1}"]  # the LM head's (layer L): the last layer's output
         if t.op in KIND:
             generated(t, bodies[t.op], g, h_in)  # type: ignore[arg-type]
-        elif t.op == "mlp":
-            fused_mlp(t, bodies["mlp"], g)  # type: ignore[arg-type]
         elif t.op == "attn":
             qkv, kv, grp = buf[f"qkv.{i}"], t.head, c.group
             q = qkv[kv * grp * d : (kv + 1) * grp * d].view(grp, d)

@@ -44,7 +44,6 @@ class GpuMegakernel:
         trace: bool = False,
         kv_cap: int | None = None,
         programs: dict[str, KernelGraph] | None = None,
-        fused_mlp: bool = False,
     ) -> None:
         import cupy  # an optional dependency (the gpu extra): only a GPU run needs it
 
@@ -53,7 +52,7 @@ class GpuMegakernel:
         self.cupy, self.np = cupy, np
         props = torch.cuda.get_device_properties(0)
         self.model = model
-        self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits, fused_mlp)
+        self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits)
         self.logit_slots = logit_slots or model.max_seq
         self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap, programs)
         self.plan = smem_plan(self.tg, model.max_seq, kv_cap)
@@ -155,7 +154,7 @@ class GpuMegakernel:
         col = {name: 4 + k for k, name in enumerate(STAMP_NAMES)}
         out: dict[str, Any] = {"step_us": max(r[col["done"]] for r in rows)}
         phases = ("wait", "prologue", "weights", "compute", "epilogue")
-        for op in self.tg.ops:
+        for op in taskgraph.OPS:
             mine = [r for r in rows if r[2] == op]
             out[op] = {
                 f"{p}_us": round(sum(r[5 + k] - r[4 + k] for r in mine) / len(mine), 2) for k, p in enumerate(phases)
@@ -163,8 +162,7 @@ class GpuMegakernel:
         spans = []
         for layer in range(self.tg.config.layers):
             first = min(r[col["met"]] for r in rows if r[2] == "qkv" and r[3] == layer)
-            end = "mlp" if self.tg.fused_mlp else "down"  # the layer's last op
-            last = max(r[col["done"]] for r in rows if r[2] == end and r[3] == layer)
+            last = max(r[col["done"]] for r in rows if r[2] == "down" and r[3] == layer)
             spans.append(round(last - first, 1))
         out["layer_span_us"] = spans
         path = critical_path(self.tg, rows)
@@ -173,7 +171,7 @@ class GpuMegakernel:
                 "tasks": len(links),
                 **{k: round(sum(x[k] for x in links) / len(links), 2) for k in links[0] if k.endswith("_us")},
             }
-            for op in self.tg.ops
+            for op in taskgraph.OPS
             if (links := [x for x in path if x["op"] == op])
         }
         return out

@@ -17,7 +17,7 @@ from superopt.kernels.cuda_codegen import emit_elementwise
 from superopt.kernels.megakernel.attention import AttentionBody, emit_attention
 from superopt.kernels.megakernel.bodies import TASK_PROGRAMS, lower
 from superopt.kernels.megakernel.layout import NCONSUMERS, STAMP_NAMES, WORKSPACE, smem_plan, workspace_layout
-from superopt.kernels.megakernel.lowering import KIND, FusedMlp, Stage, emit_fused_mlp, emit_stage
+from superopt.kernels.megakernel.lowering import KIND, Stage, emit_stage
 from superopt.kernels.taskgraph import TaskGraph
 from superopt.result import Result
 from superopt.serialize import graph_hash
@@ -100,14 +100,10 @@ def source(
     lines.append(emit_attention(attn))
     lines.append(cuda("attention"))
     lines.append("// The GEMV task bodies:")
-    for kind in ("mlp", *KIND):  # mlp_out before the bodies that read it
-        body = lowering.bodies.get(kind)
-        if isinstance(body, FusedMlp):
-            lines.append(emit_fused_mlp(body))
-        elif isinstance(body, Stage):
-            lines.append(emit_stage(KIND[kind], body, tg.fused_mlp))
-        else:
-            lines.append(f"__device__ __forceinline__ void task_{kind}(const GemvTask&, u32&) {{}}  // no such tasks")
+    for kind in KIND:
+        stage = lowering.bodies[kind]
+        assert isinstance(stage, Stage)
+        lines.append(emit_stage(KIND[kind], stage))
     lines.append(cuda("kernel"))
     return "\n".join(lines)
 
@@ -125,7 +121,7 @@ def build_report(
     against it (model_search.validate_lowering, as JSON)."""
     low = lower(tg, programs)
     rows = []
-    for op in tg.ops:
+    for op in taskgraph.OPS:
         plan = tg.gemv.get(op)
         row: dict[str, Any] = {"kind": op, "tasks": len(tg.by_op(op))}
         if plan is not None:
@@ -159,8 +155,6 @@ def build_report(
         row["body"] = "generated"  # every kind's body is lowered from a program
         if op == "argmax":
             row["generated_from"] = "lm_head's argmax: the LM head tasks' maxima combined"
-        elif isinstance(body, FusedMlp):
-            row["generated_from"] = "mlp (stage 0, then stage 1 split over the task's rows, added into the layer's sum)"
         elif isinstance(body, Stage):
             kind = KIND[op]
             row["generated_from"] = f"{kind.program} (stage {kind.stage})" + (
