@@ -25,7 +25,7 @@ from superopt.kernels.device import DEVICES
 from superopt.model import ModelSpec, is_model_spec, load_spec
 from superopt.model_search import search_model
 from superopt.pipeline import SETTING_CHECKS, Settings, device_spec, optimize_program
-from superopt.result import Result
+from superopt.result import Baseline, Result
 from superopt.serialize import write_atomic
 from superopt.spec import load
 
@@ -58,15 +58,18 @@ def table(result: Result) -> str:
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows)
 
 
+def _baseline(b: Baseline) -> str:
+    if b.median_us is not None:
+        return f"{b.median_us:.1f} us"
+    return f"skipped ({b.message})" if b.status == "skipped" else "failed"
+
+
 def summary(result: Result) -> list[str]:
     """What the table cannot say: the baselines, or why nothing was timed, how the winner was checked, and why
     no candidate is fused where none is."""
     lines = []
     if result.measured:
-        times = ", ".join(
-            f"{k} {v.median_us:.1f} us" if v.median_us is not None else f"{k} failed"
-            for k, v in result.baselines.items()
-        )
+        times = ", ".join(f"{k} {_baseline(v)}" for k, v in result.baselines.items())
         lines.append(f"on {result.gpu}: {times}; floor {result.floor_us:.3g} us")
     else:
         lines.append(
@@ -86,6 +89,8 @@ def summary(result: Result) -> list[str]:
     lines.append(f"winner verified: {verify.method}{bound}")
     if result.search and result.search.get("unfused"):
         lines.append(f"no fused candidate: {result.search['unfused']}")
+    if result.cut:
+        lines.append(f"cut by the {' and '.join(result.cut)} budget: a larger one may find more")
     return lines
 
 
@@ -149,7 +154,12 @@ def run_model(
     "--budget",
     "budget_s",
     type=Checked("budget", float, SETTING_CHECKS["budget_s"]),
-    help="Search time per program in seconds (default: the spec's, else 120).",
+    help="Wall time per program in seconds, search, checks and timing included (default: the spec's, else 120).",
+)
+@click.option(
+    "--states",
+    type=Checked("number of states", int, SETTING_CHECKS["states"]),
+    help="States the enumeration visits at most: the same result on any machine (default: the preset's).",
 )
 @click.option(
     "--device",
@@ -183,6 +193,7 @@ def run_model(
 def search_command(
     specs: tuple[Path, ...],
     budget_s: float | None,
+    states: int | None,
     device: str | None,
     preset: str | None,
     seed: int | None,
@@ -196,7 +207,7 @@ def search_command(
     """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first. A model
     spec (YAML with a `model:` section, or an HF config.json) searches each program of its decode step and
     plans its megakernel."""
-    overrides = {"preset": preset, "budget_s": budget_s, "seed": seed, "device": device}
+    overrides = {"preset": preset, "budget_s": budget_s, "states": states, "seed": seed, "device": device}
     jobs = [read_job(spec, overrides) for spec in specs]  # every file is read before any search: bad input fails fast
     cache = Cache(cache_dir)
     mode = "require-hit" if require_hit else "offline" if offline else "search"

@@ -79,6 +79,7 @@ OP_INSTRUCTIONS: dict[str, float] = {
     "layer_norm": 5,
     "rope": 3,
     "concat": 0,
+    "dequant": 3,  # the value shifted out of its byte, less the zero, times the scale
     "accum_sum": 1,
     "accum_sum_last": 1,
     "accum_mean_last": 1,
@@ -241,7 +242,7 @@ def kernel_cost(block: BlockGraph, device: DeviceSpec) -> KernelCost:
     sm_bandwidth *= min(1.0, concurrent * ahead / (sm_bandwidth * MEMORY_LATENCY_S))
     # registers beyond the cap go to local memory: every access to them is a round trip through L1/L2
     spill = max(1.0, registers / device.max_regs_per_thread) ** SPILL_EXPONENT
-    dtype = block.inputs[0].source.dtype
+    dtype = next((bi.source.dtype for bi in block.inputs if not DTYPES[bi.source.dtype].integer), "float32")
     tensor_rate = device.tensor_flops[dtype] * TENSOR_EFFICIENCY / device.sm_count
     cuda_rate = device.cuda_core_flops["float32"] / device.sm_count
     return KernelCost(
@@ -310,6 +311,8 @@ def floor(graph: KernelGraph, device: DeviceSpec) -> Floor:
     names = list(dict.fromkeys(graph.inputs + graph.outputs))
     dram = sum(graph.tensors[n].nbytes for n in names)
     tensor, cuda = program_flops(graph)
-    dtype = graph.tensors[graph.inputs[0]].dtype
+    dtype = next(
+        (graph.tensors[n].dtype for n in graph.inputs if not DTYPES[graph.tensors[n].dtype].integer), "float32"
+    )
     compute = max(tensor / device.tensor_flops[dtype], cuda / device.cuda_core_flops["float32"])
     return Floor(dram, tensor, cuda, dram / device.dram_bytes_per_s * 1e6, compute * 1e6)

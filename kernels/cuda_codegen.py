@@ -1,5 +1,6 @@
 """The CUDA C++ emitter: the rule table of elementwise ops, and device functions generated from elementwise IR
-programs and from search winners whose block graphs are loop-free and elementwise (the megakernel's epilogues).
+programs and from search winners whose block graphs are loop-free and elementwise (the megakernel's epilogues),
+and from a dequant op (one weight element from its packed bytes and its group's scale and zero).
 
 What it emits compiles with NVRTC without a single #include, beside the megakernel's prelude (bf16 as raw bits:
 rbf rounds to it; kernels/megakernel/prelude.cuh), so the same text builds through CuPy at run time and through
@@ -12,7 +13,7 @@ round: every op computes in float32 and rounds its result to its tensor's dtype.
 from __future__ import annotations
 
 from superopt.errors import SuperoptError
-from superopt.ir import KernelGraph
+from superopt.ir import BlockGraph, KernelGraph, Op
 from superopt.ops import DTYPES, OPS
 
 # The CUDA emitter's rule table: an elementwise op -> a C++ float expression of its operands {0}, {1} and {c}.
@@ -93,3 +94,33 @@ def emit_elementwise(graph: KernelGraph, name: str) -> str:
     params = ", ".join(f"float {args[n]}" for n in graph.inputs)
     body = "\n".join(lines)
     return f"__device__ __forceinline__ float {name}({params}) {{\n{body}\n  return {args[result]};\n}}\n"
+
+
+def emit_dequant(graph: KernelGraph | BlockGraph, op: Op, name: str) -> str:
+    """A `__device__ float name(q, scale[, zero], long row, long k)` computing value k of row `row` of dequant op
+    `op` of `graph` (rows: every dim but the last, flattened; operands contiguous): q's int8 value or its int4
+    byte's nibble (k % 2 picks the low or high one, swapped where high_first), less the group's zero, times its
+    scale, in float32, rounded to the result's dtype as the reference interpreter rounds."""
+    q, scale = (graph.tensors[i] for i in op.inputs[:2])
+    out = DTYPES[scale.dtype]
+    if out.cuda_round is None:
+        raise SuperoptError(f"dequant: dtype {scale.dtype} is not supported by the CUDA emitter (bfloat16, float32)")
+    group, values = op.attrs["group"], q.shape[-1] * DTYPES[q.dtype].packed
+    element = "u16" if scale.dtype == "bfloat16" else "float"  # bf16 as raw bits (the prelude's bf2f)
+    read = "bf2f({0}[g])" if scale.dtype == "bfloat16" else "{0}[g]"
+    params = ["const unsigned char* q" if q.dtype == "int4" else "const signed char* q", f"const {element}* scale"]
+    params += [f"const {element}* zero"] * (len(op.inputs) == 3)
+    if q.dtype == "int4":
+        shift = "(1 - k % 2) * 4" if op.attrs["high_first"] else "(k % 2) * 4"
+        value = f"((((int)q[row * {q.shape[-1]}L + k / 2] >> ({shift})) & 15) ^ 8) - 8"  # 4-bit two's complement
+    else:
+        value = f"(int)q[row * {values}L + k]"
+    shifted = f"(float)v - {read.format('zero')}" if len(op.inputs) == 3 else "(float)v"
+    lines = [
+        f"__device__ __forceinline__ float {name}({', '.join(params)}, long row, long k) {{",
+        f"  const int v = {value};",
+        f"  const long g = row * {values // group}L + k / {group};",
+        f"  return {out.cuda_round}(({shifted}) * {read.format('scale')});",
+        "}",
+    ]
+    return "\n".join(lines) + "\n"

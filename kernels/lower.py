@@ -109,7 +109,7 @@ def _lower_pointwise(graph: KernelGraph, op: Op) -> BlockGraph:
         base, whole = ins[0].shape, {op.attrs["dim"]}
     elif kind == "norm":
         base, whole = ins[0].shape, {len(out.shape) - 1}
-    elif kind == "rope":
+    elif kind in ("rope", "dequant"):  # dequant: the last dim is packed and grouped, whole rows a block
         base, whole = out.shape, {len(out.shape) - 1}
     elif kind == "concat":
         base, whole = out.shape, {op.attrs["dim"]}

@@ -75,6 +75,15 @@ class Pieces:
         return tuple(shape)
 
 
+@dataclass
+class Unloaded:
+    """A block input only dequant reads (an int4 q; a scale or zero): dequant loads it itself, each lane of its
+    result from the element that lane needs (its value's byte, its group's scale), so nothing is expanded in
+    registers."""
+
+    input: BlockInput
+
+
 Value = Tile | Pieces
 
 
@@ -115,6 +124,8 @@ class Emitter:
     # itself, so Triton's pipeliner sees load -> dot and stages it through shared memory asynchronously.
     native: dict[str, tuple[str, str]] = field(default_factory=dict)
     region: str = "pre"
+    pids: list[str] = field(default_factory=list)  # the grid axes' program ids
+    it: str = "it"  # the loop variable
 
     def fresh(self, base: str) -> str:
         """A new variable name: an IR tile's own name the first time, else `base` with a number."""
@@ -467,6 +478,28 @@ def _concat(em: Emitter, op: Op, args: list[Value]) -> Value:
     return Pieces(dim, parts)
 
 
+def _dequant(em: Emitter, op: Op, args: list[Value | Unloaded]) -> Value:
+    """(q - zero) * scale in float32, each lane's scale and zero loaded from its group (lane k reads element
+    k // group) and, for int4, its byte (k // 2), the value shifted out of the low or high nibble."""
+    q, *params = args
+    if not all(isinstance(p, Unloaded) for p in params):
+        raise CodegenError("dequant: its scale and zero must be block inputs that only dequant reads")
+    shape = em.block.tensors[op.outputs[0]].shape
+    rank, group = len(shape), op.attrs["group"]
+    scale, *zero = (_load(em, p.input, gather=group) for p in params)
+    if isinstance(q, Unloaded):
+        byte = _load(em, q.input, gather=2).expr
+        lane = _expand(em.index(shape[-1]), rank - 1, rank)
+        shift = f"(1 - {lane} % 2) * 4" if op.attrs["high_first"] else f"({lane} % 2) * 4"
+        values = f"((((({byte}.to(tl.int32) >> {shift}) & 15) ^ 8) - 8).to(tl.float32))"
+    else:
+        values = _atom(q.expr)
+    if zero:
+        values = f"({values} - {zero[0].expr})"
+    # every load pads with zeros, so a padding lane is 0 * 0
+    return Tile(f"{values} * {scale.expr}", shape, True)
+
+
 EMIT: dict[str, Callable[[Emitter, Op, list[Value]], Value]] = {
     **{name: _unary for name in UNARY},
     **{name: _binary for name in BINARY},
@@ -479,6 +512,7 @@ EMIT: dict[str, Callable[[Emitter, Op, list[Value]], Value]] = {
     "rope": _rope,
     "matmul": _matmul,
     "concat": _concat,
+    "dequant": _dequant,
 }
 
 
@@ -587,28 +621,51 @@ class KernelSource:
     num_warps: int
 
 
-def _load(em: Emitter, bi: BlockInput, it: str, pids: list[str]) -> Tile:
+def _load(em: Emitter, bi: BlockInput, gather: int | None = None) -> Tile:
+    """Block input `bi`'s tile, in float32 (its dtype's load kept in `em.native` for tl.dot). With `gather`, the
+    last dim is read as dequant's lanes: lane k of a row holds element k // gather of it (a group's scale, an
+    int4 byte, which stays uint8), the tile `gather` times as long."""
     tile = em.block.tensors[bi.name].shape
     rank = len(tile)
+    lanes = tile if gather is None else tile[:-1] + (tile[-1] * gather,)
     ptr, strides = em.params[bi.name]
     terms = []
     for d in range(rank):
-        offset = [f"{pids[a]} * {bi.source.shape[d] // em.block.grid[a]}" for a, dim in enumerate(bi.imap) if dim == d]
-        offset.append(_expand(em.index(tile[d]), d, rank))
+        offset = [
+            f"{em.pids[a]} * {bi.source.shape[d] // em.block.grid[a]}" for a, dim in enumerate(bi.imap) if dim == d
+        ]
+        index = _expand(em.index(lanes[d]), d, rank)
+        offset.append(f"{_atom(index)} // {gather}" if gather is not None and d == rank - 1 else index)
         terms.append(f"({' + '.join(offset)}) * {strides[d]}" if len(offset) > 1 else f"{offset[0]} * {strides[d]}")
     ptrs = em.fresh(f"{bi.name}_ptrs")
     em.pre.append(f"{ptrs} = {ptr} + {' + '.join(terms)}")
     if bi.fmap is not None:
-        ptrs = f"{ptrs} + {it} * {tile[bi.fmap]} * {strides[bi.fmap]}"
-    mask = em.tile_mask(tile)
-    masking = f", mask={mask}, other=0.0" if mask else ""
-    region = "loop" if bi.fmap is not None else "pre"
+        ptrs = f"{ptrs} + {em.it} * {tile[bi.fmap]} * {strides[bi.fmap]}"
+    mask = em.tile_mask(lanes)
+    masking = f", mask={mask}, other=0" if mask else ""
+    region = getattr(em, "loop" if bi.fmap is not None else "pre")
     var = em.fresh(bi.name)
     raw = em.fresh(f"{var}_{bi.source.dtype}")
-    getattr(em, region).append(f"{raw} = tl.load({ptrs}{masking})")
-    getattr(em, region).append(f"{var} = {raw}.to(tl.float32)")
+    region.append(f"{raw} = tl.load({ptrs}{masking})")
+    if gather is not None and DTYPES[bi.source.dtype].integer:
+        return Tile(raw, lanes, True)  # int4 bytes: dequant shifts the values out
+    region.append(f"{var} = {raw}.to(tl.float32)")
+    if gather is not None:
+        return Tile(var, lanes, True)
     em.native[var] = (raw, bi.source.dtype)
     return Tile(var, tile, True)
+
+
+def _dequant_only(block: BlockGraph) -> set[str]:
+    """The block inputs dequant loads itself: an int4 q, and scales and zeros no other op reads."""
+    readers = block.consumers()
+    return {
+        bi.name
+        for bi in block.inputs
+        if bi.source.dtype == "int4"
+        or readers[bi.name]
+        and all(op.op == "dequant" and bi.name not in op.inputs[:1] for op in readers[bi.name])
+    }
 
 
 def _store(em: Emitter, value: Value, ptr: str, strides: list[str], offsets: list[str], dtype: str) -> None:
@@ -659,11 +716,14 @@ def block_kernel(block: BlockGraph, name: str) -> KernelSource:
         rank = len(block.tensors[bo.name].shape)
         outs.append((em.fresh(f"out{k}_ptr"), [em.fresh(f"out{k}_s{d}") for d in range(rank)]))
     forloop = em.fresh("FORLOOP")
-    pids = [em.fresh(f"pid_{a}") for a in range(len(block.grid))]
-    it = em.fresh("it")
+    em.pids = pids = [em.fresh(f"pid_{a}") for a in range(len(block.grid))]
+    em.it = it = em.fresh("it")
 
     region = _regions(block)
-    values: dict[str, Value] = {bi.name: _load(em, bi, it, pids) for bi in block.inputs}
+    deferred = _dequant_only(block)
+    values: dict[str, Value | Unloaded] = {
+        bi.name: Unloaded(bi) if bi.name in deferred else _load(em, bi) for bi in block.inputs
+    }
     inline = set()
     for chain in thread_graphs(block):
         for i, j in zip(chain, chain[1:]):
@@ -869,7 +929,7 @@ class CompiledGraph:
         tensors = []
         for name in g.inputs:
             ty, x = g.tensors[name], given[name]
-            if not isinstance(x, torch.Tensor) or tuple(x.shape) != ty.shape or str(x.dtype) != f"torch.{ty.dtype}":
+            if not isinstance(x, torch.Tensor) or tuple(x.shape) != ty.shape or x.dtype != DTYPES[ty.dtype].torch:
                 got = f"{x.dtype}{list(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
                 raise SuperoptError(f"{g.name}: input '{name}' must be a {ty} tensor, got {got}")
             tensors.append(x)

@@ -243,6 +243,15 @@ def _rope(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
     return None if any(isinstance(a, Cat) for a in args) else add(mul(x, cos), mul(x, sin))
 
 
+def _dequant(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
+    """(q - zero) * scale: with indices and signs forgotten, a group's scale is the scale and an int4 byte's
+    values are the byte."""
+    if any(isinstance(a, Cat) for a in args):
+        return None
+    q, scale, *zero = args
+    return mul(add(q, zero[0]) if zero else q, scale)
+
+
 def _concat(ctx: Ctx, args: tuple[Value, ...]) -> Value | None:
     a, b = args
     dim = ctx.attrs["dim"] - len(ctx.shapes[0])
@@ -278,6 +287,7 @@ RULES: dict[str, Callable[[Ctx, tuple[Value, ...]], Value | None]] = {
     "layer_norm": _per_row(_layer_norm),
     "rope": _rope,
     "concat": _concat,
+    "dequant": _dequant,
     "accum_sum": lambda ctx, args: _elementwise(lambda x: sum_(ctx.loop, x))(ctx, args),
     "accum_sum_last": lambda ctx, args: _accum_last(ctx, args[0], sum_),
     "accum_mean_last": lambda ctx, args: _accum_last(ctx, args[0], sum_),

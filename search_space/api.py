@@ -8,9 +8,11 @@
    program at the same dims, until KEEP candidates are accepted.
 4. Rank by kernels.cost.predict. The input program is always a candidate (so there is always an answer).
 
-The wall budget covers all of it: enumeration stops at ENUMERATE_SHARE of it, sizing at SIZE_SHARE; the best
-sized plan is verified even past the budget. The result is deterministic for a seed wherever the budget does
-not cut the enumeration (the states budget cuts it per process).
+Two budgets bound it. The wall budget covers all of it: enumeration stops at ENUMERATE_SHARE of it, sizing at
+SIZE_SHARE, verification at its end. The states budget bounds the enumeration by a count that is the same on
+any machine and for any number of workers (_enumerate). `stats.cut` names the budgets that cut a stage; where
+none did, the search was exhaustive and a larger budget would find nothing more. The result is deterministic
+for a seed wherever the wall budget does not cut the search.
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ from superopt.verification import verify
 KEEP = 16  # verified candidates reported, besides the input program
 SIZED = 2 * KEEP  # sizing goes on until this many plans beat every remaining lower bound
 ENUMERATE_SHARE, SIZE_SHARE = 0.75, 0.9  # of the wall budget
+# A pool's start (fork, each worker's problem) and end take a few tenths of a second: a shorter search runs in one
+# process (which finds what a pool finds).
+POOL_MIN_S = 5.0
 
 
 @dataclass
@@ -51,7 +56,9 @@ class SearchStats:
     workers: int = 1
     depth: int = 0  # the deepest kernel count enumerated completely
     exhausted: bool = False  # the wall or states budget cut the enumeration
-    states: int = 0  # search states visited (kernel and block level)
+    cut: list[str] = field(default_factory=list)  # the budgets that cut any stage: "states", "time"; none: exhaustive
+    states_limit: int = 0  # the states budget
+    states: int = 0  # search states (kernel and block level; a memoized block graph counts the states it took)
     pruned_abstract: int = 0  # op results no expression equivalent to the program's can contain
     pruned_limits: int = 0  # size choices beyond the device's grid, threads, shared memory or occupancy
     pruned_shape: int = 0  # op results whose shapes or splits do not line up
@@ -129,21 +136,35 @@ class Progress:
 _WORKER: Searcher | None = None
 
 
-def _worker_init(graph: KernelGraph, preset: Preset, prune: bool, deadline: float, max_states: int) -> None:
+def _worker_init(graph: KernelGraph, preset: Preset, prune: bool, deadline: float) -> None:
     global _WORKER
-    _WORKER = Searcher(make_problem(graph), preset, deadline=deadline, max_states=max_states, prune=prune)
+    _WORKER = Searcher(make_problem(graph), preset, deadline=deadline, prune=prune)
 
 
-def _worker_run(job: tuple[int, Choice]) -> Found:
+def _worker_run(job: tuple[int, Choice, int]) -> Found:
     assert _WORKER is not None
     return _WORKER.run(*job)
 
 
 def _enumerate(
-    problem: Problem, preset: Preset, prune: bool, deadline: float, workers: int, stats: SearchStats, bar: Progress
+    problem: Problem,
+    preset: Preset,
+    prune: bool,
+    deadline: float,
+    states: int,
+    workers: int,
+    stats: SearchStats,
+    bar: Progress,
 ) -> list[Plan]:
-    """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the budget, or past the first
-    depth with plans where the preset does not deepen."""
+    """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the deadline, at `states`
+    states, or past the first depth with plans where the preset does not deepen.
+
+    The states budget is one count over the whole enumeration, in its canonical order (depth by depth, each
+    depth's first-level choices in order): what one process walking that order would find before its count
+    reaches `states`. Each choice runs on its own, limited to what is left of the budget at its depth; merged in
+    order, a choice's plans are kept while the states of the choices before it and its own count so far stay
+    under that; the first choice that reaches it is the last. A choice's count does not depend on the process
+    that ran it (Searcher), so the plans are the same for any number of workers and any machine speed."""
     plans: dict[tuple, Plan] = {}
     total = Counts()
     depth = 1
@@ -154,30 +175,40 @@ def _enumerate(
         stats.plans = len(plans)
         bar.update(f"enumerate {depth} kernels", stats)
 
-    def collect(found: Found) -> None:
-        for plan in found.plans:
-            plans.setdefault(plan.key(), plan)
+    def collect(found: Found, left: int) -> str:
+        """Merges one choice's run, `left` states being left of the budget before it; the budget that cut it."""
+        for plan, at in zip(found.plans, found.at):
+            if at < left:
+                plans.setdefault(plan.key(), plan)
+        cut = "states" if found.counts.states >= left else found.cut
+        found.counts.states = min(found.counts.states, left)
         total.add(found.counts)
         report(Counts())
-        stats.exhausted |= found.cut
+        return cut
 
-    searcher = Searcher(problem, preset, deadline=deadline, max_states=preset.max_states, prune=prune, on_state=report)
+    searcher = Searcher(problem, preset, deadline=deadline, prune=prune, on_state=report)
     pool = None
     if workers > 1:
         context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline, preset.max_states))
+        pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline))
     try:
         for depth in range(1, preset.kernel_ops + 1):
-            roots = searcher.roots(depth)
+            roots, cuts = searcher.roots(depth), set()
+            at_depth = states - total.states  # what the budget leaves this depth's choices, each run alone
             if pool is None:
                 for root in roots:
-                    collect(searcher.run(depth, root))
-                    if stats.exhausted:
+                    cuts.add(collect(searcher.run(depth, root, states - total.states), states - total.states))
+                    if any(cuts):
                         break
-            else:
-                for found in pool.imap(_worker_run, [(depth, r) for r in roots]):
-                    collect(found)
-            if stats.exhausted:
+            else:  # past the deadline the choices still to come stop at once, with what they found before it
+                for found in pool.imap(_worker_run, [(depth, r, at_depth) for r in roots]):
+                    cuts.add(collect(found, states - total.states))
+                    if "states" in cuts:
+                        break  # the choices after this one are past the budget's end
+            cuts.discard("")
+            if cuts:
+                stats.exhausted = True
+                stats.cut = sorted(cuts)
                 break
             stats.depth = depth
             if plans and not preset.deepen:
@@ -190,11 +221,14 @@ def _enumerate(
 
 def _size(plans: list[Plan], sizer: Sizer, deadline: float, stats: SearchStats, bar: Progress) -> list[tuple]:
     """(predicted us, plan, sizes) of the plans that fit, fastest first; plans are taken in order of their lower
-    bounds until SIZED of them beat every bound left (or the deadline passes)."""
+    bounds until SIZED of them beat every bound left, or the deadline passes (a cut)."""
     sized: list[tuple[float, int, Plan, dict[str, int]]] = []
     top: list[float] = []  # a max-heap (negated) of the SIZED fastest
     for bound, k in sorted((sizer.lower_bound(p), k) for k, p in enumerate(plans)):
-        if len(top) == SIZED and bound >= -top[0] or sized and time.monotonic() > deadline:
+        if len(top) == SIZED and bound >= -top[0]:
+            break
+        if time.monotonic() > deadline:
+            stats.cut = sorted({*stats.cut, "time"})
             break
         best = sizer.best(plans[k])
         stats.sized += 1
@@ -265,6 +299,13 @@ def program_candidate(graph: KernelGraph, device: DeviceSpec) -> Candidate:
     return Candidate.of(graph, predict(graph, device).us, IDENTITY, "program")
 
 
+def search_preset(graph: KernelGraph, preset: str | None = None) -> Preset:
+    """The preset a search of `graph` uses: `preset`, else the spec's `search: {preset}`, else one made from the
+    program's ops (for_program)."""
+    named = preset or graph.search_settings.get("preset")
+    return get_preset(named) if named else for_program(graph)
+
+
 def search(
     graph: KernelGraph,
     preset: str | None = None,
@@ -275,22 +316,26 @@ def search(
     prune: bool = True,
     progress: str = "auto",
     on_candidate: Callable[[Candidate], None] | None = None,
+    states: int | None = None,
 ) -> SearchResult:
     """Verified µGraphs computing `graph`, ranked by predicted time on `device`, best first (see module doc).
-    `preset` defaults to the spec's `search: {preset}`, else one made from the program's ops (for_program);
-    `workers` to the CPU count; `prune=False` turns off abstract-expression pruning (for tests: the space grows
-    fast). `on_candidate` sees each candidate as it is accepted. Where no candidate has fewer kernels than the
-    program, `stats.unfused` says why."""
+    `preset` as search_preset picks it; `states` bounds the enumeration's count of states (default: the preset's
+    max_states); `workers` defaults to the CPU count (one under a budget of POOL_MIN_S); `prune=False` turns off
+    abstract-expression pruning (for tests: the space grows fast). `on_candidate` sees each candidate as it is
+    accepted. Where no candidate has fewer kernels than the program, `stats.unfused` says why; `stats.cut` names
+    the budgets that cut the search (none: it was exhaustive)."""
     start = time.monotonic()
     spec = get_device(device)
-    named = preset or graph.search_settings.get("preset")
-    chosen = get_preset(named) if named else for_program(graph)
+    chosen = search_preset(graph, preset)
+    limit = states if states is not None else chosen.max_states
     problem = make_problem(graph)
-    stats = SearchStats(preset=chosen.name, device=spec.name, workers=max(1, workers or os.cpu_count() or 1))
+    workers = workers or ((os.cpu_count() or 1) if budget_s >= POOL_MIN_S else 1)
+    stats = SearchStats(preset=chosen.name, device=spec.name, workers=max(1, workers), states_limit=limit)
     bar = Progress(progress, graph.name)
     accept = on_candidate or (lambda c: None)
     try:
-        plans = _enumerate(problem, chosen, prune, start + ENUMERATE_SHARE * budget_s, stats.workers, stats, bar)
+        deadline = start + ENUMERATE_SHARE * budget_s
+        plans = _enumerate(problem, chosen, prune, deadline, limit, stats.workers, stats, bar)
         stats.seconds_enumerate = round(time.monotonic() - start, 3)
         sized = _size(plans, Sizer(problem, spec), start + SIZE_SHARE * budget_s, stats, bar)
         stats.seconds_size = round(time.monotonic() - start - stats.seconds_enumerate, 3)
@@ -300,7 +345,10 @@ def search(
         seen = {candidates[0].hash}
         rejected_fused = 0
         for _, plan, env in sized:
-            if len(candidates) > KEEP or (len(candidates) > 1 and time.monotonic() > start + budget_s):
+            if len(candidates) > KEEP:
+                break
+            if time.monotonic() > start + budget_s:
+                stats.cut = sorted({*stats.cut, "time"})
                 break
             found = concrete(problem, plan, env)
             h = graph_hash(found)

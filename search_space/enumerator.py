@@ -18,7 +18,7 @@ loop are its outputs. A block graph without a loop gets one accum_sum per output
 The kernel level is searched by iterative deepening (`depth` kernels at a time, by the caller), so the cheap
 few-kernel candidates are all found before the budget goes to deeper ones. Block graphs are memoized per
 (inputs, maps), op results per (op, operand tiles): a block graph met again under another kernel prefix costs
-a lookup.
+a lookup, and counts the states it took to build (so a state count is the same in any process).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
@@ -175,15 +175,17 @@ class Counts:
 
 @dataclass
 class Found:
-    """What one run of the enumerator found: its plans in DFS order, its counts, and whether a budget cut it."""
+    """What one run of the enumerator found: its plans in DFS order, the run's state count when it found each
+    (`at`), its counts, and the budget that cut it short: "states" (its state limit), "time" (the deadline) or ""."""
 
     plans: list[Plan]
+    at: list[int]
     counts: Counts
-    cut: bool = False
+    cut: str = ""
 
 
 class BudgetExhausted(Exception):
-    pass
+    """A run's budget ran out; args[0] says which: "states" or "time"."""
 
 
 # --- shapes and labels ----------------------------------------------------------------------------------------
@@ -292,6 +294,13 @@ def _rescaled_sum(args: list[Tile], attrs: dict) -> Shaped:
     return None if out is None or out[0] != args[0].shape else _accum(args, attrs)
 
 
+def _dequant(args: list[Tile], attrs: dict) -> Shaped:
+    """Never inside a block graph yet: an int4 row is half as many bytes as values, and a row's scales one a
+    group, sizes the dim classes (dims.py) do not relate to the values' dim. A program's dequant stays a kernel
+    of its own."""
+    return None
+
+
 # The shape rule of each op the search may add: rule(operand tiles, attrs) -> its output shape and labels.
 SHAPES: dict[str, Callable[[list[Tile], dict], Shaped]] = {
     **{name: _same for name, d in OPS.items() if d.kind in ("unary", "scalar", "norm")},
@@ -300,6 +309,7 @@ SHAPES: dict[str, Callable[[list[Tile], dict], Shaped]] = {
     "matmul": _matmul,
     "rope": _rope,
     "concat": _concat,
+    "dequant": _dequant,
     "accum_sum": _accum,
     "accum_max": _accum,
     "accum_sum_last": _accum_last,
@@ -403,17 +413,22 @@ def _rank(inputs: tuple[int, ...], op: str, attrs: tuple) -> tuple:
 class Searcher:
     """The DFS for plans of exactly `depth` kernels under a preset's limits (`run` one first-level choice at a
     time; the caches carry over between runs); `roots` splits its first level for a process pool. A run stops
-    past `deadline` (monotonic seconds) or `max_states` states over all runs."""
+    past `deadline` (monotonic seconds) or at its state limit.
+
+    A run's state count does not depend on what the caches already hold: a memoized block graph counts the
+    states (and prunings) it took to build, as if built again. So a run's plans and count are a function of its
+    first-level choice alone, whichever process runs it after whichever others, and a states budget cut at a
+    global count is the same for any number of processes (search_space/api.py)."""
 
     problem: Problem
     preset: Preset
     depth: int = 1
     deadline: float = float("inf")
-    max_states: int = 10**9  # in this process
     prune: bool = True
-    on_state: Callable[[Counts], None] | None = None  # progress, every 256 states
+    on_state: Callable[[Counts], None] | None = None  # progress, every 256 states visited
     counts: Counts = field(default_factory=Counts)
-    visited: int = 0  # states over all passes, against max_states
+    limit: int = 10**18  # states the current run may count
+    _visits: int = 0  # states really visited (memo hits aside), for the clock and progress checks
     _blocks_memo: dict = field(default_factory=dict)
     _results: dict = field(default_factory=dict)
     _attrs: dict = field(default_factory=dict)
@@ -428,12 +443,15 @@ class Searcher:
         n = len(self.problem.inputs)
         return KernelState(self.problem.inputs, (0,) * n, (-1,) * n, ())
 
-    def _visit(self) -> None:
-        self.counts.states += 1
-        self.visited += 1
-        if self.visited >= self.max_states or (self.visited % 64 == 0 and time.monotonic() > self.deadline):
-            raise BudgetExhausted
-        if self.on_state is not None and self.counts.states % 256 == 0:
+    def _visit(self, states: int = 1) -> None:
+        """Counts `states` states (one visited, or a memoized block graph's); BudgetExhausted past a budget."""
+        self.counts.states += states
+        if self.counts.states >= self.limit:
+            raise BudgetExhausted("states")
+        self._visits += 1
+        if self._visits % 64 == 0 and time.monotonic() > self.deadline:
+            raise BudgetExhausted("time")
+        if self.on_state is not None and self._visits % 256 == 0:
             self.on_state(self.counts)
 
     # -- kernel level --
@@ -443,18 +461,19 @@ class Searcher:
         self.depth = depth
         return list(self._kernel_choices(self.initial()))
 
-    def run(self, depth: int, root: Choice) -> Found:
+    def run(self, depth: int, root: Choice, limit: int = 10**18) -> Found:
         """The plans of exactly `depth` kernels under one first-level choice, in DFS order, with what the walk
-        counted; a budget that runs out cuts it short (`cut`), keeping what was found until then."""
-        self.depth, self.counts = depth, Counts()
-        plans: list[Plan] = []
+        counted; a budget that runs out (`limit` states, or the deadline) cuts it short (`cut`), keeping what was
+        found until then."""
+        self.depth, self.counts, self.limit = depth, Counts(), limit
+        found = Found([], [], self.counts)
         try:
-            self._expand(self.initial(), root, plans)
-        except BudgetExhausted:
-            return Found(plans, self.counts, cut=True)
-        return Found(plans, self.counts)
+            self._expand(self.initial(), root, found)
+        except BudgetExhausted as e:
+            found.cut = e.args[0]
+        return found
 
-    def _expand(self, state: KernelState, choice: Choice, found: list[Plan]) -> None:
+    def _expand(self, state: KernelState, choice: Choice, found: Found) -> None:
         if isinstance(choice, OpChoice):
             nxt = self._add_kernel_op(state, KernelOp(choice.op, choice.inputs, choice.attrs))
             if nxt is not None:
@@ -465,13 +484,14 @@ class Searcher:
             if nxt is not None:
                 self._kernel_dfs(nxt, found)
 
-    def _kernel_dfs(self, state: KernelState, found: list[Plan]) -> None:
+    def _kernel_dfs(self, state: KernelState, found: Found) -> None:
         self._visit()
         plan = self._complete(state)
         if plan is not None:
             if len(plan.ops) == self.depth:  # shallower plans were found at their own depth
                 self.counts.plans += 1
-                found.append(plan)
+                found.plans.append(plan)
+                found.at.append(self.counts.states)
             return
         if len(state.ops) < self.depth:
             for choice in self._kernel_choices(state):
@@ -645,9 +665,17 @@ class Searcher:
     def _block_plans(self, state: KernelState, choice: BlockChoice) -> list[BlockPlan]:
         """Every closed block graph over the choice's inputs with its maps (memoized)."""
         key = (choice, tuple(state.tensors[i] for i in choice.inputs), state.graph_defs)
-        plans = self._blocks_memo.get(key)
-        if plans is None:
-            plans = self._blocks_memo[key] = list(self._open_block(state, choice.inputs, choice.axes, choice.loop))
+        hit = self._blocks_memo.get(key)
+        if hit is not None:
+            plans, spent = hit
+            self.counts.add(replace(spent, states=0))
+            if spent.states:
+                self._visit(spent.states)
+            return plans
+        before = replace(self.counts)
+        plans = list(self._open_block(state, choice.inputs, choice.axes, choice.loop))
+        spent = Counts(**{f.name: getattr(self.counts, f.name) - getattr(before, f.name) for f in fields(Counts)})
+        self._blocks_memo[key] = plans, spent
         return plans
 
     def _open_block(self, state: KernelState, inputs: tuple[int, ...], axes: tuple[str, ...], loop: str | None):

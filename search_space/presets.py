@@ -36,7 +36,7 @@ class Preset:
     split_reductions: bool  # a grid axis may split a reduced dim
     block_op_names: tuple[str, ...]
     description: str
-    max_states: int = 20_000_000  # states one process visits at most
+    max_states: int = 20_000_000  # the search's states budget where the settings give none (--states)
     deepen: bool = True  # enumerate plans of more kernels also where fewer compute the program
 
     @property

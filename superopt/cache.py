@@ -2,7 +2,7 @@
 and results").
 
 key = sha256 of the program's canonical hash (renaming-invariant; shapes, dtypes, attributes), the search
-settings that change the answer (preset, seed, prune; not the time budget), the device class and the superopt,
+settings that change the answer (preset, seed, prune; not the budgets), the device class and the superopt,
 torch and triton versions. An entry is the result JSON of superopt/pipeline.py at `results/<key>.json` under
 the cache directory ($SUPEROPT_CACHE_DIR, default ~/.cache/superopt; generated Triton modules live in its
 `triton/` folder), with the search's trial log beside it (`<key>.trials.jsonl`).
@@ -17,7 +17,8 @@ Entries written here carry an HMAC-SHA256 signature with a key kept in `<root>/.
 `cache ls` can tell local entries from imported ones; a signature tells origin only and never skips a check.
 
 Writes are atomic (write_atomic) and serialized by a lock on the results folder, so two processes storing one
-key leave one whole entry, the better one: a larger budget upgrades an entry, a smaller one leaves it alone.
+key leave one whole entry, the better one (`_rank`): an exhaustive result (one no budget cut: `Result.cut`) is
+final and ranks above any cut one; between cut ones, larger budgets upgrade an entry, smaller ones leave it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from superopt.result import Result, ResultError
 from superopt.serialize import graph_hash, write_atomic
 
 EXPORT_FORMAT = "superopt.cache-export/1"
-KEY_SETTINGS = ("preset", "seed", "prune")  # what changes the answer; the budget only decides how far it got
+KEY_SETTINGS = ("preset", "seed", "prune")  # what changes the answer; the budgets only decide how far it got
 LOCK_NOTE_S = 2.0  # waiting this long for the lock is worth a line
 LOCK_TIMEOUT_S = 120.0  # default of $SUPEROPT_LOCK_TIMEOUT_S
 _HEX = re.compile(r"[0-9a-f]{1,64}")
@@ -269,8 +270,8 @@ class Cache:
         return "local" if mine else "imported"
 
     def put(self, result: Result) -> bool:
-        """Stores `result`, signed with this cache's key, unless the one stored under its key ranks higher (a
-        larger budget, or the same budget measured on a GPU where `result` was not); True if it was written."""
+        """Stores `result`, signed with this cache's key, unless the one stored under its key ranks higher
+        (`_rank`); True if it was written."""
         if cache_key(result.program, result.settings, result.device, result.versions) != result.key:
             raise SuperoptError(f"cannot store the result {result.key[:16]}: its key is not its program's")
         return self._store(result, result.to_json(), sign=True)
@@ -410,9 +411,12 @@ class Cache:
         return removed
 
 
-def _rank(result: Result) -> tuple[float, bool]:
-    """Which of two entries for one key to keep: the larger budget, then a measured one over a predicted one."""
-    return float(result.settings["budget_s"]), result.measured
+def _rank(result: Result) -> tuple[bool, float, float, bool]:
+    """Which of two entries for one key to keep: an exhaustive one; else the larger of each budget that cut it
+    (one that did not cut it counts as unbounded); then a measured one over a predicted one."""
+    budget = float(result.settings["budget_s"]) if "time" in result.cut else math.inf
+    states = float(result.settings.get("states") or 0) if "states" in result.cut else math.inf
+    return result.exhaustive, budget, states, result.measured
 
 
 def _sign(secret: bytes, entry: dict[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """`superopt.optimize`: a function's fusable parts replaced by searched, verified kernels, in the manner of
 torch.compile.
 
-    @superopt.optimize                      # or @superopt.optimize(mode=..., budget_s=..., strict=True, ...)
+    @superopt.optimize                      # or @superopt.optimize(mode=..., budget_s=..., states=..., ...)
     def block(x, w):
         return F.rms_norm(x, (x.shape[-1],), eps=1e-6) @ w
 
@@ -34,11 +34,12 @@ from torch.fx.passes.infra.partitioner import CapabilityBasedPartitioner
 from torch.fx.passes.utils.fuser_utils import fuse_by_partitions
 
 from superopt.cache import Cache
-from superopt.errors import SuperoptError
+from superopt.errors import IRError, SuperoptError
 from superopt.importers import Unsupported, check_node, from_fx
 from superopt.kernels import compile
 from superopt.kernels.triton_codegen import use_interpreter
 from superopt.pipeline import MODES, Outcome, Settings, optimize_program
+from superopt.spec import check_states
 
 log = logging.getLogger("superopt")
 
@@ -50,10 +51,16 @@ class Options:
     cache_dir: str | Path | None = None
     strict: bool = False
     device: str | None = None  # device class to rank for (default: the GPU present, else h100)
+    states: int | None = None  # the enumeration's states budget (default: the preset's): the same result anywhere
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise SuperoptError(f"superopt.optimize: unknown mode '{self.mode}' (known: {', '.join(MODES)})")
+        if self.states is not None:
+            try:
+                check_states(self.states)
+            except IRError as e:
+                raise SuperoptError(f"superopt.optimize: states: {e}") from None
 
 
 def _flatten(args: tuple, kwargs: dict) -> tuple[list, tuple]:
@@ -201,7 +208,9 @@ class Optimized:
         placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
         program = from_fx(sub.graph, name)
         graph = program.graph
-        settings = Settings.for_graph(graph, budget_s=self.options.budget_s, device=self.options.device)
+        settings = Settings.for_graph(
+            graph, budget_s=self.options.budget_s, device=self.options.device, states=self.options.states
+        )
         cache = Cache(self.options.cache_dir)
         outcome = optimize_program(graph, settings, cache, self.options.mode, say=log.info)
         log.info("superopt.optimize(%s): %s: %s", self._name, name, outcome.note)
@@ -220,9 +229,10 @@ def optimize(
     cache_dir: str | Path | None = None,
     strict: bool = False,
     device: str | None = None,
+    states: int | None = None,
 ) -> Any:
     """Decorates `fn` (bare, or called with options first) so that its fusable parts run as superopt kernels."""
-    options = Options(mode, budget_s, cache_dir, strict, device)
+    options = Options(mode, budget_s, cache_dir, strict, device, states)
     if fn is None:
         return lambda f: Optimized(f, options)
     return Optimized(fn, options)

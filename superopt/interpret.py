@@ -34,6 +34,27 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], -1)
 
 
+def unpack_int4(q: torch.Tensor, high_first: bool = False) -> torch.Tensor:
+    """int4 bytes (any tensor holding the byte values 0..255) as their signed values, two per byte along the last
+    dim: value 2j from bits 0-3 of byte j and 2j + 1 from bits 4-7 (swapped where high_first), as int64."""
+    byte = q.to(torch.int64)
+    low, high = byte & 15, byte >> 4
+    pair = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+    return (pair ^ 8) - 8  # two's complement of 4 bits: 8..15 are -8..-1
+
+
+def _dequant(
+    q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None = None, *, group: int, high_first: bool
+) -> torch.Tensor:
+    """(q - zero) * scale in scale's precision (float32, or float64 for precision="float64"), each scale and zero
+    repeated over its group of the last dim (a copy: bit for bit)."""
+    packed = q.shape[-1] * 2 == scale.shape[-1] * group  # int4 q is half as long as its rows (the shape rule)
+    values = (unpack_int4(q, high_first) if packed else q).to(scale.dtype)
+    if zero is not None:
+        values = values - zero.repeat_interleave(group, -1)
+    return values * scale.repeat_interleave(group, -1)
+
+
 # Predefined ops: rule(*operands, **attrs) -> tensor.
 REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "matmul": torch.matmul,
@@ -61,6 +82,7 @@ REFERENCE: dict[str, Callable[..., torch.Tensor]] = {
     "layer_norm": _layer_norm,
     "rope": lambda x, cos, sin: x * cos + rotate_half(x) * sin,
     "concat": lambda a, b, dim: torch.cat([a, b], dim),
+    "dequant": _dequant,
 }
 
 
@@ -170,6 +192,8 @@ def run(graph: KernelGraph, inputs: dict[str, torch.Tensor], precision: str = "n
             raise SuperoptError(
                 f"{graph.name}: input '{name}' has shape {list(x.shape)}, the graph expects {list(ty.shape)}"
             )
+        if DTYPES[ty.dtype].integer and x.dtype != DTYPES[ty.dtype].torch:  # a cast would wrap or truncate
+            raise SuperoptError(f"{graph.name}: input '{name}' ({ty}) must be a {DTYPES[ty.dtype].torch} tensor")
         args.append(ev.cast(x.detach().cpu(), ty))
     return evaluate(graph, args, ev)
 
@@ -187,11 +211,16 @@ def evaluate(graph: KernelGraph, args: list[torch.Tensor], ev: TorchEval) -> lis
 
 
 def random_inputs(graph: KernelGraph, seed: int = 0, scale: float = 1.0) -> dict[str, torch.Tensor]:
-    """Seeded normal inputs in each input's dtype, scaled by `scale`; the same seed gives the same tensors."""
+    """Seeded normal inputs in each input's dtype, scaled by `scale`; integer inputs (quantized weights) are
+    uniform over their dtype's range whatever the scale (their scales are float inputs). The same seed gives the
+    same tensors."""
     gen = torch.Generator().manual_seed(seed)
-    return {
-        n: (torch.randn(graph.tensors[n].shape, generator=gen, dtype=torch.float64) * scale).to(
-            DTYPES[graph.tensors[n].dtype].torch
-        )
-        for n in graph.inputs
-    }
+    out = {}
+    for n in graph.inputs:
+        ty = DTYPES[graph.tensors[n].dtype]
+        if ty.integer:
+            info = torch.iinfo(ty.torch)
+            out[n] = torch.randint(info.min, info.max + 1, graph.tensors[n].shape, generator=gen, dtype=ty.torch)
+        else:
+            out[n] = (torch.randn(graph.tensors[n].shape, generator=gen, dtype=torch.float64) * scale).to(ty.torch)
+    return out

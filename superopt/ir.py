@@ -112,18 +112,28 @@ class _GraphBase:
         """Adds predefined op `name`: its tensor operands first, then its attributes (positional or keyword)."""
         d = opdef(name, self.level)
         n_tensors = d.arity
-        if len(args) < n_tensors or any(not isinstance(a, (Tensor, str)) for a in args[:n_tensors]):
-            raise IRError(f"{name} takes {n_tensors} tensor operand(s), got {_count_tensors(args)}")
+        while n_tensors < min(len(args), d.arity + len(d.optional)) and (
+            isinstance(args[n_tensors], (Tensor, str)) or args[n_tensors] is None
+        ):
+            n_tensors += 1  # optional operands given by position (None: left out)
+        if len(args) < n_tensors or any(not isinstance(a, (Tensor, str)) for a in args[: d.arity]):
+            raise IRError(f"{name} takes {d.arity_text} tensor operand(s), got {_count_tensors(args)}")
         extra = args[n_tensors:]
-        if any(isinstance(a, Tensor) for a in extra):
-            raise IRError(f"{name} takes {n_tensors} tensor operand(s), got {_count_tensors(args)}")
+        if any(isinstance(a, Tensor) for a in extra) or None in args[d.arity : n_tensors - 1]:
+            raise IRError(f"{name} takes {d.arity_text} tensor operand(s), got {_count_tensors(args)}")
+        given = [a for a in args[:n_tensors] if a is not None]
+        for key in d.optional[n_tensors - d.arity :]:  # the others by name, in order; None leaves one out
+            value = attrs.pop(key, None)
+            if value is None:
+                break
+            given.append(value)
         if len(extra) > len(d.attrs):
             raise IRError(f"{name} takes at most {len(d.attrs)} argument(s) after its tensors, got {len(extra)}")
         for (key, _), value in zip(d.attrs, extra):
             if key in attrs:
                 raise IRError(f"{name}: argument '{key}' given twice")
             attrs[key] = value
-        inputs = tuple(self._name(a) for a in args[:n_tensors])
+        inputs = tuple(self._name(a) for a in given)
         try:
             bound = d.bind_attrs(attrs)
         except OverflowError:  # an integer too large for a float attribute

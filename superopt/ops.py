@@ -26,18 +26,29 @@ class DType:
     triton: str  # triton.language's type, in generated kernels
     triton_signature: str  # Triton's signature type (ahead-of-time compiles)
     cuda_round: str | None  # the CUDA emitter's rounding function to this dtype; None: not supported there
-    epsilon: float  # machine epsilon (torch's default eps for rms_norm)
+    epsilon: float  # machine epsilon (torch's default eps for rms_norm); 0 for the integer dtypes
+    packed: int = 1  # values one element (one byte) holds: int4 packs two along the last dim
+
+    @property
+    def integer(self) -> bool:
+        """Quantized weights: only dequant reads them (the IR computes in floats)."""
+        return not self.torch.is_floating_point
 
 
+# int8 holds one signed value a byte (torch.int8). An int4 tensor's IR shape counts bytes (its storage, a torch
+# uint8 tensor): byte j of a row holds the signed 4-bit values 2j (bits 0-3) and 2j + 1 (bits 4-7), each in two's
+# complement (-8..7), so a row of K values is K / 2 elements long. See dequant and docs/architecture.md.
 DTYPES = {
     d.name: d
     for d in (
         DType("float16", 2, torch.float16, "tl.float16", "fp16", None, 2**-10),
         DType("bfloat16", 2, torch.bfloat16, "tl.bfloat16", "bf16", "rbf", 2**-7),
         DType("float32", 4, torch.float32, "tl.float32", "fp32", "", 2**-23),
+        DType("int8", 1, torch.int8, "tl.int8", "i8", None, 0.0),
+        DType("int4", 1, torch.uint8, "tl.uint8", "u8", None, 0.0, packed=2),
     )
 }
-TORCH_TO_IR = {d.torch: d.name for d in DTYPES.values()}
+TORCH_TO_IR = {d.torch: d.name for d in DTYPES.values() if d.packed == 1}  # a torch uint8 tensor is no int4 value
 
 REQUIRED = object()  # marks an attribute without a default
 
@@ -62,15 +73,20 @@ class OpDef:
 
     name: str
     arity: int
-    kind: str  # unary | binary | scalar | reduce | matmul | norm | rope | concat | accum | graph_def
+    kind: str  # unary | binary | scalar | reduce | matmul | norm | rope | concat | dequant | accum | graph_def
     attrs: tuple[tuple[str, Any], ...] = ()  # (name, default or REQUIRED), in positional order
     levels: frozenset[str] = frozenset({"kernel", "block"})
     doc: str = ""
     dtype: str | None = None  # the result's dtype where the op fixes it (argmax's indices); None: the operands'
+    optional: tuple[str, ...] = ()  # tensor operands after the `arity` required ones that may be left out (by name)
 
     @property
     def elementwise(self) -> bool:
         return self.kind in ("unary", "binary", "scalar")
+
+    @property
+    def arity_text(self) -> str:
+        return f"{self.arity} to {self.arity + len(self.optional)}" if self.optional else str(self.arity)
 
     def bind_attrs(self, given: dict[str, Any]) -> dict[str, Any]:
         """Checks names and types of attributes, fills defaults; raises IRError naming what is wrong."""
@@ -90,7 +106,7 @@ class OpDef:
         return out
 
 
-ATTR_TYPES = {"dim": int, "keepdim": bool, "eps": float, "c": float}
+ATTR_TYPES = {"dim": int, "keepdim": bool, "eps": float, "c": float, "group": int, "high_first": bool}
 
 
 def _check_attr(op: str, key: str, value: Any, default: Any) -> Any:
@@ -180,6 +196,32 @@ def _infer_rope(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
     return x
 
 
+def _infer_dequant(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
+    q, scale = ins[0], ins[1]
+    group = attrs["group"]
+    if not DTYPES[q.dtype].integer:
+        raise IRError(f"dequant: q must be int8 or int4, got {q}")
+    if DTYPES[scale.dtype].integer:
+        raise IRError(f"dequant: scale must be a float tensor, got {scale}")
+    if len(ins) == 3 and ins[2] != scale:
+        raise IRError(f"dequant: zero {ins[2]} must have the scale's type {scale}")
+    if attrs["high_first"] and q.dtype != "int4":
+        raise IRError("dequant: high_first orders the two values of an int4 byte; q is int8")
+    if group < 1:
+        raise IRError(f"dequant: group must be >= 1, got {group}")
+    values = q.shape[-1] * DTYPES[q.dtype].packed
+    if len(scale.shape) != len(q.shape) or scale.shape[:-1] != q.shape[:-1]:
+        raise IRError(f"dequant: scale {list(scale.shape)} and q {list(q.shape)} differ outside the last dim")
+    if values % group:
+        raise IRError(f"dequant: a row of {values} values does not split into groups of {group}")
+    if values // group != scale.shape[-1]:
+        raise IRError(
+            f"dequant: a row of {values} values in groups of {group} needs {values // group} scales, "
+            f"scale has {scale.shape[-1]}"
+        )
+    return TensorType(q.shape[:-1] + (values,), scale.dtype)
+
+
 def _infer_accum(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
     if op.name == "accum_rescaled_sum":
         x, m = ins
@@ -202,14 +244,19 @@ INFER: dict[str, Callable[[OpDef, list[TensorType], dict], TensorType]] = {
     "matmul": _infer_matmul,
     "rope": _infer_rope,
     "concat": _infer_concat,
+    "dequant": _infer_dequant,
     "accum": _infer_accum,
 }
 
 
 def infer(op: OpDef, ins: list[TensorType], attrs: dict) -> TensorType:
     """The output type of a predefined op; raises IRError naming the problem."""
-    if len(ins) != op.arity:
-        raise IRError(f"{op.name} takes {op.arity} tensor operand(s), got {len(ins)}")
+    if not op.arity <= len(ins) <= op.arity + len(op.optional):
+        raise IRError(f"{op.name} takes {op.arity_text} tensor operand(s), got {len(ins)}")
+    if op.kind != "dequant":
+        for t in ins:
+            if DTYPES[t.dtype].integer:
+                raise IRError(f"{op.name}: operand {t} is an integer tensor; only dequant reads those")
     if op.kind in ("reduce", "concat"):
         rank = len(ins[0].shape)
         attrs["dim"] = normalize_dim(op.name, attrs["dim"], rank)
@@ -265,6 +312,19 @@ OPS: dict[str, OpDef] = _table(
         "[-x2, x1] for the halves x1, x2 of the last dim; cos and sin broadcast to x)",
     ),
     OpDef("concat", 2, "concat", (("dim", REQUIRED),), doc="torch.cat([a, b], dim)"),
+    OpDef(
+        "dequant",
+        2,
+        "dequant",
+        (("group", REQUIRED), ("high_first", False)),
+        optional=("zero",),
+        doc="dequant(q, scale, zero=None, group=G): quantized weights as floats. q is int8 [..., N, K] or int4 "
+        "[..., N, K / 2] (two signed values a byte, value 2j in the low nibble of byte j, unless high_first); "
+        "scale, and zero if given, are one float dtype, shape [..., N, K / G]: value k of a row is "
+        "(q_k - zero_{k // G}) * scale_{k // G}, the difference and the product in float32, then rounded to "
+        "scale's dtype, the result's; zero=None is zero 0 (symmetric). The result is [..., N, K], groups and "
+        "packing along the last dim: a linear layer's [out, in] weight, read by matmul(w, x) for x [in, M]",
+    ),
     OpDef("graph_def", -1, "graph_def", levels=frozenset({"kernel"}), doc="a kernel whose body is a block graph"),
     *(
         OpDef(n, 1, "accum", attrs, levels=frozenset({"block"}), doc=doc)

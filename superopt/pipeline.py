@@ -8,6 +8,14 @@ interpreter, and say that timing needs a GPU -> Result -> cache store.
 
 The input program itself is always a candidate (verified by identity), so there is a winner even when the search
 finds nothing within its budget, and measured time can prefer it to a fused candidate the model liked.
+
+The wall budget (`Settings.budget_s`) bounds all of it per program, from the cache lookup to the stored result:
+the search gets SEARCH_SHARE of it (less on a GPU, where compiling and timing take longer), and whatever the
+search leaves goes to the checks after it, which run only what fits: an interpreter run whose estimated time
+exceeds what is left, a candidate timed with less than MEASURE_MIN_S left, or torch.compile with less than
+COMPILE_MIN_S, is skipped and says so. Each stage stops at its deadline, so the whole ends within the budget
+up to one step's overrun. A result records which budgets cut it (`Result.cut`); the cache serves an uncut
+(exhaustive) result for any budget, and searches again where a budget that cut the stored one is larger now.
 """
 
 from __future__ import annotations
@@ -34,6 +42,7 @@ from superopt.kernels.timing import bench, check, input_scale, measure, random_d
 from superopt.kernels.triton_codegen import use_interpreter
 from superopt.result import Baseline, Candidate, Result, Row, Trial
 from superopt.search_space import program_candidate, search
+from superopt.search_space.api import search_preset
 from superopt.search_space.presets import PRESETS
 from superopt.spec import SEARCH_CHECKS, check_name
 from superopt.verification import verify
@@ -41,11 +50,18 @@ from superopt.verification.shrink import shrink
 
 MODES = ("search", "offline", "require-hit")
 TOP_K = 5
-# The Triton interpreter runs about 8 ms per block and loop iteration (numpy, one core); beyond this many the
-# CPU check would take minutes, so it is skipped and says so.
+# The Triton interpreter runs 2.5 to 5 ms per block and loop iteration (numpy, one core; measured on a busy 2-core
+# machine); beyond this many the CPU check would take longer than most searches, so it is skipped and says so.
 INTERPRETER_MAX_STEPS = 2048
-INTERPRETER_S_PER_STEP = 0.008
+INTERPRETER_S_PER_STEP = 0.005
+INTERPRETER_START_S = 0.25  # generating and loading one candidate's module, the references (at most 0.2 s here)
 RECHECK_TESTS = 3  # finite-field tests that re-verify a cached winner on every hit (milliseconds)
+# Of the wall budget: the search's share, without and with a GPU; the rest is for checking, compiling and timing.
+SEARCH_SHARE, SEARCH_SHARE_GPU = 0.85, 0.5
+END_S = 0.05  # of the budget, kept for what follows the last deadline (the result, the cache write)
+MEASURE_MIN_S = 5.0  # a candidate's timing process (start, compile, check, time) needs about this much
+MEASURE_TIMEOUT_S = 120.0  # the most one candidate's timing may take
+COMPILE_MIN_S = 20.0  # torch.compile's baseline (inductor, in this process: it cannot be stopped) needs this
 
 
 def check_device(value: Any) -> str:
@@ -66,13 +82,16 @@ SETTING_CHECKS = SEARCH_CHECKS | {"device": check_device, "preset": check_preset
 
 @dataclass(frozen=True)
 class Settings:
-    """How to search: preset and seed change the answer (they are in the cache key); the budget bounds it."""
+    """How to search: preset and seed change the answer (they are in the cache key); the budgets bound it: the
+    wall budget in seconds, and the states budget of the enumeration (None: the preset's max_states), a count
+    that ends it at the same place on any machine."""
 
     preset: str | None = None
     budget_s: float = 120.0
     seed: int = 0
     prune: bool = True
     device: str | None = None  # a DeviceSpec name; None: the GPU present, else h100
+    states: int | None = None
 
     def __post_init__(self) -> None:
         for key, checked in SETTING_CHECKS.items():
@@ -157,25 +176,46 @@ def interpreter_steps(graph: KernelGraph) -> int:
     return sum(math.prod(b.grid) * b.forloop_range for b in (lower(graph, op) for op in graph.ops))
 
 
+def interpreted(program: KernelGraph, graph: KernelGraph) -> tuple[KernelGraph, KernelGraph, tuple[str, ...], int]:
+    """What the CPU check runs of candidate `graph` of `program`: the reference, the graph (one chunk of each
+    where the whole is too large to interpret), how they were chunked, and the block iterations of the graph."""
+    reference, shrunk = program, ()
+    if interpreter_steps(graph) > INTERPRETER_MAX_STEPS:
+        reference, graph, shrunk = shrink(program, graph)
+    return reference, graph, shrunk, interpreter_steps(graph)
+
+
 def _check_on_cpu(
-    program: KernelGraph, tried: Sequence[Candidate], seed: int, log: TrialLog, module_dir: Path | None
-) -> tuple[Candidate, dict[str, Trial]]:
+    program: KernelGraph,
+    tried: Sequence[Candidate],
+    seed: int,
+    log: TrialLog,
+    module_dir: Path | None,
+    deadline: float,
+) -> tuple[Candidate, dict[str, Trial], bool]:
     """The first of `tried` whose Triton code, run under the interpreter on seeded random inputs, matches the
-    reference interpreter in float64 within its dtype's tolerance, and the trials up to it. A candidate too large
-    to interpret runs on one chunk of its batch dims (verification/shrink.py: the chunk computes the same
-    function as the whole); one still too large is taken as is."""
+    reference interpreter in float64 within its dtype's tolerance, the trials up to it, and whether the deadline
+    (monotonic seconds) cut a check. A candidate too large to interpret runs on one chunk of its batch dims
+    (verification/shrink.py: the chunk computes the same function as the whole); one still too large, or whose
+    run would end past the deadline, is taken as is."""
     use_interpreter()
     trials: dict[str, Trial] = {}
+    cut = False
     for c in tried:
-        reference, graph, shrunk = program, c.graph, ()
-        if interpreter_steps(graph) > INTERPRETER_MAX_STEPS:
-            reference, graph, shrunk = shrink(program, c.graph)
-        steps = interpreter_steps(graph)
+        reference, graph, shrunk, steps = interpreted(program, c.graph)
+        estimate, left = INTERPRETER_START_S + steps * INTERPRETER_S_PER_STEP, deadline - time.monotonic()
         if steps > INTERPRETER_MAX_STEPS:
             trial = Trial(
                 "unchecked",
                 message=f"{steps} block iterations, about {steps * INTERPRETER_S_PER_STEP:.0f} s under the Triton "
                 "interpreter: not run here (its verification record stands; a GPU run checks it)",
+            )
+        elif estimate > left:
+            cut = True
+            trial = Trial(
+                "unchecked",
+                message=f"about {estimate:.0f} s under the Triton interpreter, {max(left, 0):.0f} s left of the "
+                "budget: not run (its verification record stands; a larger budget or a GPU run checks it)",
             )
         else:
             try:
@@ -190,7 +230,7 @@ def _check_on_cpu(
         trials[c.hash] = trial
         log.write(hash=c.hash, status=trial.status, predicted_us=c.predicted_us, measured_us=None)
         if trial.status in ("ok", "unchecked"):
-            return c, trials
+            return c, trials, cut
     raise SuperoptError(
         f"{program.name}: no candidate, the unfused program included, ran correctly under the Triton interpreter "
         f"(the program: {trial.status} {trial.message or ''})"
@@ -206,9 +246,15 @@ def _bench_or_error(make: Callable[[], Callable[[], Any]], cuda_graph: bool) -> 
 
 
 def _time_on_gpu(
-    program: KernelGraph, tried: Sequence[Candidate], seed: int, log: TrialLog, module_dir: Path | None
-) -> tuple[dict[str, Baseline], dict[str, Trial]]:
-    """Times torch eager, torch.compile and the candidates `tried` in this run: the baselines and the trials."""
+    program: KernelGraph,
+    tried: Sequence[Candidate],
+    seed: int,
+    log: TrialLog,
+    module_dir: Path | None,
+    deadline: float,
+) -> tuple[dict[str, Baseline], dict[str, Trial], bool]:
+    """Times torch eager, the candidates `tried` (in their order) and torch.compile in this run, as far as the
+    deadline (monotonic seconds) allows: the baselines, the trials, and whether the deadline skipped any."""
     scale = input_scale(program, seed)
     inputs = random_device_inputs(program, seed, scale)
     args = [inputs[n] for n in program.inputs]
@@ -218,16 +264,29 @@ def _time_on_gpu(
         c = fresh_compile(fn)
         return lambda: c(*args)
 
-    baselines = {  # as benchmarks/peers.py times them: eager launched from Python, torch.compile in a CUDA graph
-        "eager": _bench_or_error(lambda: lambda: fn(*args), cuda_graph=False),
-        "torch.compile": _bench_or_error(compiled, cuda_graph=True),
-    }
+    def skipped(needs: float) -> str | None:
+        left = deadline - time.monotonic()
+        return f"not timed: {max(left, 0):.0f} s left of the budget, {needs:g} s needed" if left < needs else None
+
+    # as benchmarks/peers.py times them: eager launched from Python (milliseconds), torch.compile in a CUDA graph
+    baselines = {"eager": _bench_or_error(lambda: lambda: fn(*args), cuda_graph=False)}
     trials = {}
     for c in tried:
-        m = measure(c.graph, program, seed=seed, scale=scale, module_dir=module_dir)
+        why = skipped(MEASURE_MIN_S)
+        if why is not None:
+            trials[c.hash] = Trial("skipped", message=why)
+            log.write(hash=c.hash, status="skipped", predicted_us=c.predicted_us, measured_us=None)
+            continue
+        timeout = min(MEASURE_TIMEOUT_S, deadline - time.monotonic())
+        m = measure(c.graph, program, timeout_s=timeout, seed=seed, scale=scale, module_dir=module_dir)
         trials[c.hash] = Trial(m.status, m.median_us, m.error_vs_tolerance, message=m.message or None)
         log.write(hash=c.hash, status=m.status, predicted_us=c.predicted_us, measured_us=m.median_us)
-    return baselines, trials
+    why = skipped(COMPILE_MIN_S)
+    baselines["torch.compile"] = (
+        Baseline("skipped", message=why) if why is not None else _bench_or_error(compiled, cuda_graph=True)
+    )
+    cut = any(t.status == "skipped" for t in trials.values()) or why is not None
+    return baselines, trials, cut
 
 
 def _row(c: Candidate, rank: int, trial: Trial | None, baselines: dict[str, Baseline], floor_us: float) -> Row:
@@ -236,6 +295,27 @@ def _row(c: Candidate, rank: int, trial: Trial | None, baselines: dict[str, Base
         return Row(rank, c.hash, c.source, c.kernels, c.predicted_us, trial)
     speedups = {name: base.median_us / us for name, base in baselines.items() if base.median_us is not None}
     return Row(rank, c.hash, c.source, c.kernels, c.predicted_us, trial, speedups, floor_us / us)
+
+
+def _search_s(graph: KernelGraph, budget_s: float) -> float:
+    """The search's part of a program's wall budget. On a GPU a fixed share; without one, what is left after the
+    interpreter check of a winner like the program (its own check's estimate, at most half the budget), so
+    that a small budget still checks the winner."""
+    if torch.cuda.is_available():
+        return SEARCH_SHARE_GPU * budget_s
+    steps = interpreted(graph, graph)[3]
+    check_s = INTERPRETER_START_S + steps * INTERPRETER_S_PER_STEP if steps <= INTERPRETER_MAX_STEPS else 0.0
+    return min(SEARCH_SHARE * budget_s, (1 - END_S) * budget_s - min(check_s, budget_s / 2))
+
+
+def stale(stored: Result, budget_s: float, states: int) -> str | None:
+    """Why a search with these budgets may find more than the stored result did (None: it may not): a budget
+    that cut the stored search is larger now. A result no budget cut (an exhaustive search) is final."""
+    if "time" in stored.cut and stored.settings["budget_s"] < budget_s:
+        return f"was cut by its budget of {stored.settings['budget_s']:g} s < {budget_s:g} s"
+    if "states" in stored.cut and (stored.settings.get("states") or 0) < states:
+        return f"was cut by its states budget of {stored.settings.get('states') or 0} < {states}"
+    return None
 
 
 def optimize_program(
@@ -247,31 +327,36 @@ def optimize_program(
     top_k: int = TOP_K,
     say: Callable[[str], None] = lambda line: None,
 ) -> Outcome:
-    """Finds (or looks up) the fastest verified µGraph for `graph`.
+    """Finds (or looks up) the fastest verified µGraph for `graph`, within `settings.budget_s` of wall time.
 
-    mode "search": a cache hit, else a search whose result is stored (a stored result with a smaller budget is
-    searched again and upgraded); "offline": never searches, a miss gives the unfused program; "require-hit": a
-    miss gives status "miss" and no result. `say` receives one-line progress notes."""
+    mode "search": a cache hit, else a search whose result is stored (a stored result that a budget cut is
+    searched again, and upgraded, where that budget is larger now; see `stale`); "offline": never searches, a
+    miss gives the unfused program; "require-hit": a miss gives status "miss" and no result. `say` receives
+    one-line progress notes."""
+    clock = time.monotonic()
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
     settings = settings or Settings.for_graph(graph)
     device = device_spec(settings.device)
+    states = settings.states if settings.states is not None else search_preset(graph, settings.preset).max_states
     key = cache_key(graph, dataclasses.asdict(settings), device.name)
     stored = cache.get(key, trusted_winner) if cache is not None else None
     if stored is not None:
-        budget = stored.settings["budget_s"]
-        if mode != "search" or budget >= settings.budget_s:
-            note = f"cache hit {key[:16]} (a {budget:g} s search of {stored.created})"
+        why = stale(stored, settings.budget_s, states) if mode == "search" else None
+        if why is None:
+            how = "an exhaustive" if not stored.cut else f"a {stored.settings['budget_s']:g} s"
+            note = f"cache hit {key[:16]} ({how} search of {stored.created})"
             return Outcome("hit", key, stored, note, graph)
-        say(f"cached result {key[:16]} has a budget of {budget:g} s < {settings.budget_s:g} s: searching again")
+        say(f"cached result {key[:16]} {why}: searching again")
     if mode == "require-hit":
         return Outcome("miss", key, None, f"cache miss {key[:16]} (--require-hit: no search)")
 
     started = time.time()
+    deadline = clock + (1 - END_S) * settings.budget_s
     searching = mode == "search"
     log = TrialLog(cache if searching else None, key)
     try:
-        stats = None
+        stats, cut = None, set()
         if searching:
 
             def found(c: Candidate) -> None:
@@ -280,27 +365,29 @@ def optimize_program(
             searched = search(
                 graph,
                 preset=settings.preset,
-                budget_s=settings.budget_s,
+                budget_s=max(_search_s(graph, settings.budget_s) - (time.monotonic() - clock), 0.0),
                 device=device.name,
                 seed=settings.seed,
                 prune=settings.prune,
                 progress=progress,
                 on_candidate=found,
+                states=states,
             )
-            candidates, stats = searched.candidates, searched.stats.to_json()
+            candidates, stats, cut = searched.candidates, searched.stats.to_json(), set(searched.stats.cut)
         else:
             candidates = [program_candidate(graph, device)]
         # by the model; the program first among equals
         ranked = sorted(candidates, key=lambda c: (c.predicted_us, c.source != "program"))
         kernel_dir = cache.kernel_dir if cache is not None else None
         floor_us = floor(graph, device).us
-        best, best_trial, rows, baselines = _evaluate(graph, ranked, settings.seed, floor_us, top_k, log, kernel_dir)
+        evaluated = _evaluate(graph, ranked, settings.seed, floor_us, top_k, log, kernel_dir, deadline)
+        best, best_trial, rows, baselines, evaluation_cut = evaluated
     finally:
         log.close()
     result = Result(
         name=graph.name,
         program=graph,
-        settings=dataclasses.asdict(settings) | {"device": device.name},
+        settings=dataclasses.asdict(settings) | {"device": device.name, "states": states},
         device=device.name,
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         versions=versions(),
@@ -314,13 +401,15 @@ def optimize_program(
         created=now(),
         seconds=round(time.time() - started, 2),
         search=stats,
+        cut=tuple(sorted(cut | ({"time"} if evaluation_cut else set()))),
     )
     if not searching:
         note = f"cache miss {key[:16]}: offline, so the unfused program, no search"
         return Outcome("offline", key, result, note, graph)
     put = cache is not None and cache.put(result)
     where = f"; stored in {cache.path(key)}" if put else ""
-    note = f"searched in {result.seconds:g} s: {len(ranked)} candidates, the unfused program included{where}"
+    how = "exhaustive" if not result.cut else "cut by the " + " and ".join(result.cut) + " budget"
+    note = f"searched in {result.seconds:g} s ({how}): {len(ranked)} candidates, the unfused program included{where}"
     return Outcome("searched", key, result, note, graph)
 
 
@@ -332,18 +421,20 @@ def _evaluate(
     top_k: int,
     log: TrialLog,
     module_dir: Path | None,
-) -> tuple[Candidate, Trial | None, tuple[Row, ...], dict[str, Baseline]]:
-    """Picks the winner (by measured time on a GPU, by the model and an interpreter check without): the winner,
-    its trial, the rows of the candidates tried and the baselines timed. Kernel modules go to `module_dir`."""
+    deadline: float,
+) -> tuple[Candidate, Trial | None, tuple[Row, ...], dict[str, Baseline], bool]:
+    """Picks the winner (by measured time on a GPU, by the model and an interpreter check without) by the
+    deadline (monotonic seconds): the winner, its trial, the rows of the candidates tried, the baselines timed,
+    and whether the deadline cut a check or a timing. Kernel modules go to `module_dir`."""
     # the top k by the model, and the unfused program as the fallback that is always correct
     tried = ranked[:top_k] + [c for c in ranked[top_k:] if c.source == "program"]
     if torch.cuda.is_available():
-        baselines, trials = _time_on_gpu(program, tried, seed, log, module_dir)
+        baselines, trials, cut = _time_on_gpu(program, tried, seed, log, module_dir, deadline)
         timed = [c for c in tried if trials[c.hash].status == "ok"]
         unfused = next(c for c in tried if c.source == "program")
         best = min(timed, key=lambda c: trials[c.hash].measured_us) if timed else unfused
     else:
         baselines = {}
-        best, trials = _check_on_cpu(program, tried, seed, log, module_dir)
+        best, trials, cut = _check_on_cpu(program, tried, seed, log, module_dir, deadline)
     rows = tuple(_row(c, ranked.index(c), trials.get(c.hash), baselines, floor_us) for c in tried)
-    return best, trials.get(best.hash), rows, baselines
+    return best, trials.get(best.hash), rows, baselines, cut

@@ -21,6 +21,7 @@ from superopt.serialize import graph_hash, to_json
 
 RESULT_FORMAT = "superopt.result/1"
 SOURCES = ("program", "search")  # the input program itself, or a µGraph the search found
+BUDGETS = ("states", "time")  # the budgets that can cut a search: the enumeration's states, the wall clock
 _HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -163,8 +164,9 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Trial:
-    """What happened when a candidate was run: status ok, wrong, compile_error, crash, timeout or unchecked; its
-    measured median (on a GPU), its error as a fraction of what it may be, and where it was checked."""
+    """What happened when a candidate was run: status ok, wrong, compile_error, crash, timeout, unchecked or
+    skipped (the budget left no time to time it); its measured median (on a GPU), its error as a fraction of
+    what it may be, and where it was checked."""
 
     status: str
     measured_us: float | None = None
@@ -191,7 +193,7 @@ class Trial:
 
 @dataclass(frozen=True)
 class Baseline:
-    """A peer timed in the same run (torch eager, torch.compile): status ok or error."""
+    """A peer timed in the same run (torch eager, torch.compile): status ok, error or skipped (by the budget)."""
 
     status: str
     median_us: float | None = None
@@ -266,6 +268,13 @@ class Result:
     created: str
     seconds: float
     search: dict[str, Any] | None = None  # the search's statistics (search_space.SearchStats), as JSON
+    # The budgets (BUDGETS) that cut the search or its checks; none: exhaustive, the answer a larger budget gives.
+    # A result that does not say (written before results did) counts as cut by the wall clock.
+    cut: tuple[str, ...] = ("time",)
+
+    @property
+    def exhaustive(self) -> bool:
+        return not self.cut
 
     @property
     def measured(self) -> bool:
@@ -304,6 +313,7 @@ class Result:
             "candidates_total": self.candidates_total,
             "key": self.key,
             "search": dict(self.search) if self.search is not None else None,
+            "cut": list(self.cut),
             "seconds": self.seconds,
         }
 
@@ -321,6 +331,7 @@ class Result:
             "seed": s.integer("seed"),
             "prune": s.flag("prune"),
             "device": s.text("device"),
+            "states": s.maybe_integer("states"),
         }
         versions = d.obj("versions")
         b = d.obj("best")
@@ -340,6 +351,11 @@ class Result:
         search = doc.get("search")
         if search is not None and not isinstance(search, dict):
             raise ResultError(f"result.search is {brief(search)}, not an object")
+        cut = tuple(d.items("cut")) if "cut" in doc else ("time",)
+        if any(c not in BUDGETS for c in cut) or len(set(cut)) != len(cut):
+            raise ResultError(
+                f"result.cut is {brief(doc['cut'])}, not a list of distinct budgets ({', '.join(BUDGETS)})"
+            )
         return cls(
             name=d.text("name"),
             program=program,
@@ -357,4 +373,5 @@ class Result:
             created=d.text("created"),
             seconds=d.number("seconds"),
             search=search,
+            cut=cut,
         )

@@ -19,7 +19,7 @@ import yaml
 from superopt import importers
 from superopt.errors import IRError, SpecError
 from superopt.ir import MAX_DIM, KernelGraph, Tensor
-from superopt.ops import OPS
+from superopt.ops import DTYPES, OPS
 from superopt.serialize import from_json
 
 SPEC_KEYS = ("name", "dims", "inputs", "ops", "outputs", "search")
@@ -40,6 +40,16 @@ def check_seed(value: Any) -> int:
     return value
 
 
+MAX_STATES = 10**12  # far beyond any search's reach: a larger states budget is a typo
+
+
+def check_states(value: Any) -> int:
+    """A states budget: a whole number in 1..MAX_STATES."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_STATES:
+        raise IRError(f"expected a whole number of states in 1..10^12, got {value!r}")
+    return value
+
+
 def check_name(value: Any) -> str:
     """A preset's or a device's name: a non-empty string (whether such a preset or device exists is checked by
     the pipeline's Settings, which knows them)."""
@@ -49,7 +59,13 @@ def check_name(value: Any) -> str:
 
 
 # The `search:` section's keys and what a spec can check of them (superopt.pipeline.Settings checks the rest).
-SEARCH_CHECKS = {"preset": check_name, "budget_s": check_positive_finite, "device": check_name, "seed": check_seed}
+SEARCH_CHECKS = {
+    "preset": check_name,
+    "budget_s": check_positive_finite,
+    "states": check_states,
+    "device": check_name,
+    "seed": check_seed,
+}
 
 _BINOPS = {ast.Add: "add", ast.Sub: "sub", ast.Mult: "mul", ast.Div: "div", ast.MatMult: "matmul"}
 _SCALAR_BINOPS = {ast.Add: ("add_scalar", 1.0), ast.Sub: ("add_scalar", -1.0), ast.Mult: ("mul_scalar", 1.0)}
@@ -251,7 +267,7 @@ def parse_spec(text: str, path: str = "<spec>", dims: dict[str, int] | None = No
     for name, t in inputs.items():
         try:
             if not isinstance(t, dict) or set(t) - {"shape", "dtype"} or not isinstance(t.get("shape"), list):
-                raise IRError("expected {shape: [dims...], dtype: float16|bfloat16|float32}")
+                raise IRError(f"expected {{shape: [dims...], dtype: {'|'.join(DTYPES)}}}")
             graph.input(str(name), [_dim(s, all_dims) for s in t["shape"]], t.get("dtype", "float16"))
         except IRError as e:
             raise where.error(("inputs", name), f"input '{name}': {e}") from None

@@ -170,3 +170,33 @@ FUSED_SMALL = {
     "ntrans_bs1": {"B": 3, "D": 64},
     "ntrans_bs8": {"B": 6, "D": 32},
 }
+
+
+def dequant_gemv(
+    dims: dict[str, int],
+    q_dtype: str = "int4",
+    zero: bool = True,
+    dtype: str = "float32",
+    high_first: bool = False,
+) -> tuple[superopt.KernelGraph, superopt.KernelGraph]:
+    """A quantized GEMV, y = dequant(q, scale, zero, group=G) @ x for x [K, B] (a linear layer's [N, K] weight,
+    groups and packing along K), and its fused µGraph: a grid of N / ROWS blocks, a loop over K in CHUNKS, each
+    iteration dequantizing its tile of packed rows and multiplying it by its rows of x, accum_sum over the loop."""
+    n, k, b, group, rows, chunks = (dims[d] for d in ("N", "K", "B", "G", "ROWS", "CHUNKS"))
+    packed = 2 if q_dtype == "int4" else 1
+    graphs = []
+    for fused in (False, True):
+        g = superopt.Graph("dequant_gemv")
+        q = g.input("q", (n, k // packed), q_dtype)
+        params = [g.input(name, (n, k // group), dtype) for name in ("scale", "zero")[: 1 + zero]]
+        x = g.input("x", (k, b), dtype)
+        if not fused:
+            g.output(g.matmul(g.dequant(q, *params, group=group, high_first=high_first), x))
+        else:
+            blk = g.block_graph(grid=(n // rows,), forloop_range=chunks)
+            tiles = [blk.input(t, imap=(0,), fmap=1) for t in (q, *params)]
+            w = blk.dequant(*tiles, group=group, high_first=high_first)
+            blk.output(blk.accum_sum(blk.matmul(w, blk.input(x, imap=(None,), fmap=0))), omap=(0,))
+            g.output(g.graph_def(blk)[0])
+        graphs.append(g)
+    return graphs[0], graphs[1]

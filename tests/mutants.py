@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 import torch
-from graphs import import_fused
+from graphs import dequant_gemv, import_fused
 from hypothesis import strategies as st
 
 import superopt
@@ -41,6 +41,8 @@ FUSED_DIMS = {
     "qknorm_gqa_bs1": {"B": 2, "S": 4, "D": 2, "L": 16},
     "ntrans_bs1": {"B": 2, "D": 8},
 }
+# Distinct sizes; N = K / G and N / ROWS = CHUNKS, so that a scale read along the wrong axis is still well-formed.
+DEQUANT_DIMS = {"N": 8, "K": 32, "B": 3, "G": 4, "ROWS": 4, "CHUNKS": 2}
 SMALL_TILES = {"COLS": 2, "CHUNK": 4, "ROWS": 2, "ATTENTION_CHUNK": 2, "MIN_ITERS": 2, "COMBINE_ROWS": 1}
 
 UNARY = ["exp", "silu", "gelu", "relu", "sigmoid", "sqrt", "rsqrt", "square", "neg"]
@@ -71,6 +73,8 @@ def sources() -> dict[str, superopt.KernelGraph]:
         builders.setdefault(builder, name)
     for name in builders.values():
         out[f"fused:{name}"] = fused.build(name, FUSED_DIMS[name])
+    for q_dtype in ("int4", "int8"):
+        out[f"fused:dequant_gemv_{q_dtype}"] = dequant_gemv(DEQUANT_DIMS, q_dtype)[1]
     return out
 
 
@@ -151,6 +155,10 @@ def single_mutations(graph: superopt.KernelGraph) -> list[tuple]:
             out += [("attr", where, key, ("dim", d)) for d in range(rank) if d != attrs["dim"]]
         if "keepdim" in attrs:
             out.append(("attr", where, key, ("keepdim", not attrs["keepdim"])))
+        if "high_first" in attrs:  # dequant: the other nibble of each int4 byte
+            out.append(("attr", where, key, ("high_first", not attrs["high_first"])))
+        if "group" in attrs:
+            out += [("attr", where, key, ("group", g)) for g in (2 * attrs["group"], attrs["group"] // 2) if g]
         for attr in ("c", "eps"):
             if attr in attrs:
                 value = attrs[attr]

@@ -179,6 +179,8 @@ FILES = {
     "preset.yaml": SPEC + "search: {preset: nope}\n",
     "device.yaml": SPEC + "search: {device: tpu}\n",
     "seed.yaml": SPEC + "search: {seed: 1180591620717411303424}\n",
+    "states_fraction.yaml": SPEC + "search: {states: 1.5}\n",
+    "states_zero.yaml": SPEC + "search: {states: 0}\n",
     "graph_types.json": json.dumps({"name": "g", "inputs": 5, "ops": "x", "outputs": []}),
     "graph_map.json": json.dumps(
         {

@@ -18,6 +18,7 @@ from superopt import pipeline
 from superopt.cache import Cache, cache_key, versions
 from superopt.cli.cache_cmd import cache_command
 from superopt.pipeline import Settings, optimize_program
+from superopt.search_space.api import search_preset
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 
@@ -72,10 +73,56 @@ def test_hit_runs_no_search(tmp_path, monkeypatch, entry):
     outcome = optimize_program(graph, Settings(budget_s=2), cache)
     assert outcome.status == "hit" and outcome.key == entry.key
     assert superopt.graph_hash(outcome.winner) == entry.best.hash
-    # a larger budget than the stored one searches again (and would upgrade the entry)
-    assert optimize_program(graph, Settings(budget_s=5), cache, mode="require-hit").status == "hit"
-    with pytest.raises(AssertionError, match="must not search"):
-        optimize_program(graph, Settings(budget_s=5), cache)
+
+
+def cut(entry, by: tuple[str, ...], budget_s: float = 2.0, states: int = 10**6):
+    """`entry` as if the budgets `by` had cut it, with these budgets."""
+    return dataclasses.replace(entry, cut=by, settings=entry.settings | {"budget_s": budget_s, "states": states})
+
+
+def test_exhaustive_result_is_final_a_cut_one_is_searched_again(tmp_path, monkeypatch, entry):
+    assert entry.exhaustive and entry.search["cut"] == []  # the tiny program's whole space fits in 2 s
+    cache = Cache(tmp_path)
+    cache.put(entry)
+
+    def no_search(*args, **kwargs):
+        raise AssertionError("a cache hit must not search")
+
+    monkeypatch.setattr(pipeline, "search", no_search)
+    for settings in (Settings(budget_s=2), Settings(budget_s=500), Settings(budget_s=1, states=10**9)):
+        assert optimize_program(rmsnorm_linear(), settings, cache).status == "hit"  # final, whatever is asked
+    for by, more, less in [
+        (("time",), Settings(budget_s=5), Settings(budget_s=2, states=10**9)),
+        (("states",), Settings(budget_s=2, states=10**6 + 1), Settings(budget_s=500, states=10**6)),
+        (("states", "time"), Settings(budget_s=2, states=10**7), Settings(budget_s=1, states=10)),
+    ]:
+        cache = Cache(tmp_path / "-".join(by))
+        cache.put(cut(entry, by))
+        assert optimize_program(rmsnorm_linear(), less, cache).status == "hit"  # no more of what cut it
+        assert optimize_program(rmsnorm_linear(), more, cache, mode="require-hit").status == "hit"
+        with pytest.raises(AssertionError, match="must not search"):
+            optimize_program(rmsnorm_linear(), more, cache)
+
+
+def test_states_cut_search_is_searched_again_and_upgraded(tmp_path):
+    """End to end: a search the states budget cuts is stored as cut; asked again with more states it searches
+    again and stores the exhaustive result, which later requests hit whatever they ask."""
+    cache, notes = Cache(tmp_path), []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SUPEROPT_CACHE_DIR", str(tmp_path))
+        first = optimize_program(rmsnorm_linear(), Settings(budget_s=20, states=20), cache, progress="none")
+        assert first.status == "searched" and first.result.cut == ("states",)
+        assert cache.get(first.key).cut == ("states",) and cache.get(first.key).settings["states"] == 20
+        again = optimize_program(rmsnorm_linear(), Settings(budget_s=20, states=20), cache, progress="none")
+        assert again.status == "hit"
+        more = optimize_program(rmsnorm_linear(), Settings(budget_s=20), cache, progress="none", say=notes.append)
+    assert more.status == "searched" and more.result.exhaustive
+    default = search_preset(rmsnorm_linear()).max_states
+    assert notes == [f"cached result {first.key[:16]} was cut by its states budget of 20 < {default}: searching again"]
+    assert cache.get(first.key).exhaustive and more.result.search["states"] > 20
+    assert (
+        optimize_program(rmsnorm_linear(), Settings(budget_s=1, states=20), cache, mode="require-hit").status == "hit"
+    )
 
 
 def test_truncated_entry_is_one_warning_and_a_miss_then_rewritten(tmp_path, entry):
@@ -106,12 +153,16 @@ def test_wrong_content_is_a_miss(tmp_path, entry):
 
 def test_larger_budget_upgrades_smaller_does_not(tmp_path, entry):
     cache = Cache(tmp_path)
-    small, large = (dataclasses.replace(entry, settings=entry.settings | {"budget_s": b}) for b in (1.0, 50.0))
+    small, large = (cut(entry, ("time",), budget_s=b) for b in (1.0, 50.0))
     assert cache.put(small)
     assert cache.put(large)
     assert not cache.put(small)
     assert cache.get(entry.key).settings["budget_s"] == 50.0
     assert [e.path.name for e in cache.entries()] == [f"{entry.key}.json"]
+    # an exhaustive result is final: it replaces any cut one, and none replaces it
+    assert cache.put(dataclasses.replace(entry, settings=entry.settings | {"budget_s": 1.0}))
+    assert not cache.put(cut(entry, ("time",), budget_s=1000.0)) and not cache.put(cut(entry, ("states",)))
+    assert cache.get(entry.key).exhaustive
 
 
 WRITER = """
@@ -126,7 +177,7 @@ for k in range(40):
 
 def test_two_processes_writing_one_key_leave_one_valid_entry(tmp_path, entry):
     source = tmp_path / "entry.json"
-    source.write_text(json.dumps(entry.to_json()))
+    source.write_text(json.dumps(cut(entry, ("time",)).to_json()))  # cut by its budget: a larger one upgrades it
     root = tmp_path / "cache"
     procs = [
         subprocess.Popen([sys.executable, "-c", WRITER, str(root), str(source), str(start)]) for start in (0, 1000)

@@ -272,7 +272,9 @@ def test_matmul_op(shapes, dtype):
     assert_matches_reference(_one_op("matmul", shapes, dtype), scale=1.0)
 
 
-@pytest.mark.parametrize("op", sorted(n for n, d in OPS.items() if "kernel" in d.levels and n != "graph_def"))
+@pytest.mark.parametrize(
+    "op", sorted(n for n, d in OPS.items() if "kernel" in d.levels and n not in ("graph_def", "dequant"))
+)
 def test_lowered_op_computes_the_op(op):
     """lower() alone, through the reference interpreter: the block graph it builds computes the op."""
     d = OPS[op]
@@ -289,6 +291,25 @@ def test_lowered_op_computes_the_op(op):
     (want,) = superopt.run(plain, inputs, precision="float64")
     (got,) = superopt.run(fused_form, inputs, precision="float64")
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bits, zero", [("int4", False), ("int4", True), ("int8", True)])
+def test_lowered_dequant_computes_the_op(bits, zero):
+    """lower() of dequant (whole rows a block: its groups and packing run along them), through the reference
+    interpreter in float64: the same values as the op."""
+    plain = superopt.Graph("dequant")
+    q = plain.input("q", (4, 6, 4 if bits == "int4" else 8), bits)
+    scale = plain.input("scale", (4, 6, 2), "float32")
+    plain.output(plain.dequant(q, scale, plain.input("zero", (4, 6, 2), "float32") if zero else None, group=4))
+    block = lower(plain, plain.ops[0])
+    fused_form = superopt.Graph("lowered")
+    ins = [fused_form.input(n, plain.tensors[n].shape, plain.tensors[n].dtype) for n in plain.inputs]
+    (out,) = fused_form.graph_def(block, inputs=ins)
+    fused_form.output(out)
+    inputs = superopt.random_inputs(plain, seed=3)
+    (want,) = superopt.run(plain, inputs, precision="float64")
+    (got,) = superopt.run(fused_form, inputs, precision="float64")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 # --- block graphs beyond the examples: the other accumulators, concatenations, dtypes ------------------------

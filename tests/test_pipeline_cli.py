@@ -3,21 +3,31 @@ the pipeline's CPU path (ranked by the model, the winner run under the Triton in
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
 
 import superopt
 from superopt import pipeline
-from superopt.cache import Cache
+from superopt.cache import Cache, TrialLog
+from superopt.cli.main import main
 from superopt.cli.search_cmd import search_command
 from superopt.interpret import random_inputs, run
 from superopt.kernels import compile
-from superopt.kernels.timing import TOLERANCE, relative_error
+from superopt.kernels.device import DEVICES
+from superopt.kernels.timing import TOLERANCE, Measurement, relative_error
+from superopt.search_space import api
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 SPEC = """
 name: tiny_gated_mlp
@@ -155,3 +165,93 @@ def test_too_large_to_interpret_says_so(tmp_path, monkeypatch):
     result = CliRunner().invoke(search_command, [str(spec), "--offline", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "not run under the interpreter" in result.output and "block iterations" in result.output
+
+
+def test_budget_bounds_the_whole_command(tmp_path):
+    """`--budget 20` on the example whose full-size search takes longest (qknorm_gqa_bs8: its enumeration alone
+    runs past 90 s here), through the console script: the whole command, Python's start and imports included,
+    ends within 22 s, the budget says it cut the search, and the cache holds one whole entry."""
+    cache = tmp_path / "cache"
+    command = [sys.executable, "-m", "superopt.cli.main", "search", str(EXAMPLES / "qknorm_gqa_bs8.yaml")]
+    command += ["--budget", "20", "--progress", "none", "--cache-dir", str(cache), "--json"]
+    start = time.monotonic()
+    proc = subprocess.run(command, capture_output=True, text=True, env=os.environ | {"SUPEROPT_CACHE_DIR": str(cache)})
+    wall = time.monotonic() - start
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert wall <= 22, f"{wall:.1f} s"
+    assert doc["cut"] == ["time"] and doc["search"]["cut"] == ["time"] and doc["seconds"] <= 20
+    assert doc["best"]["kernels"] < len(doc["program"]["ops"])  # the cut search still fused it
+    files = sorted(p.name for p in (cache / "results").iterdir() if p.name != ".lock")
+    assert files == [f"{doc['key']}.json", f"{doc['key']}.trials.jsonl"]
+
+
+def test_states_gives_the_same_candidates_for_any_number_of_workers(tmp_path, monkeypatch):
+    """`--states N` ends the enumeration at a count: two runs on one or two processes (the search takes the CPU
+    count) rank the same candidates, cut by that budget alone."""
+    docs = []
+    for cpus in (1, 2):
+        monkeypatch.setattr(api.os, "cpu_count", lambda n=cpus: n)
+        cache = tmp_path / f"cache{cpus}"
+        monkeypatch.setenv("SUPEROPT_CACHE_DIR", str(cache))
+        args = [str(EXAMPLES / "lora.yaml"), "--states", "3000", "--progress", "none", "--json"]
+        result = CliRunner().invoke(search_command, [*args, "--cache-dir", str(cache)])
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(result.stdout))
+    assert [d["search"]["workers"] for d in docs] == [1, 2]
+    for d in docs:
+        assert d["cut"] == ["states"] and d["search"]["states"] == 3000 and d["settings"]["states"] == 3000
+    assert [c["hash"] for c in docs[0]["candidates"]] == [c["hash"] for c in docs[1]["candidates"]]
+    assert docs[0]["candidates_total"] == docs[1]["candidates_total"] > 2
+    assert docs[0]["search"]["plans"] == docs[1]["search"]["plans"]
+
+
+@pytest.mark.parametrize(
+    "value, message",
+    [
+        ("0", "expected a whole number of states in 1..10^12, got 0"),
+        ("10000000000000", "expected a whole number of states in 1..10^12, got 10000000000000"),
+        ("1.5", "'1.5' is not a valid number of states"),
+        ("many", "'many' is not a valid number of states"),
+    ],
+)
+def test_bad_states_is_one_line_exit_2(tmp_path, value, message):
+    spec = tmp_path / "tiny.yaml"
+    spec.write_text(SPEC)
+    args = ["search", str(spec), "--states", value, "--cache-dir", str(tmp_path)]
+    result = CliRunner().invoke(main, args, prog_name="superopt")
+    assert (
+        result.exit_code == 2 and result.output == f"error: superopt search: Invalid value for '--states': {message}\n"
+    )
+    assert not (tmp_path / "results").exists()
+
+
+def test_gpu_timing_runs_only_what_fits_the_budget(monkeypatch):
+    """The GPU stage on a simulated clock (no GPU here): each candidate's timing process takes 6 s; with 20 s
+    left, three are timed, each under a timeout that ends by the deadline, the fourth and torch.compile are
+    skipped and say so, and the stage reports the cut."""
+    clock = {"now": 0.0}
+    timeouts = []
+
+    def measure(candidate, reference, timeout_s, **kwargs):
+        timeouts.append(clock["now"] + timeout_s)
+        clock["now"] += 6.0
+        return Measurement("ok", median_us=10.0 + len(timeouts))
+
+    def no_compile(fn):
+        raise AssertionError("torch.compile must not start with too little of the budget left")
+
+    monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
+    monkeypatch.setattr(pipeline, "measure", measure)
+    monkeypatch.setattr(pipeline, "fresh_compile", no_compile)
+    monkeypatch.setattr(pipeline, "bench", lambda fn, cuda_graph: SimpleNamespace(median_us=50.0))
+    monkeypatch.setattr(pipeline, "random_device_inputs", lambda graph, seed, scale: random_inputs(graph, seed, scale))
+    program = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml")
+    tried = [dataclasses.replace(api.program_candidate(program, DEVICES["h100"]), hash=f"{k}" * 64) for k in range(4)]
+    log = TrialLog(None, "0" * 64)
+    baselines, trials, cut = pipeline._time_on_gpu(program, tried, 0, log, None, deadline=20.0)
+    assert [trials[c.hash].status for c in tried] == ["ok", "ok", "ok", "skipped"]
+    assert all(t <= 20.0 for t in timeouts) and len(timeouts) == 3
+    assert trials[tried[3].hash].message == "not timed: 2 s left of the budget, 5 s needed"
+    assert baselines["eager"].status == "ok" and baselines["torch.compile"].status == "skipped"
+    assert cut

@@ -239,13 +239,14 @@ def test_every_candidate_is_equivalent_in_float64(name, tiny_attention):
     assert result.best.kernels == fused_form
 
 
-def test_qknorm_search_puts_the_norms_on_the_attention_tiles(monkeypatch):
+def test_qknorm_search_puts_the_norms_on_the_attention_tiles():
     """The qknorm specs' preset (attention_norm) lets the search find the two-kernel form: rms_norm on the q and v
     tiles inside the split-KV kernel, no norm kernels of their own. The enumeration stops at a state count, not at
-    the wall clock, so a slower machine reaches the same plans (the form appears after about 24,000 states)."""
-    monkeypatch.setitem(PRESETS, "attention_norm", replace(PRESETS["attention_norm"], max_states=30_000))
+    the wall clock, so a slower machine reaches the same plans (the form appears within 30,000 states)."""
     graph = superopt.load(EXAMPLES / "qknorm_gqa_bs1.yaml", dims={"B": 1, "S": 32, "D": 16, "L": 256})
-    best = search(graph, budget_s=300, workers=1, seed=1, progress="none").best
+    result = search(graph, budget_s=300, states=30_000, seed=1, progress="none")
+    assert result.stats.cut == ["states"] and result.stats.states == 30_000
+    best = result.best
     norms = [bop.op for op in best.graph.ops if op.block is not None for bop in op.block.ops if bop.op == "rms_norm"]
     assert best.kernels == 2 and len(norms) == 2 and not any(op.op == "rms_norm" for op in best.graph.ops)
     inputs = random_inputs(graph, seed=3, scale=0.5)
@@ -259,6 +260,34 @@ def test_pool_and_one_process_find_the_same_candidates():
         assert not one.stats.exhausted and not pool.stats.exhausted
         assert hashes(one) == hashes(pool)
         assert len(hashes(one)) > 2
+
+
+def test_a_run_counts_the_same_states_whatever_the_memo_holds():
+    """A first-level choice run after others (block graphs it meets memoized by them) counts and finds what it
+    does alone: what makes the states budget independent of how choices are shared between processes."""
+    problem = make_problem(program("gqa_bs1"))
+    warm = Searcher(problem, TINY_ATTENTION)
+    roots = warm.roots(2)
+    runs = [warm.run(2, root) for root in roots]
+    assert warm._visits < sum(r.counts.states for r in runs)  # memo hits: fewer states visited than counted
+    for root, after in zip(roots, runs):
+        alone = Searcher(problem, TINY_ATTENTION).run(2, root)
+        assert alone.counts == after.counts and alone.at == after.at
+        assert [p.key() for p in alone.plans] == [p.key() for p in after.plans]
+
+
+def test_states_budget_is_the_same_for_any_number_of_workers():
+    graph = superopt.load(EXAMPLES / "lora.yaml")  # full size: 16 plans in about 25,000 states
+    whole = search(graph, workers=2, progress="none")
+    assert not whole.stats.cut and whole.stats.states > 6_000
+    results = {w: search(graph, states=6_000, workers=w, progress="none") for w in (1, 2)}
+    for r in results.values():
+        assert r.stats.cut == ["states"] and r.stats.exhausted and r.stats.states == 6_000
+        assert 1 < len(r.candidates) < len(whole.candidates)
+    assert hashes(results[1]) == hashes(results[2])
+    assert results[1].stats.plans == results[2].stats.plans < whole.stats.plans
+    # a states budget beyond the search's end cuts nothing: the unbounded answer
+    assert hashes(search(graph, states=whole.stats.states + 1, workers=1, progress="none")) == hashes(whole)
 
 
 def test_deterministic_for_a_seed():

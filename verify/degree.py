@@ -232,6 +232,14 @@ def _rescaled_sum(ctx: _Ctx, x: Deg, m: Deg) -> Deg:
     )
 
 
+def _dequant(ctx: _Ctx, q: Deg, scale: Deg, zero: Deg | None = None, *, group: int, high_first: bool) -> Deg:
+    """(q - zero) * scale; an int4 byte's two values are opaque atoms of it (field.py)."""
+    same = replace(ctx, ins=[ctx.out, ctx.out])
+    values = _atom("opaque")(ctx, q) if ctx.ins[0].dtype == "int4" else q
+    shifted = _binary("add")(same, values, zero) if zero is not None else values
+    return _binary("mul")(same, shifted, scale)
+
+
 def _same(ctx: _Ctx, x: Deg, **_: object) -> Deg:
     return x
 
@@ -271,6 +279,7 @@ DEGREE: dict[str, Callable[..., Deg]] = {
     "layer_norm": _layer_norm,
     "rope": _rope,
     "concat": _concat,
+    "dequant": _dequant,
     "accum_sum": _accum,
     "accum_sum_last": lambda ctx, x: _accum(ctx, x, last=True),
     "accum_mean_last": lambda ctx, x: _accum(ctx, x, last=True),

@@ -56,6 +56,16 @@ argmax is an opaque function of the sequence of values along its dim, not of the
 with a permutation): R_argmax(sum_i R_pos(i) R_elem(x_i)), its own keys, so it is neither max nor argmax of
 the values in another order. None of its real identities (argmax(x + c) = argmax(x), argmax of a monotone
 function of x, a split argmax recombined) is modelled: it is outside COMPLETE.
+
+dequant. An int8 input is a residue like any other: (q - zero) * scale, with each scale and zero repeated over
+its group, is polynomial in q, scale and zero, so exact. An int4 input is drawn as one residue b per byte, and
+its two values are two opaque functions of it, R_low(b) for value 2j and R_high(b) for 2j + 1 (swapped where
+high_first): independent fresh variables, as the real nibbles of a byte are independent values. Only dequant
+reads an integer tensor, so every real identity between two graphs is one in those values, scales and zeros,
+and holds in the field: dequant is in COMPLETE. A graph that reads the other nibble, another group's scale or
+drops the zero differs as a polynomial in them and is caught like any other difference. (Identities that hold
+only because a value has 16 or 256 possibilities, a product over all of them vanishing, are not modelled; no
+rewrite uses one.)
 """
 
 from __future__ import annotations
@@ -95,9 +105,10 @@ COMPLETE = frozenset(
         "add_scalar",
         "rope",
     }
-    | {"sum", "mean", "concat", "accum_sum", "accum_sum_last", "accum_mean_last", "graph_def"}
+    | {"sum", "mean", "concat", "dequant", "accum_sum", "accum_sum_last", "accum_mean_last", "graph_def"}
 )
 OPAQUE = ("sqrt", "gelu", "gelu_tanh", "relu", "max", "max.elem", "exp.q", "argmax", "argmax.elem", "argmax.pos")
+OPAQUE += ("int4.low", "int4.high")
 
 
 class ZeroDenominator(Exception):
@@ -402,6 +413,25 @@ def _argmax(ev: FieldEval, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Te
     return out.unsqueeze(dim + 1) if keepdim else out
 
 
+def _dequant(
+    ev: FieldEval,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    *,
+    group: int,
+    high_first: bool,
+) -> torch.Tensor:
+    """(q - zero) * scale over the groups of the last dim; an int4 byte's two values are its opaque images."""
+    values = q
+    if q.shape[-1] * 2 == scale.shape[-1] * group:  # int4: half as long as its rows (the shape rule)
+        low, high = ev.opaque(q, "int4.low"), ev.opaque(q, "int4.high")
+        values = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+    if zero is not None:
+        values = ev.sub(values, zero.repeat_interleave(group, -1))
+    return ev.mul(values, scale.repeat_interleave(group, -1))
+
+
 def _accum_sum(ev: FieldEval, xs: list[torch.Tensor]) -> torch.Tensor:
     out = torch.stack(xs).sum(0)
     return out % ev.m(out)
@@ -435,6 +465,7 @@ FIELD = {
     "layer_norm": _layer_norm,
     "rope": _rope,
     "concat": lambda ev, a, b, dim: torch.cat(_common(a, b), dim + 1),
+    "dequant": _dequant,
     "accum_sum": _accum_sum,
     "accum_sum_last": _sum_last,
     "accum_mean_last": lambda ev, xs: ev.mul(

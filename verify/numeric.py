@@ -103,7 +103,8 @@ class GateResult:
 
 
 def _range(graph: KernelGraph) -> float:
-    return min(torch.finfo(DTYPES[graph.tensors[n].dtype].torch).max for n in graph.tensors)
+    floats = [DTYPES[t.dtype].torch for t in graph.tensors.values() if not DTYPES[t.dtype].integer]
+    return min(torch.finfo(dtype).max for dtype in floats)
 
 
 def float_gate(

@@ -5,6 +5,7 @@ Walking a graph in order gives every tensor a batch dim or none, where each op k
   - elementwise ops, accum_sum, accum_max and accum_rescaled_sum (with broadcasting): the batched operands'
     dims align to one output dim d, and every unbatched operand has size 1 there (it broadcasts);
   - rms_norm, reductions and the *_last accumulators: they do not reduce along d;
+  - rope and dequant: as elementwise ops, but never along the last dim (rotated; packed and grouped);
   - matmul: the row dim of a with b unbatched, the column dim of b with a unbatched, or a batch dim (as for
     elementwise ops); never the contraction dim;
   - concat: both operands batched along the same dim, not the concat dim;
@@ -105,7 +106,7 @@ def _op(op: Op, graph: Graph, dims: list[int | None]) -> int | None:
         if d == rank - 1:
             raise _Conflict
         return d
-    if kind == "rope":  # elementwise over the operands, but the last dim stays whole
+    if kind in ("rope", "dequant"):  # elementwise over the operands, but the last dim stays whole
         d = _elementwise(names, shapes, dims, rank)
         if d == rank - 1:
             raise _Conflict
@@ -176,7 +177,7 @@ def _sources(graph: Graph, name: str, dim: int, producers: dict[str, Op] | None 
     elif kind == "matmul" and dim >= rank - 2:
         k = dim - rank + 2  # 0: the rows of a, 1: the columns of b
         wanted = [(op.inputs[k], len(shapes[k]) - 2 + k)]
-    elif kind in ("binary", "matmul", "rope") or op.op == "accum_rescaled_sum":
+    elif kind in ("binary", "matmul", "rope", "dequant") or op.op == "accum_rescaled_sum":
         wanted = [(i, dim - rank + len(s)) for i, s in zip(op.inputs, shapes) if dim - rank + len(s) >= 0]
         wanted = [(i, d) for i, d in wanted if graph.tensors[i].shape[d] > 1]
     elif kind == "reduce":

@@ -4,7 +4,8 @@ Every element becomes a fraction num/den of z3 real polynomials over the inputs 
 applications: exp(t) is split by exp(a + b) = exp(a) exp(b) over the monomials of t (integer multiples become
 powers, so exp(2x - y) = E(x)^2 / E(y)); sqrt, gelu, relu are functions of their argument's normal form (sqrt(0)
 = 0); max and the accumulators' running max are one function of the sorted multiset of values; argmax is one
-of the values in their order (a permutation moves the index). Each of those is a true identity of the real ops,
+of the values in their order (a permutation moves the index); an int4 byte's two values are two functions of
+it (int8 values are the inputs themselves). Each of those is a true identity of the real ops,
 so equal fractions mean equal real functions wherever every denominator is nonzero. The two graphs are equal
 when num1 * den2 - num2 * den1 expands to 0 (z3's sum-of-monomials normal form), or, failing that, when z3
 finds no real assignment making them differ within the time limit. Anything else is "not proved", never "not
@@ -254,6 +255,25 @@ def _rope(ev: SymbolicEval, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return ev.map(lambda v, c, r, s: ev.add(ev.mul(v, c), ev.mul(r, s)), x, cos, rotated, sin)
 
 
+def _dequant(
+    ev: SymbolicEval,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None = None,
+    *,
+    group: int,
+    high_first: bool,
+) -> torch.Tensor:
+    """(q - zero) * scale over the groups of the last dim; an int4 byte's two values are functions of it."""
+    values = q
+    if q.shape[-1] * 2 == scale.shape[-1] * group:  # int4: half as long as its rows (the shape rule)
+        low, high = (ev.map(lambda v, f=f: ev.opaque(f, v), q) for f in ("int4_low", "int4_high"))
+        values = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+    if zero is not None:
+        values = ev.map(lambda v, z: ev.add(v, ev.neg(z)), values, zero.repeat_interleave(group, -1))
+    return ev.map(ev.mul, values, scale.repeat_interleave(group, -1))
+
+
 def _reduce(fn: Callable[[SymbolicEval, list[int]], int]) -> Callable[..., torch.Tensor]:
     def rule(ev: SymbolicEval, x: torch.Tensor, dim: int, keepdim: bool) -> torch.Tensor:
         out = ev.fold(x, dim, lambda ids: fn(ev, ids))
@@ -307,6 +327,7 @@ SYMBOLIC = {
     "layer_norm": _layer_norm,
     "rope": _rope,
     "concat": lambda ev, a, b, dim: torch.cat([a, b], dim),
+    "dequant": _dequant,
     "accum_sum": lambda ev, xs: ev.fold(ev.stack(xs), -1, ev.total),
     "accum_sum_last": _sum_last,
     "accum_mean_last": lambda ev, xs: ev.map(
