@@ -12,6 +12,7 @@ import torch
 from superopt.cli.cache_cmd import cache_command
 from superopt.cli.errors import Checked, Group, OutputFile, reports_errors
 from superopt.cli.megakernel_cmd import megakernel_command
+from superopt.cli.quantize_cmd import quantize_command
 from superopt.cli.search_cmd import search_command, settings_for
 from superopt.cli.verify_cmd import verify_command
 from superopt.dot import to_dot
@@ -34,6 +35,7 @@ main.add_command(search_command)
 main.add_command(verify_command)
 main.add_command(cache_command)
 main.add_command(megakernel_command)
+main.add_command(quantize_command)
 
 
 @main.command("run")

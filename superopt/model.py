@@ -3,7 +3,7 @@
 A model spec is YAML with a `model:` section: the architecture fields of a Llama, Qwen3, Qwen2 (q/k/v biases),
 Mistral (a sliding window) or Gemma (GeGLU, (1 + w) norms, a scaled embedding) under Hugging Face's names, or
 the path of an HF `config.json` (relative to the spec). `weights:` names a safetensors file or folder of shards
-(read with the `safetensors` package when installed, else by the small reader below; never downloaded);
+(superopt/checkpoint.py: plain or quantized by `superopt quantize`; never downloaded);
 without it the weights are random, seeded by `seed:`, bf16. Weights are kept under HF's parameter names, so the
 same dict loads into transformers' model.
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import math
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from superopt.checkpoint import dequantized, read_safetensors
 from superopt.errors import IRError, SpecError, brief
 from superopt.interpret import REFERENCE, rotate_half, run
 from superopt.ir import MAX_DIM, KernelGraph
@@ -264,34 +264,9 @@ def random_weights(cfg: ModelConfig, seed: int = 0, device: str | torch.device =
     return out
 
 
-_ST_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-
-
-def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """A safetensors file: 8-byte little-endian header length, a JSON header, then the raw tensors."""
-    try:
-        from safetensors.torch import load_file  # an optional dependency; the reader below serves without it
-    except ImportError:
-        load_file = None
-    if load_file is not None:
-        return load_file(str(path))
-    data = path.read_bytes()
-    (n,) = struct.unpack("<Q", data[:8])
-    header = json.loads(data[8 : 8 + n])
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _ST_DTYPES:
-            raise SpecError(f"{path}: tensor '{name}' has dtype {info['dtype']} (supported: bf16, f16, f32)")
-        start, stop = info["data_offsets"]
-        raw = bytearray(data[8 + n + start : 8 + n + stop])
-        out[name] = torch.frombuffer(raw, dtype=_ST_DTYPES[info["dtype"]]).reshape(info["shape"])
-    return out
-
-
 def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Weights from a .safetensors file or a folder of them (shards), or a torch .bin/.pt state dict."""
+    """Weights from a .safetensors file or a folder of them (shards), or a torch .bin/.pt state dict; a quantized
+    checkpoint's (superopt/checkpoint.py) dequantized."""
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -304,7 +279,7 @@ def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             raise SpecError(f"{f}: weights file not found")
         try:
             found |= (
-                _read_safetensors(f)
+                dequantized(*read_safetensors(f), f)
                 if f.suffix == ".safetensors"
                 else torch.load(f, map_location="cpu", weights_only=True)
             )

@@ -129,15 +129,15 @@ def dumps(graph: KernelGraph) -> str:
     return json.dumps(to_json(graph), indent=1) + "\n"
 
 
-def write_atomic(path: str | os.PathLike, text: str) -> None:
-    """Writes `text` to `path` so that a reader sees the old file or the whole new one, never a part."""
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> None:
+    """Writes `text` (or bytes) to `path` so that a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent or ".", prefix=f".{path.name}.", suffix=".tmp")
     umask = os.umask(0)  # mkstemp makes the file 0600; give it the mode a plain open() would
     os.umask(umask)
     try:
         os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "wb" if isinstance(text, bytes) else "w") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
