@@ -17,8 +17,9 @@ loop are its outputs. A block graph without a loop gets one accum_sum per output
 
 The kernel level is searched by iterative deepening (`depth` kernels at a time, by the caller), so the cheap
 few-kernel candidates are all found before the budget goes to deeper ones. Block graphs are memoized per
-(inputs, maps), op results per (op, operand tiles): a block graph met again under another kernel prefix costs
-a lookup, and counts the states it took to build (so a state count is the same in any process).
+(inputs, maps), op results per (op, operand tiles), and the op attempts on each tile of a block graph (Moves)
+are shared by all its descendants: a block graph met again under another kernel prefix costs a lookup, and
+counts the states it took to build (so a state count is the same in any process).
 """
 
 from __future__ import annotations
@@ -398,11 +399,28 @@ class KernelState:
         return sum(op.block is not None for op in self.ops)
 
 
+# An op attempt in a block graph: (rank, op, operands, attrs, its tile or the counter it is pruned under).
+Move = tuple[tuple, str, tuple[int, ...], tuple, "Tile | str"]
+
+
+@dataclass(frozen=True)
+class Moves:
+    """The op attempts whose newest operand is one tile, in DFS order: they depend only on the tiles up to it, so
+    a block graph's descendants, which keep its tiles, reuse them instead of trying each op again. `made` holds
+    the attempts that make a tile, each after the counts of the prunings tried before it (shape, abstract);
+    `rest`, those after the last."""
+
+    tried: tuple[Move, ...]
+    made: tuple[tuple[int, int, Move], ...]
+    rest: tuple[int, int]
+
+
 @dataclass(frozen=True)
 class BlockState:
     plan: BlockPlan
     uses: tuple[int, ...]
     last_rank: tuple = ()
+    moves: tuple[Moves, ...] = ()  # of its first tiles as the newest operand; the rest made when first needed
 
 
 def _rank(inputs: tuple[int, ...], op: str, attrs: tuple) -> tuple:
@@ -431,6 +449,8 @@ class Searcher:
     _visits: int = 0  # states really visited (memo hits aside), for the clock and progress checks
     _blocks_memo: dict = field(default_factory=dict)
     _results: dict = field(default_factory=dict)
+    _operand_memo: dict = field(default_factory=dict)
+    _tiles: dict = field(default_factory=dict)
     _attrs: dict = field(default_factory=dict)
     _leaf_memo: dict = field(default_factory=dict)
 
@@ -697,7 +717,7 @@ class Searcher:
                 shape[fmap] = ddiv(shape[fmap], sym(loop_sym))
                 labels[fmap].add(LOOP)
             maps.append(BlockInputPlan(i, imap, fmap))
-            tiles.append(Tile(tuple(shape), t.value, tuple(frozenset(x) for x in labels)))
+            tiles.append(self._intern(Tile(tuple(shape), t.value, tuple(frozenset(x) for x in labels))))
         if loop is not None and all(bi.fmap is None for bi in maps):
             return
         plan = BlockPlan(plan.index, axes, loop, tuple(maps), (), tuple(tiles))
@@ -709,32 +729,80 @@ class Searcher:
         plan = state.plan
         if len(plan.ops) >= self.preset.block_ops:
             return
-        n = len(plan.tiles)
-        for newest in range(state.last_rank[0] if state.last_rank else 0, n):
-            for op in self.block_op_names:
-                d = OPS[op]
-                if d.kind == "accum" and plan.loop_sym is None:
-                    continue
-                if d.arity == 1:
-                    tuples: Iterator[tuple[int, ...]] = iter([(newest,)])
-                elif d.arity == 2:
-                    tuples = itertools.chain(
-                        ((i, newest) for i in range(newest + 1)), ((newest, i) for i in range(newest))
-                    )
-                else:  # rope: every tuple of earlier tiles that has the newest
-                    tuples = (t for t in itertools.product(range(newest + 1), repeat=d.arity) if newest in t)
-                for operands in tuples:
-                    if d.arity == 2 and operands[0] == operands[1] and op != "matmul":
-                        continue
-                    if op in COMMUTATIVE and operands[0] > operands[1]:
-                        continue
-                    for attrs in self._attr_choices(op, len(plan.tiles[operands[0]].shape)):
-                        rank = _rank(operands, op, attrs)
-                        if rank <= state.last_rank:
-                            continue
-                        nxt = self._add_block_op(state, op, operands, attrs, rank)
-                        if nxt is not None:
-                            yield from self._block_dfs(nxt)
+        moves = state.moves
+        while len(moves) < len(plan.tiles):
+            moves += (self._moves(plan, len(moves)),)
+        first = state.last_rank[0] if state.last_rank else 0
+        for newest in range(first, len(plan.tiles)):
+            above = state.last_rank if newest == first else None
+            for rank, op, operands, attrs, tile in self._made(moves[newest], above):
+                nxt = self._add_block_op(state, moves, op, operands, attrs, tile, rank)  # type: ignore[arg-type]
+                if nxt is not None:
+                    yield from self._block_dfs(nxt)
+
+    def _moves(self, plan: BlockPlan, newest: int) -> Moves:
+        """Every op attempt with tile `newest` the newest operand, each tried once for the block graph and all its
+        descendants."""
+        loop_sym, tiles = plan.loop_sym, plan.tiles
+        tried: list[Move] = []
+        for op in self.block_op_names:
+            accum = OPS[op].kind == "accum"
+            if accum and loop_sym is None:
+                continue
+            order = OP_ORDER[op]
+            for operands in self._operands(op, newest):
+                args = tuple(map(tiles.__getitem__, operands))
+                # every path passes exactly one accumulator: checked before the cache, as most attempts fail it
+                mixed = (accum and args[0].after) or len({a.after for a in args}) > 1
+                for attrs in self._attr_choices(op, len(args[0].shape)):
+                    tile = "pruned_shape" if mixed else self._result(op, args, attrs, loop_sym)
+                    tried.append(
+                        ((newest, operands, order, attrs), op, operands, attrs, tile)
+                    )  # _rank's, newest its max
+        made, pruned = [], {"pruned_shape": 0, "pruned_abstract": 0}
+        for move in tried:
+            if isinstance(move[4], str):
+                pruned[move[4]] += 1
+            else:
+                made.append((pruned["pruned_shape"], pruned["pruned_abstract"], move))
+                pruned = dict.fromkeys(pruned, 0)
+        return Moves(tuple(tried), tuple(made), (pruned["pruned_shape"], pruned["pruned_abstract"]))
+
+    def _made(self, moves: Moves, above: tuple | None) -> Iterator[Move]:
+        """The attempts of `moves` ranked above `above` (None: all) that make a tile, counting the prunings among
+        the others as the walk passes them (so a budget cuts the counts where trying each op would)."""
+        counts = self.counts
+        if above is None:
+            for shape, abstract, move in moves.made:
+                counts.pruned_shape += shape
+                counts.pruned_abstract += abstract
+                yield move
+            counts.pruned_shape += moves.rest[0]
+            counts.pruned_abstract += moves.rest[1]
+            return
+        for move in moves.tried:
+            if move[0] > above:
+                if isinstance(move[4], str):
+                    setattr(counts, move[4], getattr(counts, move[4]) + 1)
+                else:
+                    yield move
+
+    def _operands(self, op: str, newest: int) -> list[tuple[int, ...]]:
+        """The operand tuples tried for `op` with tile `newest` the newest operand, in DFS order."""
+        hit = self._operand_memo.get((op, newest))
+        if hit is not None:
+            return hit
+        arity = OPS[op].arity
+        tuples: list[tuple[int, ...]]
+        if arity == 1:
+            tuples = [(newest,)]
+        elif arity == 2:
+            pairs = [(i, newest) for i in range(newest + 1)] + [(newest, i) for i in range(newest)]
+            tuples = [(a, b) for a, b in pairs if (a != b or op == "matmul") and not (op in COMMUTATIVE and a > b)]
+        else:  # rope: every tuple of earlier tiles that has the newest
+            tuples = [t for t in itertools.product(range(newest + 1), repeat=arity) if newest in t]
+        self._operand_memo[op, newest] = tuples
+        return tuples
 
     def _result(self, op: str, args: tuple[Tile, ...], attrs: tuple, loop_sym: str | None) -> Tile | str:
         """The tile `op` makes of `args`, or the counter it is pruned under; cached."""
@@ -745,10 +813,6 @@ class Searcher:
         return hit
 
     def _new_result(self, op: str, args: tuple[Tile, ...], attrs: tuple, loop_sym: str | None) -> Tile | str:
-        is_accum = OPS[op].kind == "accum"
-        sides = {a.after for a in args}
-        if (is_accum and True in sides) or len(sides) > 1:
-            return "pruned_shape"  # every path passes exactly one accumulator
         cats = [isinstance(a.value, ae.Cat) for a in args]
         if any(cats) and op != "matmul":
             return "pruned_shape"  # a concatenation pays off only as a matmul operand, where its parts' products add
@@ -760,14 +824,25 @@ class Searcher:
         if shaped is not None:
             loop = sym(loop_sym) if loop_sym else UNIT
             value = ae.apply(op, tuple(a.value for a in args), ae.Ctx(tuple(a.shape for a in args), attr_dict, loop))
-        return self._check(value) or Tile(shaped[0], value, shaped[1], is_accum or args[0].after)
+        why = self._check(value)
+        return why or self._intern(Tile(shaped[0], value, shaped[1], OPS[op].kind == "accum" or args[0].after))
 
-    def _add_block_op(self, state: BlockState, op: str, operands: tuple[int, ...], attrs: tuple, rank: tuple):
+    def _intern(self, tile: Tile) -> Tile:
+        """The one instance of tiles equal to `tile`: the caches keyed by tiles then find theirs by identity,
+        without comparing abstract values."""
+        return self._tiles.setdefault(tile, tile)
+
+    def _add_block_op(
+        self,
+        state: BlockState,
+        moves: tuple[Moves, ...],
+        op: str,
+        operands: tuple[int, ...],
+        attrs: tuple,
+        tile: Tile,
+        rank: tuple,
+    ) -> BlockState | None:
         plan = state.plan
-        tile = self._result(op, tuple(plan.tiles[i] for i in operands), attrs, plan.loop_sym)
-        if isinstance(tile, str):
-            setattr(self.counts, tile, getattr(self.counts, tile) + 1)
-            return None
         if self.prune and tile in plan.tiles:
             self.counts.pruned_redundant += 1  # abstractly a tile it has already (x + x, a second a @ b, ...)
             return None
@@ -787,7 +862,7 @@ class Searcher:
             plan.ops + (BlockOpPlan(op, operands, attrs),),
             plan.tiles + (tile,),
         )
-        return BlockState(new_plan, tuple(uses), rank)
+        return BlockState(new_plan, tuple(uses), rank, moves)
 
     def _close(self, state: BlockState) -> Iterator[BlockPlan]:
         """The block graph with its dangling tiles as outputs, one per choice of omaps; none if it cannot close."""

@@ -193,6 +193,7 @@ class Sizer:
     block_size: int = BLOCK_SIZE
     rejected: int = 0
     _kernels: dict = field(default_factory=dict)
+    _named: set = field(default_factory=set)
 
     def _own(self, op: KernelOp) -> dict[str, str]:
         """The free symbols a kernel op chooses, with the class each splits."""
@@ -258,10 +259,16 @@ class Sizer:
         types = tuple(TensorType(s, dtype) for s in shapes)  # type: ignore[arg-type]
         fixed = tuple((k, env[s]) for k, s in enumerate(own) if s not in private)  # by position: kernels alike share
         loop = env.get(op.block.loop_sym) if op.block and op.block.loop_sym else None
-        key = (op.op, op.attrs, op.block.key() if op.block else (), types, fixed, loop)
+        bp = op.block
+        key = (op.op, op.attrs, _structure(bp) if bp else (), types, fixed, loop)
+        named = (key, op.inputs, bp.loop if bp else None)
         if key not in self._kernels:
-            self._kernels[key] = self._new_kernel(op, list(types), private, env, home)
-        return self._kernels[key]
+            before = self.rejected
+            self._kernels[key] = self._new_kernel(op, list(types), private, env, home), self.rejected - before
+        elif named not in self._named:  # `rejected` counts each kernel over its own tensors once, as if sized again
+            self.rejected += self._kernels[key][1]
+        self._named.add(named)
+        return self._kernels[key][0]
 
     def _new_kernel(self, op: KernelOp, types: list[TensorType], private: list[str], env: dict, home: dict):
         """The cheapest private sizes that build and fit."""
@@ -287,6 +294,13 @@ class Sizer:
             elif best is None or cost.us < best.us:
                 best = KernelChoice(cost.us, values)
         return best
+
+
+def _structure(bp: BlockPlan) -> tuple:
+    """What a kernel's sizes depend on besides its input types and symbols' values: its block graph, not which
+    tensors it reads nor which kernel's grid a tied loop takes (so kernels alike in different plans share them)."""
+    loop = "tied" if bp.loop and bp.loop.startswith("g") else bp.loop
+    return (bp.axes, loop, tuple((bi.imap, bi.fmap) for bi in bp.inputs), bp.ops, bp.outputs)
 
 
 def _symbols(d: Dim) -> list[str]:

@@ -24,7 +24,7 @@ from superopt.ops import missing_rules
 from superopt.search_space import PRESETS, search
 from superopt.search_space import abstract_expr as ae
 from superopt.search_space.enumerator import SHAPES, Searcher, make_problem
-from superopt.search_space.instantiate import concrete, fits, smem_bytes
+from superopt.search_space.instantiate import Sizer, concrete, fits, smem_bytes
 from superopt.serialize import from_json, graph_hash
 from superopt.spec import parse_spec
 
@@ -274,6 +274,21 @@ def test_a_run_counts_the_same_states_whatever_the_memo_holds():
         alone = Searcher(problem, TINY_ATTENTION).run(2, root)
         assert alone.counts == after.counts and alone.at == after.at
         assert [p.key() for p in alone.plans] == [p.key() for p in after.plans]
+
+
+def test_sizes_do_not_depend_on_the_plans_sized_before():
+    """The sizer shares a kernel's sizes between plans where its block graph and input types agree: each plan gets
+    what a sizer of its own gives it, and the rejected count is the same in any order."""
+    problem = make_problem(program("gqa_bs1"))
+    searcher = Searcher(problem, TINY_ATTENTION)
+    plans = [p for root in searcher.roots(2) for p in searcher.run(2, root).plans]
+    device = replace(DEVICES["h100"], smem_per_block=2048)  # some sizes rejected
+    forward, backward = Sizer(problem, device), Sizer(problem, device)
+    sized = [forward.best(p) for p in plans]
+    assert len(forward._kernels) < len(forward._named) and forward.rejected > 0 and any(sized)
+    assert sized == [Sizer(problem, device).best(p) for p in plans]
+    assert sized[::-1] == [backward.best(p) for p in reversed(plans)]
+    assert forward.rejected == backward.rejected
 
 
 def test_states_budget_is_the_same_for_any_number_of_workers():
