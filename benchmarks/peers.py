@@ -7,10 +7,14 @@ For each workload (examples/<name>.yaml at full size, fp16, inputs N(0, 0.5^2)) 
   compile        torch.compile (default mode), replayed in a CUDA graph
   max-autotune   torch.compile(mode="max-autotune-no-cudagraphs"), replayed in a CUDA graph (while the time budget
                  allows: its autotuning takes tens of seconds a workload)
-  superopt       with --picks (a sweep.json of benchmarks/tile_sweep.py, run before on this GPU), each workload's
-                 pick: the fastest measured of the cost model's top 5 candidates, as the pipeline picks; else the
-                 hand-fused µGraph of examples/fused.py at its default tiles. Compiled by superopt's Triton
-                 backend and replayed in a CUDA graph
+  superopt       with --search S, what `superopt search examples/<name>.yaml --budget S` picks on this GPU (the
+                 cache's result where it holds one for this GPU and these versions, else a search now: search,
+                 verify, time the top candidates, pick the fastest measured); with --picks (a sweep.json of
+                 benchmarks/tile_sweep.py, run before on this GPU), the sweep's pick; else the hand-fused µGraph of
+                 examples/fused.py at its default tiles. Compiled by superopt's Triton backend and replayed in a
+                 CUDA graph
+  hand-fused     the hand-written µGraph of examples/fused.py, where there is one and superopt is not it: where a
+                 person still beats the search
 Every output is checked on the GPU against the program evaluated in float64 (error / dtype tolerance <= 1).
 The floor is max(bytes of inputs and outputs / measured copy bandwidth, FLOPs / measured matmul rate).
 
@@ -19,6 +23,7 @@ The floor is max(bytes of inputs and outputs / measured copy bandwidth, FLOPs / 
         --search results/search_bench.json results/attention_norm/search_bench.json
     python benchmarks/peers.py --out results --picks results/sweep.json   # everything, about 2 minutes
     python benchmarks/peers.py --out /tmp/p --only lora,gqa_bs1 --max-autotune none
+    python benchmarks/peers.py --out results --search 40 --cache-dir /tmp/cache     # the search's own picks
 
 Writes OUT/peers.md and OUT/peers.json (device, date, versions, every number) and prints the table.
 """
@@ -39,11 +44,12 @@ from pathlib import Path
 import torch
 
 import superopt
+from superopt.cache import Cache
 from superopt.kernels import compile
 from superopt.kernels.cost import floor, predict
 from superopt.kernels.device import DEVICES, DeviceSpec, detect
 from superopt.kernels.timing import bench, check, input_scale, random_device_inputs, reference_outputs
-from superopt.pipeline import eager, fresh_compile
+from superopt.pipeline import Settings, eager, fresh_compile, optimize_program
 from superopt.serialize import from_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +71,7 @@ WORKLOADS = [
 # time budget.
 ANCHOR_AUTOTUNED = {"rmsnorm_linear_bs1", "gated_mlp", "gqa_bs8", "qknorm_gqa_bs1", "lora", "ntrans_bs8"}
 PEERS = ["eager", "eager+graph", "compile", "max-autotune"]
+HAND_SLOWER_BY = 1.03  # a hand-fused µGraph more than this much faster than the search's pick: the search trails
 
 
 def load_fused():
@@ -117,8 +124,21 @@ class Workload:
     row: dict
 
 
+def search_pick(name: str, budget_s: float, cache: Cache) -> tuple[superopt.KernelGraph, str]:
+    """What `superopt search examples/<name>.yaml --budget budget_s` picks here, and what it is."""
+    spec = superopt.load(EXAMPLES / f"{name}.yaml")
+    settings = Settings.merged(spec.search_settings, budget_s=budget_s)
+    outcome = optimize_program(spec, settings, cache, "search", progress="none")
+    best = outcome.result.best if outcome.result is not None else None
+    what = f"search {outcome.status}" + (f" {best.hash[:12]} ({best.kernels} kernels)" if best is not None else "")
+    return outcome.winner, what
+
+
 def ours(name: str, fused, picks: dict) -> tuple[superopt.KernelGraph, str]:
-    """superopt's µGraph for the workload and what it is: the sweep's pick, else the fused form, else the spec."""
+    """superopt's µGraph for the workload and what it is: the search's or the sweep's pick, else the fused form,
+    else the spec."""
+    if name in picks and "graph" in picks[name]:
+        return picks[name]["graph"], picks[name]["what"]
     if name in picks:
         pick = picks[name]["pick"]
         what = " ".join(f"{k}={v}" for k, v in pick["knobs"].items())
@@ -166,13 +186,14 @@ def _us(result: dict | None) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    head = ["workload", "floor", *PEERS, "superopt", "graph", "predicted", "best peer / superopt", "floor / superopt"]
+    head = ["workload", "floor", *PEERS, "superopt", "hand-fused", "graph", "predicted", "best peer / superopt"]
+    head += ["floor / superopt"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ratios = []
     for row in rows:
         res = row["results"]
         cells = [row["name"], f"{row['floor_us']:.1f}"]
-        for label in [*PEERS, "superopt"]:
+        for label in [*PEERS, "superopt", "hand-fused"]:
             r = res.get(label)
             cells.append("" if r is None else f"{r['median_us']:.1f}" if r["status"] == "ok" else r["status"])
         best = min(_us(res.get(p)) for p in PEERS)
@@ -190,6 +211,13 @@ def table(rows: list[dict]) -> str:
             f"\nsuperopt beats the best peer on {wins} of {len(ratios)} workloads; geometric mean of best peer / "
             f"superopt: {geomean:.2f}x."
         )
+    trails = [
+        row["name"]
+        for row in rows
+        if _us(row["results"].get("hand-fused")) * HAND_SLOWER_BY < _us(row["results"].get("superopt"))
+    ]
+    if any("hand-fused" in row["results"] for row in rows):
+        lines.append(f"A hand-fused µGraph faster than superopt's pick by more than 3%: {', '.join(trails) or 'none'}.")
     return "\n".join(lines)
 
 
@@ -201,6 +229,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=360, help="no max-autotune compile starts after this")
     parser.add_argument("--reps", type=int, default=100)
     parser.add_argument("--picks", type=Path, help="a sweep.json from benchmarks/tile_sweep.py on this GPU")
+    parser.add_argument("--search", type=float, help="time what `superopt search --budget S` picks (seconds)")
+    parser.add_argument("--cache-dir", type=Path, help="the search's cache (default: superopt's)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("peers.py needs a CUDA GPU")
@@ -210,6 +240,12 @@ def main() -> None:
     names = [n for n in args.only.split(",") if n] or WORKLOADS
     fused = load_fused()
     picks = json.loads(args.picks.read_text())["stats"] if args.picks else {}
+    if args.search is not None:  # searched (or read from the cache) before anything is timed
+        cache = Cache(args.cache_dir)
+        for name in names:
+            graph, what = search_pick(name, args.search, cache)
+            picks[name] = {"graph": graph, "what": what}
+            print(f"{name}: {what} at {time.time() - started:.0f} s", flush=True)
     workloads = []
     for name in names:  # first every peer but max-autotune, whose autotuning takes tens of seconds a workload
         w = prepare(name, fused, picks, spec, device)
@@ -218,6 +254,9 @@ def main() -> None:
         time_peer(w, "eager+graph", lambda program=program: program, True, args.reps)
         time_peer(w, "compile", lambda program=program: fresh_compile(program), True, args.reps)
         time_peer(w, "superopt", lambda w=w: compile(w.ours), True, args.reps)
+        if name in fused.FUSED and w.row["superopt_graph"] != "fused":
+            hand = fused.build(name)
+            time_peer(w, "hand-fused", lambda hand=hand: compile(hand), True, args.reps)
         workloads.append(w)
         print(f"{name}: done at {time.time() - started:.0f} s", flush=True)
     for w in workloads:
