@@ -76,7 +76,20 @@ def test_peer_table_ratios():
         | {"max-autotune": {"status": "wrong"}, "superopt": ok},
     }
     line = peers.table([row]).splitlines()[2]
-    assert line == "| w | 4.0 | 40.0 |  | 20.0 | wrong | 10.0 | fused | 6.0 | 2.00x | 0.40 |"
+    assert line == "| w | 4.0 | 40.0 |  | 20.0 | wrong | 10.0 |  | fused | 6.0 | 2.00x | 0.40 |"
+
+
+def test_peer_table_names_where_a_hand_fused_form_beats_the_search_by_more_than_3_percent():
+    def row(name: str, hand_us: float) -> dict:
+        results = {
+            "superopt": {"status": "ok", "median_us": 10.0},
+            "hand-fused": {"status": "ok", "median_us": hand_us},
+        }
+        return {"name": name, "floor_us": 1.0, "superopt_graph": "search", "predicted_us": 1.0, "results": results}
+
+    text = peers.table([row("close", 9.8), row("behind", 9.0)])
+    assert "| close | 1.0 |  |  |  |  | 10.0 | 9.8 |" in text
+    assert text.splitlines()[-1] == "A hand-fused µGraph faster than superopt's pick by more than 3%: behind."
 
 
 def test_peer_table_counts_wins_and_geometric_mean():
