@@ -124,14 +124,17 @@ class Workload:
     row: dict
 
 
-def search_pick(name: str, budget_s: float, cache: Cache) -> tuple[superopt.KernelGraph, str]:
-    """What `superopt search examples/<name>.yaml --budget budget_s` picks here, and what it is."""
+def search_pick(name: str, budget_s: float, cache: Cache) -> dict:
+    """What `superopt search examples/<name>.yaml --budget budget_s` picks here: the graph, what it is, and the
+    search's table (each candidate tried: kernels, predicted and measured us, trial status)."""
     spec = superopt.load(EXAMPLES / f"{name}.yaml")
     settings = Settings.merged(spec.search_settings, budget_s=budget_s)
     outcome = optimize_program(spec, settings, cache, "search", progress="none")
-    best = outcome.result.best if outcome.result is not None else None
+    result = outcome.result
+    best = result.best if result is not None else None
     what = f"search {outcome.status}" + (f" {best.hash[:12]} ({best.kernels} kernels)" if best is not None else "")
-    return outcome.winner, what
+    tried = [row.to_json() for row in result.candidates] if result is not None else []
+    return {"graph": outcome.winner, "what": what, "tried": tried, "cut": list(result.cut) if result else []}
 
 
 def ours(name: str, fused, picks: dict) -> tuple[superopt.KernelGraph, str]:
@@ -162,7 +165,7 @@ def prepare(name: str, fused, picks: dict, spec_device: DeviceSpec, measured: De
         "predicted_us": predict(graph, spec_device).us,
         "predicted_spec_us": predict(spec, spec_device).us,
         "results": {},
-    }
+    } | ({"search": {k: picks[name][k] for k in ("tried", "cut")}} if "tried" in picks.get(name, {}) else {})
     return Workload(name, spec, graph, args, reference_outputs(spec, args), row)
 
 
@@ -243,9 +246,8 @@ def main() -> None:
     if args.search is not None:  # searched (or read from the cache) before anything is timed
         cache = Cache(args.cache_dir)
         for name in names:
-            graph, what = search_pick(name, args.search, cache)
-            picks[name] = {"graph": graph, "what": what}
-            print(f"{name}: {what} at {time.time() - started:.0f} s", flush=True)
+            picks[name] = search_pick(name, args.search, cache)
+            print(f"{name}: {picks[name]['what']} at {time.time() - started:.0f} s", flush=True)
     workloads = []
     for name in names:  # first every peer but max-autotune, whose autotuning takes tens of seconds a workload
         w = prepare(name, fused, picks, spec, device)

@@ -26,6 +26,7 @@ from superopt.model import ModelSpec, is_model_spec, load_spec
 from superopt.model_search import search_model
 from superopt.pipeline import SETTING_CHECKS, Settings, device_spec, optimize_program
 from superopt.result import Baseline, Result
+from superopt.search_space.cluster import connect
 from superopt.serialize import write_atomic
 from superopt.spec import load
 
@@ -189,6 +190,12 @@ def run_model(
     type=Folder(),
     help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).",
 )
+@click.option(
+    "--ray",
+    "ray_address",
+    metavar="ADDRESS",
+    help="Enumerate and verify on a Ray cluster: auto, local, host:port or ray://host:port (superopt[ray]).",
+)
 @reports_errors
 def search_command(
     specs: tuple[Path, ...],
@@ -203,12 +210,15 @@ def search_command(
     require_hit: bool,
     progress: str | None,
     cache_dir: Path | None,
+    ray_address: str | None,
 ) -> None:
     """Find the fastest verified µGraph of each SPEC (YAML, JSON graph, .onnx or .pt2), cache first. A model
     spec (YAML with a `model:` section, or an HF config.json) searches each program of its decode step and
     plans its megakernel."""
     overrides = {"preset": preset, "budget_s": budget_s, "states": states, "seed": seed, "device": device}
-    jobs = [read_job(spec, overrides) for spec in specs]  # every file is read before any search: bad input fails fast
+    jobs = [read_job(spec, overrides | {"ray": ray_address}) for spec in specs]  # bad input fails before any search
+    if ray_address is not None and not (offline or require_hit):
+        connect(ray_address)
     cache = Cache(cache_dir)
     mode = "require-hit" if require_hit else "offline" if offline else "search"
     say = (lambda line: click.echo(line, err=True)) if as_json else click.echo

@@ -1,9 +1,11 @@
 """On-device timing: warm-up, L2 flushed before every run, CUDA-graph replay timed with CUDA events, median.
 
-`bench` times a callable in this process. `measure` compiles, checks and times one candidate µGraph in a
-subprocess (`python -m superopt.kernels.timing JOB OUT`) under a timeout, so a compile error, crash, hang or
-wrong result costs only that candidate and is recorded against it. Each timed candidate is checked on the GPU
-against the reference program evaluated in float64 on the same inputs.
+`bench` times a callable in this process. `measure_all` compiles, checks and times candidate µGraphs in order
+in a subprocess (`python -m superopt.kernels.timing JOB OUT`) they share while they behave, so the process start
+and CUDA set-up are paid once, not a candidate; a compile error, crash, hang or wrong result still costs only the
+candidate it happens in and is recorded against it (the rest go on in a fresh process). `measure` is one
+candidate. Each timed candidate is checked on the GPU against the reference program evaluated in float64 on the
+same inputs.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -151,7 +154,7 @@ def random_device_inputs(graph: KernelGraph, seed: int, scale: float = INPUT_SCA
 
 
 def run_job(job: dict[str, Any]) -> Measurement:
-    """Compiles, checks and times one candidate in this process (the subprocess side of `measure`)."""
+    """Compiles, checks and times one candidate in this process (the worker side of `measure_all`)."""
     candidate = from_json(job["candidate"])
     reference = from_json(job["reference"])
     scale = job.get("scale") or input_scale(reference, job["seed"])
@@ -180,6 +183,96 @@ def run_job(job: dict[str, Any]) -> Measurement:
     return Measurement("ok", timing.median_us, timing.p20_us, timing.p80_us, worst)
 
 
+WORKER = (sys.executable, "-m", "superopt.kernels.timing")
+CUDA_BROKEN = 3  # a worker's exit code after a candidate left the CUDA context unusable (its result written)
+POLL_S = 0.02
+
+
+def measure_all(
+    candidates: Sequence[KernelGraph],
+    reference: KernelGraph,
+    deadline: float = float("inf"),
+    timeout_s: float = 120.0,
+    seed: int = 0,
+    reps: int = 100,
+    backend: str = "triton",
+    scale: float | None = None,
+    module_dir: Path | None = None,
+    worker: Sequence[str] = WORKER,
+) -> list[Measurement]:
+    """Compiles, checks and times each candidate against `reference`, in order, in one worker process while they
+    behave; never raises for a candidate's faults. A candidate with no result within `timeout_s` (its own part,
+    the process start included for the first) is a timeout, one whose worker dies a crash, each recorded against
+    it, and the rest go on in a fresh worker. At `deadline` (monotonic seconds) the candidate running is a
+    timeout and the rest are skipped. `scale`: the inputs' scale (default: `input_scale(reference)`); `module_dir`:
+    where generated modules go; `worker`: the command run as `worker JOB OUT`."""
+    results: list[Measurement | None] = [None] * len(candidates)
+    job = {
+        "reference": to_json(reference),
+        "seed": seed,
+        "reps": reps,
+        "backend": backend,
+        "scale": scale,
+        "module_dir": str(module_dir) if module_dir is not None else None,
+    }
+    first = 0
+    while first < len(candidates) and time.monotonic() < deadline:
+        first = _run_worker(candidates, first, job, results, deadline, timeout_s, worker)
+    return [r or Measurement("skipped", message="not timed: the budget ended first") for r in results]
+
+
+def _run_worker(
+    candidates: Sequence[KernelGraph],
+    first: int,
+    job: dict[str, Any],
+    results: list[Measurement | None],
+    deadline: float,
+    timeout_s: float,
+    worker: Sequence[str],
+) -> int:
+    """Runs candidates[first:] in one worker until it ends or fails; fills their results; the next to run."""
+    with tempfile.TemporaryDirectory(prefix="superopt-timing-") as tmp:
+        job_path, out_path, err_path = Path(tmp) / "job.json", Path(tmp) / "results.jsonl", Path(tmp) / "stderr"
+        job_path.write_text(json.dumps(job | {"candidates": [to_json(c) for c in candidates[first:]]}))
+        out_path.touch()
+        done, lines = first, 0
+        with err_path.open("w") as err:
+            proc = subprocess.Popen([*worker, str(job_path), str(out_path)], stdout=subprocess.DEVNULL, stderr=err)
+            since = time.monotonic()
+
+            def collect() -> None:
+                nonlocal done, lines, since
+                finished = out_path.read_text().split("\n")[:-1]  # a line is complete once its newline is written
+                for line in finished[lines:]:
+                    results[done] = Measurement(**json.loads(line))
+                    done, since = done + 1, time.monotonic()
+                lines = len(finished)
+
+            try:
+                while proc.poll() is None:
+                    collect()
+                    now = time.monotonic()
+                    if now >= deadline or now - since >= timeout_s:
+                        proc.kill()
+                        proc.wait()
+                        collect()
+                        if done < len(candidates):
+                            why = f"no result within {timeout_s:g} s" if now < deadline else "the budget ended first"
+                            results[done] = Measurement("timeout", message=why)
+                        return done + 1 if now < deadline else len(candidates)
+                    time.sleep(POLL_S)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            collect()
+        if done < len(candidates) and proc.returncode != CUDA_BROKEN:  # it died in candidate `done`
+            message = f"exit code {proc.returncode}: {err_path.read_text()[-2000:]}"
+            results[done] = Measurement("crash", message=message)
+            return done + 1
+        return done
+
+
 def measure(
     candidate: KernelGraph,
     reference: KernelGraph,
@@ -190,42 +283,27 @@ def measure(
     scale: float | None = None,
     module_dir: Path | None = None,
 ) -> Measurement:
-    """Compiles, checks against `reference` and times `candidate` in its own process; never raises for the
-    candidate's faults. `scale`: the inputs' scale (default: `input_scale(reference)`, computed there; pass it
-    when timing several candidates of one program); `module_dir`: where its generated modules go."""
-    job = {
-        "candidate": to_json(candidate),
-        "reference": to_json(reference),
-        "seed": seed,
-        "reps": reps,
-        "backend": backend,
-        "scale": scale,
-        "module_dir": str(module_dir) if module_dir is not None else None,
-    }
-    with tempfile.TemporaryDirectory(prefix="superopt-timing-") as tmp:
-        job_path, out_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        job_path.write_text(json.dumps(job))
-        try:
-            proc = subprocess.run(
-                [sys.executable, "-m", "superopt.kernels.timing", str(job_path), str(out_path)],
-                capture_output=True,
-                text=True,
-                timeout=timeout_s,
-            )
-        except subprocess.TimeoutExpired:
-            return Measurement("timeout", message=f"no result within {timeout_s:g} s")
-        if proc.returncode != 0 or not out_path.exists():
-            return Measurement("crash", message=f"exit code {proc.returncode}: {proc.stderr[-2000:]}")
-        return Measurement(**json.loads(out_path.read_text()))
+    """measure_all of one candidate."""
+    return measure_all([candidate], reference, float("inf"), timeout_s, seed, reps, backend, scale, module_dir)[0]
 
 
 def main(argv: Sequence[str]) -> int:
+    """The worker: each candidate of the job in order, its result a line of OUT as soon as it is known."""
     job_path, out_path = argv
-    try:
-        result = run_job(json.loads(Path(job_path).read_text()))
-    except Exception:  # noqa: BLE001 (a failure outside compile and check is still the candidate's crash)
-        result = Measurement("crash", message=traceback.format_exc()[-2000:])
-    Path(out_path).write_text(json.dumps(asdict(result)))
+    job = json.loads(Path(job_path).read_text())
+    with Path(out_path).open("a") as out:
+        for candidate in job["candidates"]:
+            try:
+                result = run_job(job | {"candidate": candidate})
+            except Exception:  # noqa: BLE001 (a failure outside compile and check is still the candidate's crash)
+                result = Measurement("crash", message=traceback.format_exc()[-2000:])
+            out.write(json.dumps(asdict(result)) + "\n")
+            out.flush()
+            if result.status != "ok":
+                try:
+                    torch.cuda.synchronize()
+                except Exception:  # noqa: BLE001 (a fault that poisoned this context: the rest need a new one)
+                    return CUDA_BROKEN
     return 0
 
 

@@ -23,7 +23,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from superopt.kernels.cost import predict
 from superopt.kernels.device import DeviceSpec, get_device
 from superopt.ops import OPS
 from superopt.result import IDENTITY, Candidate, Verification
+from superopt.search_space.cluster import ChoicePool, connect, verified
 from superopt.search_space.enumerator import Choice, Counts, Found, Plan, Problem, Searcher, make_problem
 from superopt.search_space.instantiate import Sizer, concrete, resize, small_env
 from superopt.search_space.presets import Preset, for_program, get_preset, usable
@@ -146,6 +147,20 @@ def _worker_run(job: tuple[int, Choice, int]) -> Found:
     return _WORKER.run(*job)
 
 
+class _ProcessPool:
+    """The enumeration's choices on this machine's processes, each with its own Searcher."""
+
+    def __init__(self, workers: int, graph: KernelGraph, preset: Preset, prune: bool, deadline: float) -> None:
+        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
+        self._pool = context.Pool(workers, _worker_init, (graph, preset, prune, deadline))
+
+    def imap(self, jobs: list[tuple[int, Choice, int]]) -> Iterator[Found]:
+        return self._pool.imap(_worker_run, jobs)
+
+    def terminate(self) -> None:
+        self._pool.terminate()
+
+
 def _enumerate(
     problem: Problem,
     preset: Preset,
@@ -155,6 +170,7 @@ def _enumerate(
     workers: int,
     stats: SearchStats,
     bar: Progress,
+    ray: bool = False,
 ) -> list[Plan]:
     """Plans of 1, 2, ... kernels, each depth complete before the next; stops at the deadline, at `states`
     states, or past the first depth with plans where the preset does not deepen.
@@ -164,7 +180,8 @@ def _enumerate(
     reaches `states`. Each choice runs on its own, limited to what is left of the budget at its depth; merged in
     order, a choice's plans are kept while the states of the choices before it and its own count so far stay
     under that; the first choice that reaches it is the last. A choice's count does not depend on the process
-    that ran it (Searcher), so the plans are the same for any number of workers and any machine speed."""
+    that ran it (Searcher), so the plans are the same for any number of workers and any machine speed. `ray`:
+    the workers are actors of the Ray cluster this process joined (search_space/cluster.py)."""
     plans: dict[tuple, Plan] = {}
     total = Counts()
     depth = 1
@@ -187,10 +204,11 @@ def _enumerate(
         return cut
 
     searcher = Searcher(problem, preset, deadline=deadline, prune=prune, on_state=report)
-    pool = None
-    if workers > 1:
-        context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-        pool = context.Pool(workers, _worker_init, (problem.graph, preset, prune, deadline))
+    pool: ChoicePool | _ProcessPool | None = None
+    if ray:
+        pool = ChoicePool(problem.graph, preset, prune, deadline, workers)
+    elif workers > 1:
+        pool = _ProcessPool(workers, problem.graph, preset, prune, deadline)
     try:
         for depth in range(1, preset.kernel_ops + 1):
             roots, cuts = searcher.roots(depth), set()
@@ -201,7 +219,7 @@ def _enumerate(
                     if any(cuts):
                         break
             else:  # past the deadline the choices still to come stop at once, with what they found before it
-                for found in pool.imap(_worker_run, [(depth, r, at_depth) for r in roots]):
+                for found in pool.imap([(depth, r, at_depth) for r in roots]):
                     cuts.add(collect(found, states - total.states))
                     if "states" in cuts:
                         break  # the choices after this one are past the budget's end
@@ -243,7 +261,7 @@ def _size(plans: list[Plan], sizer: Sizer, deadline: float, stats: SearchStats, 
     return [(us, plan, env) for us, _, plan, env in sized]
 
 
-def _verify(problem: Problem, plan: Plan, seed: int) -> Verification | None:
+def verify_plan(problem: Problem, plan: Plan, seed: int) -> Verification | None:
     """The finite-field check of the plan's small instance against the program at the same dims: its record,
     or None where it is not equivalent."""
     env = small_env(problem, plan)
@@ -317,25 +335,29 @@ def search(
     progress: str = "auto",
     on_candidate: Callable[[Candidate], None] | None = None,
     states: int | None = None,
+    ray: str | None = None,
 ) -> SearchResult:
     """Verified µGraphs computing `graph`, ranked by predicted time on `device`, best first (see module doc).
     `preset` as search_preset picks it; `states` bounds the enumeration's count of states (default: the preset's
     max_states); `workers` defaults to the CPU count (one under a budget of POOL_MIN_S); `prune=False` turns off
     abstract-expression pruning (for tests: the space grows fast). `on_candidate` sees each candidate as it is
     accepted. Where no candidate has fewer kernels than the program, `stats.unfused` says why; `stats.cut` names
-    the budgets that cut the search (none: it was exhaustive)."""
+    the budgets that cut the search (none: it was exhaustive). `ray`: the address of a Ray cluster to enumerate
+    and verify on (search_space/cluster.py; `workers` then defaults to its CPU count), which finds the same."""
     start = time.monotonic()
     spec = get_device(device)
     chosen = search_preset(graph, preset)
     limit = states if states is not None else chosen.max_states
     problem = make_problem(graph)
+    if ray is not None:
+        workers = workers or connect(ray)
     workers = workers or ((os.cpu_count() or 1) if budget_s >= POOL_MIN_S else 1)
     stats = SearchStats(preset=chosen.name, device=spec.name, workers=max(1, workers), states_limit=limit)
     bar = Progress(progress, graph.name)
     accept = on_candidate or (lambda c: None)
     try:
         deadline = start + ENUMERATE_SHARE * budget_s
-        plans = _enumerate(problem, chosen, prune, deadline, limit, stats.workers, stats, bar)
+        plans = _enumerate(problem, chosen, prune, deadline, limit, stats.workers, stats, bar, ray is not None)
         stats.seconds_enumerate = round(time.monotonic() - start, 3)
         sized = _size(plans, Sizer(problem, spec), start + SIZE_SHARE * budget_s, stats, bar)
         stats.seconds_size = round(time.monotonic() - start - stats.seconds_enumerate, 3)
@@ -344,18 +366,24 @@ def search(
         accept(candidates[0])
         seen = {candidates[0].hash}
         rejected_fused = 0
+        unique = []  # (plan, graph, hash) of each distinct sized µGraph, in rank order
         for _, plan, env in sized:
+            found = concrete(problem, plan, env)
+            h = graph_hash(found)
+            if h not in seen:
+                seen.add(h)
+                unique.append((plan, found, h))
+        jobs = [(plan, seed * 1_000_003 + int(h[:8], 16)) for plan, _, h in unique]
+        records = (
+            verified(graph, jobs, stats.workers) if ray is not None else (verify_plan(problem, *job) for job in jobs)
+        )
+        for plan, found, h in unique:
             if len(candidates) > KEEP:
                 break
             if time.monotonic() > start + budget_s:
                 stats.cut = sorted({*stats.cut, "time"})
                 break
-            found = concrete(problem, plan, env)
-            h = graph_hash(found)
-            if h in seen:
-                continue
-            seen.add(h)
-            record = _verify(problem, plan, seed * 1_000_003 + int(h[:8], 16))
+            record = next(records)
             if record is None:
                 stats.rejected += 1
                 rejected_fused += len(plan.ops) < len(graph.ops)
@@ -364,6 +392,7 @@ def search(
             accept(candidates[-1])
             stats.candidates = len(candidates)
             bar.update("verify", stats)
+        records.close()  # on a cluster: cancels the verifications no longer wanted
         candidates.sort(key=lambda c: (c.predicted_us, c.kernels, c.hash))
         stats.candidates = len(candidates)
         if all(c.kernels >= len(graph.ops) for c in candidates):

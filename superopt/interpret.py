@@ -34,13 +34,23 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([-x2, x1], -1)
 
 
+def is_packed_int4(q: torch.Tensor, scale: torch.Tensor, group: int) -> bool:
+    """Whether dequant's q holds int4 bytes: its rows are half as long as the values its scales cover (the shape
+    rule; an interpretation sees q's elements, not its IR type)."""
+    return q.shape[-1] * 2 == scale.shape[-1] * group
+
+
+def nibble_order(low: torch.Tensor, high: torch.Tensor, high_first: bool) -> torch.Tensor:
+    """The values of int4 bytes from each byte's low and high nibble (as any interpretation has them): value 2j
+    from the low nibble of byte j and 2j + 1 from the high one, swapped where high_first."""
+    return torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+
+
 def unpack_int4(q: torch.Tensor, high_first: bool = False) -> torch.Tensor:
     """int4 bytes (any tensor holding the byte values 0..255) as their signed values, two per byte along the last
-    dim: value 2j from bits 0-3 of byte j and 2j + 1 from bits 4-7 (swapped where high_first), as int64."""
+    dim (nibble_order), as int64."""
     byte = q.to(torch.int64)
-    low, high = byte & 15, byte >> 4
-    pair = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
-    return (pair ^ 8) - 8  # two's complement of 4 bits: 8..15 are -8..-1
+    return (nibble_order(byte & 15, byte >> 4, high_first) ^ 8) - 8  # two's complement of 4 bits: 8..15 are -8..-1
 
 
 def _dequant(
@@ -48,8 +58,7 @@ def _dequant(
 ) -> torch.Tensor:
     """(q - zero) * scale in scale's precision (float32, or float64 for precision="float64"), each scale and zero
     repeated over its group of the last dim (a copy: bit for bit)."""
-    packed = q.shape[-1] * 2 == scale.shape[-1] * group  # int4 q is half as long as its rows (the shape rule)
-    values = (unpack_int4(q, high_first) if packed else q).to(scale.dtype)
+    values = (unpack_int4(q, high_first) if is_packed_int4(q, scale, group) else q).to(scale.dtype)
     if zero is not None:
         values = values - zero.repeat_interleave(group, -1)
     return values * scale.repeat_interleave(group, -1)

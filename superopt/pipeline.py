@@ -12,8 +12,9 @@ finds nothing within its budget, and measured time can prefer it to a fused cand
 The wall budget (`Settings.budget_s`) bounds all of it per program, from the cache lookup to the stored result:
 the search gets SEARCH_SHARE of it (less on a GPU, where compiling and timing take longer), and whatever the
 search leaves goes to the checks after it, which run only what fits: an interpreter run whose estimated time
-exceeds what is left, a candidate timed with less than MEASURE_MIN_S left, or torch.compile with less than
-COMPILE_MIN_S, is skipped and says so. Each stage stops at its deadline, so the whole ends within the budget
+exceeds what is left, the candidates' timing with less than MEASURE_MIN_S left (one worker process times them
+in order: kernels/timing.py's measure_all; the deadline ends it), or torch.compile with less than COMPILE_MIN_S,
+is skipped and says so. Each stage stops at its deadline, so the whole ends within the budget
 up to one step's overrun. A result records which budgets cut it (`Result.cut`); the cache serves an uncut
 (exhaustive) result for any budget, and searches again where a budget that cut the stored one is larger now.
 """
@@ -38,7 +39,7 @@ from superopt.kernels import compile
 from superopt.kernels.cost import floor
 from superopt.kernels.device import DEVICES, DeviceSpec, detect, get_device
 from superopt.kernels.lower import lower
-from superopt.kernels.timing import bench, check, input_scale, measure, random_device_inputs
+from superopt.kernels.timing import Measurement, bench, check, input_scale, measure_all, random_device_inputs
 from superopt.kernels.triton_codegen import use_interpreter
 from superopt.result import Baseline, Candidate, Result, Row, Trial
 from superopt.search_space import program_candidate, search
@@ -59,7 +60,7 @@ RECHECK_TESTS = 3  # finite-field tests that re-verify a cached winner on every 
 # Of the wall budget: the search's share, without and with a GPU; the rest is for checking, compiling and timing.
 SEARCH_SHARE, SEARCH_SHARE_GPU = 0.85, 0.5
 END_S = 0.05  # of the budget, kept for what follows the last deadline (the result, the cache write)
-MEASURE_MIN_S = 5.0  # a candidate's timing process (start, compile, check, time) needs about this much
+MEASURE_MIN_S = 5.0  # the timing worker's start and a first candidate (compile, check, time) need about this
 MEASURE_TIMEOUT_S = 120.0  # the most one candidate's timing may take
 COMPILE_MIN_S = 20.0  # torch.compile's baseline (inductor, in this process: it cannot be stopped) needs this
 
@@ -92,6 +93,7 @@ class Settings:
     prune: bool = True
     device: str | None = None  # a DeviceSpec name; None: the GPU present, else h100
     states: int | None = None
+    ray: str | None = None  # a Ray cluster's address to search on: where it runs, not what it finds (not stored)
 
     def __post_init__(self) -> None:
         for key, checked in SETTING_CHECKS.items():
@@ -270,15 +272,14 @@ def _time_on_gpu(
 
     # as benchmarks/peers.py times them: eager launched from Python (milliseconds), torch.compile in a CUDA graph
     baselines = {"eager": _bench_or_error(lambda: lambda: fn(*args), cuda_graph=False)}
+    why = skipped(MEASURE_MIN_S)
+    if why is None:
+        graphs = [c.graph for c in tried]
+        measured = measure_all(graphs, program, deadline, MEASURE_TIMEOUT_S, seed, scale=scale, module_dir=module_dir)
+    else:
+        measured = [Measurement("skipped", message=why)] * len(tried)
     trials = {}
-    for c in tried:
-        why = skipped(MEASURE_MIN_S)
-        if why is not None:
-            trials[c.hash] = Trial("skipped", message=why)
-            log.write(hash=c.hash, status="skipped", predicted_us=c.predicted_us, measured_us=None)
-            continue
-        timeout = min(MEASURE_TIMEOUT_S, deadline - time.monotonic())
-        m = measure(c.graph, program, timeout_s=timeout, seed=seed, scale=scale, module_dir=module_dir)
+    for c, m in zip(tried, measured):
         trials[c.hash] = Trial(m.status, m.median_us, m.error_vs_tolerance, message=m.message or None)
         log.write(hash=c.hash, status=m.status, predicted_us=c.predicted_us, measured_us=m.median_us)
     why = skipped(COMPILE_MIN_S)
@@ -372,6 +373,7 @@ def optimize_program(
                 progress=progress,
                 on_candidate=found,
                 states=states,
+                ray=settings.ray,
             )
             candidates, stats, cut = searched.candidates, searched.stats.to_json(), set(searched.stats.cut)
         else:
@@ -387,7 +389,8 @@ def optimize_program(
     result = Result(
         name=graph.name,
         program=graph,
-        settings=dataclasses.asdict(settings) | {"device": device.name, "states": states},
+        settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "ray"}
+        | {"device": device.name, "states": states},
         device=device.name,
         gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         versions=versions(),

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 from graphs import import_file, import_fused
 
 import superopt
+from superopt.kernels import timing
 from superopt.kernels.timing import Measurement, bench, check, measure, relative_error
 from superopt.serialize import to_json
 
@@ -55,6 +57,53 @@ def test_timeout_is_recorded_against_the_candidate():
     spec = _spec()
     result = measure(fused.build("rmsnorm_linear_bs1", DIMS), spec, timeout_s=0.01)
     assert result == Measurement("timeout", message="no result within 0.01 s")
+
+
+FAKE_WORKER = """
+import json, os, sys, time
+job = json.load(open(sys.argv[1]))
+with open(sys.argv[2], "a") as out:
+    for c in job["candidates"]:
+        name = c["name"]
+        if name.startswith("crash"):
+            os._exit(1)
+        if name.startswith("hang"):
+            time.sleep(60)
+        status = "crash" if name.startswith("poison") else "ok"
+        out.write(json.dumps({"status": status, "median_us": 1.0 if status == "ok" else None}) + "\\n")
+        out.flush()
+        if name.startswith("poison"):
+            sys.exit(3)
+"""
+
+
+def _named(name: str) -> superopt.KernelGraph:
+    g = superopt.Graph(name)
+    g.output(g.exp(g.input("x", (4,))))
+    return g
+
+
+def test_measure_all_blames_each_fault_on_its_candidate_and_goes_on(tmp_path):
+    """One worker times the candidates while they behave; a crash, a hang past the timeout or a poisoned
+    context costs the candidate it happened in, the rest are timed by a fresh worker."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER)
+    names = ["ok1", "crash", "ok2", "hang", "ok3", "poison", "ok4"]
+    got = timing.measure_all(
+        [_named(n) for n in names], _named("ref"), timeout_s=1.0, worker=(sys.executable, str(worker))
+    )
+    assert [m.status for m in got] == ["ok", "crash", "ok", "timeout", "ok", "crash", "ok"]
+    assert "exit code 1" in got[1].message and got[3].message == "no result within 1 s"
+
+
+def test_measure_all_skips_what_the_deadline_leaves_no_time_for(tmp_path):
+    worker = tmp_path / "worker.py"
+    worker.write_text(FAKE_WORKER)
+    graphs = [_named(n) for n in ["ok1", "hang", "ok2"]]
+    deadline = time.monotonic() + 1.0
+    got = timing.measure_all(graphs, _named("ref"), deadline, timeout_s=30, worker=(sys.executable, str(worker)))
+    assert [m.status for m in got] == ["ok", "timeout", "skipped"]
+    assert got[1].message == "the budget ended first" and time.monotonic() < deadline + 1.0
 
 
 def test_eager_program_is_the_spec():

@@ -227,22 +227,23 @@ def test_bad_states_is_one_line_exit_2(tmp_path, value, message):
 
 
 def test_gpu_timing_runs_only_what_fits_the_budget(monkeypatch):
-    """The GPU stage on a simulated clock (no GPU here): each candidate's timing process takes 6 s; with 20 s
-    left, three are timed, each under a timeout that ends by the deadline, the fourth and torch.compile are
-    skipped and say so, and the stage reports the cut."""
+    """The GPU stage on a simulated clock (no GPU here): the candidates' timing (one worker, measure_all, whose
+    own deadline handling tests/test_kernels_timing.py shows) ends at the stage's deadline, what it skipped says
+    so, torch.compile with too little left is skipped, and the stage reports the cut; with less than
+    MEASURE_MIN_S left no worker starts."""
     clock = {"now": 0.0}
-    timeouts = []
+    calls = []
 
-    def measure(candidate, reference, timeout_s, **kwargs):
-        timeouts.append(clock["now"] + timeout_s)
-        clock["now"] += 6.0
-        return Measurement("ok", median_us=10.0 + len(timeouts))
+    def measure_all(graphs, reference, deadline, timeout_s, seed, **kwargs):
+        calls.append(deadline)
+        clock["now"] = deadline - 2.0
+        return [Measurement("ok", median_us=10.0 + k) for k in range(3)] + [Measurement("skipped", message="why")]
 
     def no_compile(fn):
         raise AssertionError("torch.compile must not start with too little of the budget left")
 
     monkeypatch.setattr(pipeline, "time", SimpleNamespace(monotonic=lambda: clock["now"]))
-    monkeypatch.setattr(pipeline, "measure", measure)
+    monkeypatch.setattr(pipeline, "measure_all", measure_all)
     monkeypatch.setattr(pipeline, "fresh_compile", no_compile)
     monkeypatch.setattr(pipeline, "bench", lambda fn, cuda_graph: SimpleNamespace(median_us=50.0))
     monkeypatch.setattr(pipeline, "random_device_inputs", lambda graph, seed, scale: random_inputs(graph, seed, scale))
@@ -250,8 +251,12 @@ def test_gpu_timing_runs_only_what_fits_the_budget(monkeypatch):
     tried = [dataclasses.replace(api.program_candidate(program, DEVICES["h100"]), hash=f"{k}" * 64) for k in range(4)]
     log = TrialLog(None, "0" * 64)
     baselines, trials, cut = pipeline._time_on_gpu(program, tried, 0, log, None, deadline=20.0)
+    assert calls == [20.0]
     assert [trials[c.hash].status for c in tried] == ["ok", "ok", "ok", "skipped"]
-    assert all(t <= 20.0 for t in timeouts) and len(timeouts) == 3
-    assert trials[tried[3].hash].message == "not timed: 2 s left of the budget, 5 s needed"
+    assert [trials[c.hash].measured_us for c in tried[:3]] == [10.0, 11.0, 12.0]
     assert baselines["eager"].status == "ok" and baselines["torch.compile"].status == "skipped"
     assert cut
+    clock["now"] = 17.0
+    baselines, trials, cut = pipeline._time_on_gpu(program, tried, 0, log, None, deadline=20.0)
+    assert calls == [20.0] and cut
+    assert {trials[c.hash].message for c in tried} == {"not timed: 3 s left of the budget, 5 s needed"}

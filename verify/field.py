@@ -75,6 +75,7 @@ from fractions import Fraction
 
 import torch
 
+from superopt.interpret import is_packed_int4, nibble_order
 from superopt.ir import KernelGraph, Op
 from superopt.ops import TensorType
 from superopt.verification import batched
@@ -424,9 +425,8 @@ def _dequant(
 ) -> torch.Tensor:
     """(q - zero) * scale over the groups of the last dim; an int4 byte's two values are its opaque images."""
     values = q
-    if q.shape[-1] * 2 == scale.shape[-1] * group:  # int4: half as long as its rows (the shape rule)
-        low, high = ev.opaque(q, "int4.low"), ev.opaque(q, "int4.high")
-        values = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+    if is_packed_int4(q, scale, group):
+        values = nibble_order(ev.opaque(q, "int4.low"), ev.opaque(q, "int4.high"), high_first)
     if zero is not None:
         values = ev.sub(values, zero.repeat_interleave(group, -1))
     return ev.mul(values, scale.repeat_interleave(group, -1))

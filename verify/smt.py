@@ -23,6 +23,7 @@ from fractions import Fraction
 import torch
 import z3
 
+from superopt.interpret import is_packed_int4, nibble_order
 from superopt.ir import KernelGraph, Op
 from superopt.ops import TensorType
 from superopt.verification import batched
@@ -266,9 +267,9 @@ def _dequant(
 ) -> torch.Tensor:
     """(q - zero) * scale over the groups of the last dim; an int4 byte's two values are functions of it."""
     values = q
-    if q.shape[-1] * 2 == scale.shape[-1] * group:  # int4: half as long as its rows (the shape rule)
+    if is_packed_int4(q, scale, group):
         low, high = (ev.map(lambda v, f=f: ev.opaque(f, v), q) for f in ("int4_low", "int4_high"))
-        values = torch.stack([high, low] if high_first else [low, high], -1).flatten(-2)
+        values = nibble_order(low, high, high_first)
     if zero is not None:
         values = ev.map(lambda v, z: ev.add(v, ev.neg(z)), values, zero.repeat_interleave(group, -1))
     return ev.map(ev.mul, values, scale.repeat_interleave(group, -1))
