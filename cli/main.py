@@ -14,6 +14,7 @@ from superopt.cli.errors import Checked, Group, OutputFile, reports_errors
 from superopt.cli.megakernel_cmd import megakernel_command
 from superopt.cli.quantize_cmd import quantize_command
 from superopt.cli.search_cmd import search_command, settings_for
+from superopt.cli.serve_cmd import serve_command
 from superopt.cli.verify_cmd import verify_command
 from superopt.dot import to_dot
 from superopt.errors import SuperoptError
@@ -36,6 +37,7 @@ main.add_command(verify_command)
 main.add_command(cache_command)
 main.add_command(megakernel_command)
 main.add_command(quantize_command)
+main.add_command(serve_command)
 
 
 @main.command("run")
