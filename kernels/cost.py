@@ -36,9 +36,13 @@ TENSOR_EFFICIENCY = 0.8
 SM_BANDWIDTH_SHARE = 3.0  # one SM can draw up to 3x its even share of DRAM bandwidth
 MEMORY_LATENCY_S = 1e-6  # loaded DRAM latency: an SM needs bandwidth x latency bytes in flight (Little's law)
 # One block draws at most this from DRAM per tile it streams (an input loaded every iteration that no other
-# block reads): H200, rmsnorm_linear's one-kernel GEMV, 96 blocks of 4 warps on 96 SMs, ran at 15-23 GB/s a
-# block where their share of the bandwidth is 40 (benchmarks/results/sweep_h200.md): why split-K wins there.
-BLOCK_STREAM_BYTES_PER_S = 25e9
+# block reads): the one-kernel GEMVs, one block of 4 warps an SM, ran at 15.7-16.1 GB/s a stream on the H100
+# (benchmarks/results/sweep.md: rmsnorm_linear, 96 blocks, 36.5 us; gated_mlp, 64 blocks of two streams,
+# 35.5 us) and 18-21 on the H200 (sweep_h200.md), under their share of the bandwidth (28-40): why split-K,
+# several blocks an SM, wins (H200: 23.6 against 32.3 us for rmsnorm_linear_bs1). 18e9 ranks both sweeps'
+# variants about as well as 25e9 did (Spearman 0.85 and 0.80 against 0.88 and 0.77), and ranks split-K ahead on
+# the H100 too (rmsnorm_linear_bs1: 26.6 against 32.2 us; 25e9 put the one kernel at 24.0).
+BLOCK_STREAM_BYTES_PER_S = 18e9
 L2_SHARE = 0.5  # fraction of L2 a replicated input may occupy and still be served from it
 NUM_STAGES = 3  # Triton's software pipelining depth for loads feeding tl.dot on sm_80+
 LAST_DIM_SUMS = ("accum_sum_last", "accum_mean_last", "accum_rms_last")

@@ -6,8 +6,10 @@ each grid axis splits, and the class or upstream grid axis its forloop splits; s
 the dim of class C (an input without one is replicated), and so does the loop; the omap of a grid axis is the
 output dim its split reached, or, where a reduction consumed it (partial sums, e.g. split-KV), a free dim the
 partials are concatenated along. A loop may also split a dim an upstream kernel concatenated partials along; it
-then has that grid axis's size (the combine kernel of split-KV). Grid axes split the classes of the program's
-outputs (and, where the preset allows partial results, reduced classes); loops split reduced classes.
+then has that grid axis's size (the combine kernel of split-K and split-KV). Grid axes split the classes of the
+program's outputs (and, where the preset allows partial results, reduced classes); loops split reduced classes.
+A grid axis may also be tied to an upstream one over the same class (`tied_symbol`), to read the copies of a
+partial its blocks wrote one per block (split-K's sums of squares, one per column block).
 
 Ops are added in canonical order, so each graph is built once: an op's rank is (its newest operand, its operands,
 its type, its attributes), and each new op ranks above the previous one. Every new tensor or tile must pass the
@@ -96,10 +98,11 @@ class BlockOutputPlan:
 
 @dataclass(frozen=True)
 class BlockPlan:
-    """A block graph, symbolically. Grid axis a has size symbol g{index}_{a}; the loop has `loop_sym`."""
+    """A block graph, symbolically. Grid axis a has size symbol g{index}_{a} (a tied one, its upstream axis's);
+    the loop has `loop_sym`."""
 
     index: int
-    axes: tuple[str, ...]  # the class symbol each grid axis splits
+    axes: tuple[str, ...]  # the class symbol each grid axis splits; "C@g{j}_{b}": class C in upstream blocks (tied)
     loop: str | None  # the class the loop splits, an upstream grid symbol (tied), or None (no loop)
     inputs: tuple[BlockInputPlan, ...]
     ops: tuple[BlockOpPlan, ...]
@@ -111,11 +114,26 @@ class BlockPlan:
         return None if self.loop is None else self.loop if self.loop.startswith("g") else f"f{self.index}"
 
     def grid_syms(self) -> tuple[str, ...]:
-        return tuple(f"g{self.index}_{a}" for a in range(len(self.axes)))
+        return tuple(tied_symbol(c) or f"g{self.index}_{a}" for a, c in enumerate(self.axes))
 
     def key(self) -> tuple:
         """Its structure without the abstract values: deterministic in every process (hash seeds aside)."""
         return (self.axes, self.loop or "", self.inputs, self.ops, self.outputs)
+
+
+def tied_symbol(axis: str) -> str | None:
+    """The upstream grid symbol a tied grid axis takes its size from (None: the axis has a symbol of its own).
+
+    A tied axis "C@g{j}_{b}" splits class C into the blocks of axis b of kernel j, and also splits a dim of
+    g{j}_{b} alone: where kernel j wrote one copy of a partial result per block along C (a block writes its own
+    place, so a result its blocks along C share, such as a row's partial sum of squares, is written once by
+    each), block n here reads the copy block n there wrote, beside its share of C."""
+    return axis.partition("@")[2] or None
+
+
+def axis_class(axis: str) -> str:
+    """The class a grid axis splits."""
+    return axis.partition("@")[0]
 
 
 @dataclass(frozen=True)
@@ -339,7 +357,7 @@ class Problem:
     target_shapes: tuple[tuple[Dim, ...], ...]
     sizes: dict[str, int]  # class symbol -> size
     eps: tuple[float, ...]  # eps values of the program's norms
-    constants: tuple[float, ...]  # c values of its scalar ops
+    constants: tuple[float, ...]  # c values of its scalar ops, eps values of its norms
     keepdims: tuple[bool, ...]  # keepdim values of its reductions: True, and False where one drops its dim
     kernel_ops: tuple[str, ...]  # predefined ops that may appear at kernel level
     kept: frozenset[str]  # classes of the outputs' dims
@@ -374,7 +392,8 @@ def make_problem(graph: KernelGraph) -> Problem:
         eps=tuple(dict.fromkeys(op.attrs["eps"] for op in graph.ops if "eps" in op.attrs))
         or tuple(dict.fromkeys(op.attrs["c"] for op in graph.ops if op.op == "add_scalar" and op.attrs["c"] > 0))
         or (1e-6,),  # a hand-written norm's eps is the constant it adds to the mean square
-        constants=tuple(dict.fromkeys(op.attrs["c"] for op in graph.ops if "c" in op.attrs)),
+        # a norm's eps among them: a norm computed by hand (its mean square combined from partials) adds it
+        constants=tuple(dict.fromkeys(v for op in graph.ops for k, v in op.attrs.items() if k in ("c", "eps"))),
         keepdims=(True, False) if any(op.attrs.get("keepdim") is False for op in graph.ops) else (True,),
         kernel_ops=tuple(dict.fromkeys(op.op for op in graph.ops)),
         kept=frozenset(s for o in graph.outputs for d in shapes[o] for s, _ in d),
@@ -664,10 +683,31 @@ class Searcher:
         if self.preset.allow_loop:
             loops += [s for s in symbols if s in p.reduced or s.startswith("g")]
         classes = [s for s in symbols if s in p.kept or (self.preset.split_reductions and s in p.reduced)]
+        tied = self._tied_axes(state, inputs) if self.preset.tied_axes else []
+        # an axis over a class that inputs hold copies along is tied: an untied one leaves the copies whole in every
+        # block, which no op can take (a sum over them has the wrong size, and they broadcast with nothing)
+        classes = [c for c in classes if not any(axis_class(a) == c for a in tied)]
         for n_axes in range(1, self.preset.grid_axes + 1):
-            for axes in itertools.combinations(classes, n_axes):
+            for axes in itertools.combinations(classes + tied, n_axes):
+                if len({axis_class(a) for a in axes}) < n_axes:
+                    continue  # two axes over one class would split the same dims
                 for loop in loops:
                     yield axes, loop
+
+    def _tied_axes(self, state: KernelState, inputs: tuple[int, ...]) -> list[str]:
+        """The tied grid axes a kernel over `inputs` may have: one per dim of an upstream grid symbol alone (a
+        kernel's copies of a partial result, one per block along a class the outputs keep), sorted."""
+        axes = {op.block.index: op.block.axes for op in state.ops if op.block is not None}
+        tied = set()
+        for i in inputs:
+            for d in state.tensors[i].shape:
+                if is_cat(d) or len(d) != 1 or d[0][1] != 1 or not d[0][0].startswith("g"):
+                    continue
+                kernel, axis = (int(x) for x in d[0][0][1:].split("_"))
+                cls = axis_class(axes[kernel][axis])
+                if cls in self.problem.kept:
+                    tied.add(f"{cls}@{d[0][0]}")
+        return sorted(tied)
 
     @staticmethod
     def _split_dim(shape: tuple[Dim, ...], symbol: str) -> int | None | bool:
@@ -681,6 +721,14 @@ class Searcher:
             return None
         factors = [s for s, e in shape[found[0]] if e > 0]
         return found[0] if len(factors) == 1 or (len(factors) == 2 and symbol.startswith("g")) else False
+
+    @classmethod
+    def _axis_dim(cls, shape: tuple[Dim, ...], axis: str) -> int | None | bool:
+        """The dim of `shape` a grid axis splits, as _split_dim says; a tied axis splits its upstream grid
+        symbol's dim where `shape` has one, else its class's."""
+        tie = tied_symbol(axis)
+        found = cls._split_dim(shape, tie) if tie else None
+        return cls._split_dim(shape, axis_class(axis)) if found is None else found
 
     def _block_plans(self, state: KernelState, choice: BlockChoice) -> list[BlockPlan]:
         """Every closed block graph over the choice's inputs with its maps (memoized)."""
@@ -704,7 +752,7 @@ class Searcher:
         maps, tiles = [], []
         for i in inputs:
             t = state.tensors[i]
-            imap = tuple(self._split_dim(t.shape, c) for c in axes)
+            imap = tuple(self._axis_dim(t.shape, c) for c in axes)
             fmap = self._split_dim(t.shape, loop) if loop is not None else None
             if any(d is False for d in imap) or fmap is False:
                 return

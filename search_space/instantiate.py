@@ -25,7 +25,7 @@ from superopt.kernels.device import DeviceSpec
 from superopt.kernels.lower import lower
 from superopt.ops import ACCUMULATORS, DTYPES, TensorType
 from superopt.search_space.dims import Dim, domain, is_cat, value
-from superopt.search_space.enumerator import BlockPlan, KernelOp, Plan, Problem
+from superopt.search_space.enumerator import BlockPlan, KernelOp, Plan, Problem, tied_symbol
 
 BLOCK_SIZE = 128  # threads per block of a graph-defined kernel
 ACCUM_BYTES = 4  # accumulators keep float32 state
@@ -200,7 +200,7 @@ class Sizer:
         if op.block is None:
             return {}
         bp = op.block
-        own = dict(zip(bp.grid_syms(), bp.axes))
+        own = {s: c for s, c in zip(bp.grid_syms(), bp.axes) if not tied_symbol(c)}
         if bp.loop is not None and not bp.loop.startswith("g"):
             own[bp.loop_sym] = bp.loop
         return own
@@ -231,8 +231,8 @@ class Sizer:
             syms = set(own)
             for i in op.inputs:
                 syms |= {s for d in plan.tensors[i].shape for s in _symbols(d) if s in home}
-            if op.block is not None and op.block.loop_sym:
-                syms.add(op.block.loop_sym)
+            if op.block is not None:
+                syms |= {s for s in (*op.block.grid_syms(), op.block.loop_sym) if s in home}  # tied ones too
             used.append(syms)
         shared = sorted(s for s in home if sum(s in u for u in used) > 1)
         best: tuple[float, dict[str, int]] | None = None
@@ -258,9 +258,9 @@ class Sizer:
         dtype = self.problem.graph.tensors[self.problem.graph.inputs[0]].dtype
         types = tuple(TensorType(s, dtype) for s in shapes)  # type: ignore[arg-type]
         fixed = tuple((k, env[s]) for k, s in enumerate(own) if s not in private)  # by position: kernels alike share
-        loop = env.get(op.block.loop_sym) if op.block and op.block.loop_sym else None
         bp = op.block
-        key = (op.op, op.attrs, _structure(bp) if bp else (), types, fixed, loop)
+        tied = tuple(env[s] for s in (*bp.grid_syms(), bp.loop_sym) if s and s not in own) if bp else ()
+        key = (op.op, op.attrs, _structure(bp) if bp else (), types, fixed, tied)
         named = (key, op.inputs, bp.loop if bp else None)
         if key not in self._kernels:
             before = self.rejected

@@ -3,15 +3,15 @@
 Like Mirage's search configurations, a preset restricts the space to what a family of programs needs: budgets
 (kernel ops, graph-defined ops, ops per block graph, states), block inputs and outputs, grid axes, whether a
 block graph loops, whether a grid axis may split a reduced dim (partial results that a later kernel combines, as
-split-KV attention does), and the block ops tried. The wall-clock budget is search()'s `budget_s`. Function ops
-(exp, silu, sqrt, ...) are further kept only where the program computes that function, since no other tensor can
-be part of its abstract expression. A program whose spec names no preset gets one made from its own ops
-(`for_program`).
+split-K GEMVs and split-KV attention do), and the block ops tried. The wall-clock budget is search()'s
+`budget_s`. Function ops (exp, silu, sqrt, ...) are further kept only where the program computes that function,
+since no other tensor can be part of its abstract expression. A program whose spec names no preset gets one
+made from its own ops (`for_program`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
@@ -34,6 +34,9 @@ class Preset:
     grid_axes: int
     loops: str  # "required" | "optional" | "never": whether a block graph has a forloop
     split_reductions: bool  # a grid axis may split a reduced dim
+    # a grid axis may take an upstream kernel's blocks along its class, to read the copies of a partial they wrote
+    # one per block (split-K's mean squares); off where no program needs it, as each is a choice more per kernel
+    tied_axes: bool = False
     block_op_names: tuple[str, ...]
     description: str
     max_states: int = 20_000_000  # the search's states budget where the settings give none (--states)
@@ -48,32 +51,51 @@ class Preset:
         return self.loops != "never"
 
 
+# A GEMV's one kernel: the megakernel's layer programs are searched with it (superopt/model_search.py), and its
+# task bodies lower one-kernel winners.
+_MLP = Preset(
+    name="mlp",
+    kernel_ops=2,
+    graph_defs=1,
+    block_ops=6,
+    block_inputs=3,
+    block_outputs=1,
+    grid_axes=1,
+    loops="required",
+    split_reductions=False,
+    block_op_names=(
+        "matmul",
+        "mul",
+        "div",
+        "add",
+        "silu",
+        "gelu",
+        "relu",
+        "sigmoid",
+        "accum_sum",
+        "accum_rms_last",
+    ),  # fmt: skip
+    description="one graph-defined kernel: one grid axis, a loop over a reduction dim, matmuls and an epilogue",
+)
+
 PRESETS: dict[str, Preset] = {
     p.name: p
     for p in (
-        Preset(
-            name="mlp",
-            kernel_ops=2,
-            graph_defs=1,
-            block_ops=6,
-            block_inputs=3,
-            block_outputs=1,
-            grid_axes=1,
-            loops="required",
-            split_reductions=False,
-            block_op_names=(
-                "matmul",
-                "mul",
-                "div",
-                "add",
-                "silu",
-                "gelu",
-                "relu",
-                "sigmoid",
-                "accum_sum",
-                "accum_rms_last",
-            ),  # fmt: skip
-            description="one graph-defined kernel: one grid axis, a loop over a reduction dim, matmuls and an epilogue",
+        _MLP,
+        # mlp's space and split-K: a grid axis over the reduction dim as well, partial products (and partial mean
+        # squares, for a norm before the matmul) written per slice, a second graph-defined kernel combining them
+        # (it adds a norm's eps and takes the root by hand)
+        replace(
+            _MLP,
+            name="gemv",
+            graph_defs=2,
+            block_outputs=2,
+            grid_axes=2,
+            split_reductions=True,
+            tied_axes=True,
+            block_op_names=(*_MLP.block_op_names, "square", "add_scalar", "sqrt", "accum_mean_last"),
+            description="a GEMV: mlp's one kernel, or split-K (a grid axis over the reduction dim too: partial "
+            "products and mean squares per slice) and a kernel combining the slices",
         ),
         Preset(
             name="lora",

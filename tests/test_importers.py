@@ -82,7 +82,7 @@ def test_onnx_and_pt2_search_like_the_yaml_spec(gated, tmp_path, monkeypatch):
     runner = CliRunner()
     first = runner.invoke(search_command, [str(yaml_file), "--budget", "2", "--progress", "none", "--json"])
     assert first.exit_code == 0, first.output
-    flags = ["--budget", "2", "--preset", "mlp", "--require-hit"]  # the spec's preset, given on the command line
+    flags = ["--budget", "2", "--preset", "gemv", "--require-hit"]  # the spec's preset, given on the command line
     again = runner.invoke(search_command, [str(onnx_file), str(pt2_file), *flags])
     assert again.exit_code == 0, again.output
     assert again.output.count("cache hit") == 2 and "cache: 2 hits, 0 misses" in again.output

@@ -31,7 +31,7 @@ from superopt.pipeline import Settings
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 MODELS = Path(__file__).resolve().parent.parent / "examples" / "models"
 TINY = ("tiny-llama", "tiny-qwen3", "tiny-qwen2", "tiny-gemma", "tiny-mistral")
-BUDGET = ["--budget", "2", "--progress", "none"]
+BUDGET = ["--budget", "10", "--states", "2000", "--progress", "none"]
 
 
 @pytest.fixture(scope="module")
