@@ -21,6 +21,18 @@ the rest still runs):
 
 Writes OUT/megakernel.json (every number, the tokens, the build report, errors) and OUT/megakernel.md (the
 table), and prints the table last.
+
+With --precision bf16,int8,int4 (any of them, comma separated) it times each model at each precision instead,
+in the same run: the projections' and the LM head's weights quantized at load (round to nearest, groups of
+--group), the embedding bf16 (a tied model's gather reads the bf16 table, its LM head GEMV the quantized copy).
+Per precision: us per step, the floor at that precision (the bytes its tasks stream: packed weights with their
+scales, the LM head's included, plus the KV cache, over the measured copy bandwidth) and its
+fraction, and against the bf16 megakernel teacher-forced on the same tokens, the logits' relative error and
+how often its greedy token is the bf16 one (top-1 agreement). The tiny check then also runs each quantized
+precision (and int4 asymmetric) against the CPU replay. No peers are timed in this mode.
+
+    python benchmarks/megakernel_bench.py --out results/megakernel_quant --models llama-3.2-1b \
+        --precision bf16,int8,int4
 """
 
 from __future__ import annotations
@@ -39,6 +51,7 @@ from typing import Any
 import torch
 
 from superopt.cache import Cache
+from superopt.errors import SuperoptError
 from superopt.ir import KernelGraph
 from superopt.kernels.megakernel import (
     GpuMegakernel,
@@ -47,9 +60,11 @@ from superopt.kernels.megakernel import (
     benchmark,
     prompt_tokens,
     replay,
+    time_megakernel,
     timing_table,
 )
-from superopt.model import load_model, load_spec
+from superopt.kernels.megakernel.bench import copy_bandwidth, kv_bytes, step_weight_bytes
+from superopt.model import WeightFormat, load_model, load_spec, quantize_model, weight_format
 from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import Settings, device_spec
 
@@ -108,23 +123,32 @@ def planned_programs(
     return planned.winners(), f"plan {planned.key[:16]} (hit, its lowering verified)"
 
 
-def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str]]) -> dict:
+def tiny_check(
+    log: Callable[[str], None], plans: Callable[[str], tuple[Any, str]], formats: dict[str, WeightFormat] | None = None
+) -> dict:
     """The tiny models on the GPU against the CPU replay of the same task list (same SM count): the task bodies
     lowered from the plan's winners (`plans`), also with one KV split over cached positions 8 at a time
     (attention's chunk loop); tokens equal up to the first bf16 near tie, logits within bf16 rounding
-    (megakernel.agrees_with_replay)."""
-    out = {}
+    (megakernel.agrees_with_replay). `formats`: quantized weight formats to check as well, by label (the layer
+    programs' bodies: a plan is for bf16 weights), on the models whose sizes their group divides."""
+    out: dict[str, Any] = {}
     variants = {"default": {}, "splits1_cap8": {"kv_splits": 1, "kv_cap": 8}}
     for name in sorted(p.stem for p in MODELS.glob("tiny-*.yaml")):
-        model = load_model(MODELS / f"{name}.yaml")
-        prompt = prompt_tokens(model.config.vocab, 6, seed=1)
+        base = load_model(MODELS / f"{name}.yaml")
+        prompt = prompt_tokens(base.config.vocab, 6, seed=1)
         try:
             programs, what = plans(name)
         except RuntimeError as e:  # no plan for this software: record it, check the rest
             out[f"{name}/programs"] = f"error: {e}"
             continue
         out[f"{name}/programs"] = what
-        for label, kw in variants.items():
+        cases = [(label, kw, base, programs) for label, kw in variants.items()]
+        for label, fmt in (formats or {}).items():
+            try:
+                cases.append((label, {}, quantize_model(base, fmt), None))
+            except SuperoptError as e:  # a size the group does not divide (tiny-qwen2's 96)
+                out[f"{name}/{label}"] = {"skipped": str(e)}
+        for label, kw, model, programs in cases:
             try:
                 mk = GpuMegakernel(model, programs=programs, **kw)
                 gpu = mk.generate(prompt, 20)
@@ -141,6 +165,79 @@ def tiny_check(log: Callable[[str], None], plans: Callable[[str], tuple[Any, str
     return out
 
 
+def teacher_forced(mk: GpuMegakernel, tokens: list[int], prompt_len: int) -> torch.Tensor:
+    """The megakernel's logits at each generated position of `tokens` (after `prompt_len`), fed exactly those
+    tokens: all but the last as the prompt, every step's logits kept (LOGIT_SLOTS is the KV-cache length)."""
+    mk.reset(tokens[:-1])
+    mk.launch(len(tokens) - 1)
+    mk.wait()
+    return mk.result(prompt_len, len(tokens) - prompt_len).logits
+
+
+def precision_sweep(
+    name: str, precisions: list[str], group: int, prompt_len: int, new_tokens: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
+    """One model (random weights at its real size, drawn on the GPU) at each precision: built, run, timed; its
+    floor at that precision (the weight bytes its tasks stream, bench.step_weight_bytes, and the KV cache, over the
+    copy bandwidth); its logits against the bf16 megakernel's on its own tokens (teacher-forced)."""
+    spec = load_spec(MODELS / f"{name}.yaml")
+    base = spec.load("cuda")
+    prompt = prompt_tokens(base.config.vocab, prompt_len, seed=0)
+    bw = copy_bandwidth()
+    reference = GpuMegakernel(base)  # bf16: what each precision is compared with
+    rows = []
+    model = mk = None
+    for precision in precisions:
+        row: dict[str, Any] = {"model": name, "precision": precision, "copy_bandwidth_GBps": bw / 1e9}
+        try:
+            t0 = time.time()
+            model = quantize_model(base, weight_format(precision, group))
+            mk = reference if precision == "bf16" else GpuMegakernel(model)
+            row["weights"] = model.fmt.describe()
+            row["resources"] = mk.resources
+            out = mk.generate(prompt, new_tokens)
+            row["us_per_step"] = time_megakernel(mk, prompt, new_tokens)
+            row["streamed_bytes"] = step_weight_bytes(mk.tg) + kv_bytes(model, prompt_len, new_tokens)
+            row["floor_us"] = row["streamed_bytes"] / bw * 1e6
+            row["fraction_of_floor"] = row["floor_us"] / row["us_per_step"]
+            ref = teacher_forced(reference, out.tokens, prompt_len)
+            row["logits_rel_error_vs_bf16"] = float((out.logits - ref).norm() / ref.norm())
+            agree = ref.argmax(-1) == torch.tensor(out.tokens[prompt_len:])
+            row["top1_agreement_vs_bf16"] = float(agree.float().mean())
+            row["tokens"] = out.tokens
+            log(
+                f"[{name}] {precision}: {row['us_per_step']:.1f} us/step, floor {row['floor_us']:.1f} us "
+                f"({row['fraction_of_floor']:.2f}), logits rel error vs bf16 {row['logits_rel_error_vs_bf16']:.2e}, "
+                f"top-1 agreement {row['top1_agreement_vs_bf16']:.3f} ({time.time() - t0:.1f} s)"
+            )
+        except Hang:
+            raise
+        except Exception as e:  # noqa: BLE001 (record and go on with the next precision)
+            row["error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"[{name}] {precision}: FAILED: {traceback.format_exc()[-1500:]}")
+        rows.append(row)
+        model = mk = None  # this precision's weights and kernel freed before the next is built (8B: 16 GB each)
+        torch.cuda.empty_cache()
+    return rows
+
+
+def precision_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of precision_sweep's rows."""
+    lines = [
+        "| model | precision | us/step | floor us | floor/measured | logits rel err vs bf16 | top-1 vs bf16 |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "us_per_step" not in r:
+            lines.append(f"| {r['model']} | {r['precision']} | error: {r.get('error', '')[:80]} | | | | |")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['precision']} | {r['us_per_step']:.1f} | {r['floor_us']:.1f} | "
+            f"{r['fraction_of_floor']:.2f} | {r['logits_rel_error_vs_bf16']:.2e} | {r['top1_agreement_vs_bf16']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     ap = run_arguments(__doc__)
     ap.add_argument("--no-peers", action="store_true", help="time only the megakernel")
@@ -150,7 +247,15 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cache-dir", type=Path, help="the plans' cache (default: the layer programs, no plan)")
     ap.add_argument("--budget", type=float, default=None, help="the --budget the plans were searched with")
     ap.add_argument("--device", default="h100", help="the --device the plans were searched for")
+    ap.add_argument(
+        "--precision",
+        help="comma list of bf16, int8, int4: time each model at each precision (no peers; see the docstring)",
+    )
+    ap.add_argument("--group", type=int, default=128, help="input features a scale where --precision quantizes")
     args = ap.parse_args(argv)
+    precisions = args.precision.split(",") if args.precision else []
+    for p in precisions:
+        weight_format(p, args.group)  # a bad name or group fails here, before any GPU work
 
     def plans(name: str) -> tuple[dict[str, KernelGraph] | None, str]:
         return planned_programs(name, args.cache_dir, args.budget, args.device)
@@ -163,7 +268,25 @@ def main(argv: list[str]) -> int:
     except ImportError:
         doc["transformers"] = None
     if not args.no_tiny:
-        doc["tiny"] = tiny_check(log, plans)
+        formats = {p: weight_format(p, args.group) for p in precisions if p != "bf16"}
+        if "int4" in formats:
+            formats["int4_asymmetric"] = weight_format("int4", args.group, symmetric=False)
+        doc["tiny"] = tiny_check(log, plans, formats)
+    if precisions:
+        doc["precision"] = []
+        for name in args.models.split(","):
+            try:
+                doc["precision"] += precision_sweep(name, precisions, args.group, args.prompt_len, args.new_tokens, log)
+            except Hang as e:
+                doc["precision"].append({"model": name, "error": f"hang: {e}"})
+                (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))
+                log(f"[{name}] {e}")
+                os._exit(3)
+            (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))
+        table = precision_table(doc["precision"])
+        (args.out / "megakernel.md").write_text(f"{doc['device']}, {doc['date']}\n\n{table}\n")
+        print(table)
+        return 0
     model = None
     for name in args.models.split(","):
         try:

@@ -5,7 +5,12 @@ task graph is built for the detected GPU's SM count, else --sms). On a GPU it bu
 --new-tokens greedy tokens after a seeded random prompt, and checks the tokens and logits against the bf16
 reference decoder on the same sequence; --bench adds the timing table beside HF transformers and a CUDA-graph
 torch decode (kernels/megakernel/bench.py `benchmark`). A plan whose lowering to task bodies is not verified
-equivalent is refused.
+equivalent is refused. --precision int8|int4 streams the projections' weights quantized (a bf16 checkpoint or
+random weights quantized at load, round to nearest in groups of --group; a quantized checkpoint as stored) and
+dequantizes them in registers; the LM head's weight is quantized the same way (a tied model's gather of the
+token's embedding row keeps reading the bf16 table) unless --lm-head bf16 keeps it wide (a quantized checkpoint
+that stores no quantized LM head keeps its head bf16). The build report says each GEMV kind's format
+("lmhead: int4 g128").
 """
 
 from __future__ import annotations
@@ -22,13 +27,47 @@ from superopt.cli.search_cmd import settings_for
 from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel import benchmark, build_report, report_lines, source, timing_table
-from superopt.model import load_spec
+from superopt.model import BF16, LM_HEADS, PRECISIONS, WeightFormat, load_spec, quantize_model, weight_format
 from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import SETTING_CHECKS
 from superopt.serialize import write_atomic
 
 H100_SMS = 132
 MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
+DEFAULT_GROUP = 128
+
+
+def resolve_format(where: str, stored: WeightFormat, precision: str | None, group: int | None) -> WeightFormat:
+    """The projections' format: --precision (default: how the checkpoint stores them), bf16 weights quantized
+    in groups of --group (default DEFAULT_GROUP); a quantized checkpoint's weights are used as stored, so another
+    int precision or group is refused (it would requantize), and bf16 runs on their dequantized values."""
+    if precision is None:
+        precision = stored.precision
+    if group is not None and precision == "bf16":
+        raise SuperoptError(
+            f"{where}: --group {group} quantizes, but the precision is bf16 (add --precision int8|int4)"
+        )
+    if precision == "bf16":
+        return BF16
+    if stored.quantized:
+        if precision != stored.precision or group not in (None, stored.group):
+            raise SuperoptError(
+                f"{where}: its checkpoint stores the projections {stored.describe()}; --precision {precision}"
+                f"{f' --group {group}' if group else ''} would requantize them (leave both out, or give a bf16 "
+                "checkpoint)"
+            )
+        return stored
+    return weight_format(precision, group or DEFAULT_GROUP)
+
+
+def resolve_head(fmt: WeightFormat, stored_head: WeightFormat | None, lm_head: str) -> WeightFormat:
+    """The LM head's format: `fmt` (the projections') with --lm-head same, bf16 with --lm-head bf16 or bf16
+    projections. `stored_head`: a quantized checkpoint's LM head as stored, used as stored where `fmt` is the
+    checkpoint's format (bf16 where it stores none: nothing is requantized); None for bf16 weights (quantized at
+    load with the projections)."""
+    if lm_head == "bf16" or not fmt.quantized:
+        return BF16
+    return fmt if stored_head is None else stored_head
 
 
 @click.command("megakernel")
@@ -51,6 +90,25 @@ MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
     type=Checked("budget", float, SETTING_CHECKS["budget_s"]),
     help="Search time per layer program where the plan is not cached (default: the spec's, else 120).",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    help="The projections' weights: bf16, or int8 / int4 with a bf16 scale a group, dequantized in registers "
+    "(default: the checkpoint's own; bf16 for a bf16 checkpoint or random weights).",
+)
+@click.option(
+    "--group",
+    type=click.IntRange(1),
+    help="Input features a scale where --precision quantizes bf16 weights (default 128; must divide each "
+    "projection's input features).",
+)
+@click.option(
+    "--lm-head",
+    type=click.Choice(LM_HEADS),
+    default="same",
+    show_default=True,
+    help="The LM head's weights: the projections' precision and group (same), or kept bf16.",
+)
 @click.option("--offline", is_flag=True, help="Never search: without a cached plan, the unfused layer programs.")
 @click.option("--cache-dir", type=Folder(), help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).")
 @reports_errors
@@ -62,6 +120,9 @@ def megakernel_command(
     emit_dir: Path | None,
     sms: int | None,
     budget_s: float | None,
+    precision: str | None,
+    group: int | None,
+    lm_head: str,
     offline: bool,
     cache_dir: Path | None,
 ) -> None:
@@ -70,10 +131,15 @@ def megakernel_command(
     ms = load_spec(spec)
     gpu = torch.cuda.is_available()
     n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
-    tg = taskgraph.build(ms.config, n_sms)  # before any search: says what the megakernel cannot build
+    model = ms.load() if ms.weights is not None else None  # a checkpoint says how its weights are stored
+    fmt = resolve_format(str(spec), model.fmt if model is not None else BF16, precision, group)
+    stored_head = model.head_fmt if model is not None and model.fmt.quantized else None
+    head = resolve_head(fmt, stored_head, lm_head)
+    tg = taskgraph.build(ms.config, n_sms, fmt=fmt, head=head)  # before any search: what the megakernel cannot build
     settings = settings_for(spec, ms.search_settings, {"budget_s": budget_s})
     say = lambda line: click.echo(line, err=True)  # noqa: E731
-    planned = search_model(ms, settings, Cache(cache_dir), "offline" if offline else "search", n_sms, "none", say)
+    mode = "offline" if offline else "search"
+    planned = search_model(ms, settings, Cache(cache_dir), mode, n_sms, "none", say, fmt, head)
     say(planned.note)
     why = unverified_lowering(planned)
     if why is not None:
@@ -82,7 +148,8 @@ def megakernel_command(
     results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
     lowering = planned.lowering_json()
     if emit_dir is not None:
-        report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status}
+        report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status, "weights": fmt.describe()}
+        report["lm_head_weights"] = head.describe()
         report["kinds"] = build_report(tg, results, programs, lowering if isinstance(lowering, dict) else None)
         try:
             text = source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs)
@@ -93,6 +160,7 @@ def megakernel_command(
             raise SuperoptError(f"{emit_dir}: cannot write: {e.strerror or e}") from None
         for line in report_lines(report["kinds"]):
             click.echo(line)
+        click.echo(f"weights: projections {fmt.short}; lmhead: {head.short}")
         click.echo(
             f"{ms.name}: {len(tg.tasks)} tasks a step on {n_sms} SMs, {len(tg.counters)} counters; "
             f"wrote {emit_dir}/megakernel.cu, taskgraph.json, build_report.json"
@@ -103,7 +171,10 @@ def megakernel_command(
         raise SuperoptError("no CUDA GPU here: --emit DIR writes the kernel without one")
     if prompt_len + new_tokens - 1 > ms.max_seq:
         raise SuperoptError(f"{spec}: {prompt_len + new_tokens - 1} positions exceed max_seq {ms.max_seq}")
-    model = ms.load("cuda")
+    model = quantize_model(model, fmt, lm_head) if model is not None else ms.load("cuda", fmt, lm_head)
+    if (model.fmt, model.head_fmt) != (fmt, head):  # what was built and emitted is what runs
+        raise SuperoptError(f"{ms.name}: the model's weights are not stored as the task graph packs them")
+    say(f"weights: projections {fmt.short}; lmhead: {head.short}")
     res = benchmark(model, prompt_len, new_tokens, bench, bench, say, programs=programs)
     click.echo(f"tokens: {res.get('tokens', [])[prompt_len:]}")
     for key in ("vs_reference_bf16", "vs_hf"):

@@ -1,10 +1,12 @@
 """`superopt quantize MODEL.yaml --bits 8|4 --group G --out DIR`: a model's linear weights quantized.
 
 Round to nearest with one scale a group of G input features (superopt/quant.py), symmetric unless --asymmetric;
-each layer's attention and MLP projections are quantized, the embedding, norms and LM head stay bf16. Writes
-DIR/model.safetensors (superopt/checkpoint.py's quantized format) and DIR/NAME-intBITS.yaml, a model spec of the
-same config whose weights are that file: every command that takes a model spec reads it, the weights dequantized
-exactly as the IR's dequant does. Error-compensated methods (GPTQ, AWQ) need a library this project does not
+each layer's attention and MLP projections are quantized, and the LM head (`lm_head.qweight`, `lm_head.scales`,
+`lm_head.qzeros`, named `lm_head.weight` in the metadata's list: a tied model's too, its embedding kept bf16
+beside it) unless --lm-head bf16; the embedding and the norms stay bf16. Writes DIR/model.safetensors
+(superopt/checkpoint.py's quantized format) and DIR/NAME-intBITS.yaml, a model spec of the same config whose
+weights are that file: every command that takes a model spec reads it, the weights dequantized exactly as the
+IR's dequant does. Error-compensated methods (GPTQ, AWQ) need a library this project does not
 depend on (none is installed here), so round to nearest is the one method.
 """
 
@@ -14,13 +16,12 @@ import json
 from pathlib import Path
 
 import click
-import torch
 import yaml
 
 from superopt.checkpoint import QUANTIZATION, quantized_names, write_safetensors
 from superopt.cli.errors import Folder, reports_errors
 from superopt.errors import SuperoptError
-from superopt.model import load_spec
+from superopt.model import LM_HEAD, LM_HEADS, load_spec
 from superopt.quant import dequantize, quantize
 from superopt.serialize import write_atomic
 
@@ -30,20 +31,25 @@ from superopt.serialize import write_atomic
 @click.option("--bits", type=click.Choice(["8", "4"]), required=True, help="Bits a weight: int8 or int4.")
 @click.option("--group", type=click.IntRange(1), default=128, show_default=True, help="Input features a scale.")
 @click.option("--asymmetric", is_flag=True, help="A zero point a group too (min to max, not -max to max).")
+@click.option(
+    "--lm-head",
+    type=click.Choice(LM_HEADS),
+    default="same",
+    show_default=True,
+    help="The LM head: quantized as the projections are (same), or kept bf16.",
+)
 @click.option("--out", "out_dir", type=Folder(), required=True, help="Folder for the checkpoint and its spec.")
 @reports_errors
-def quantize_command(spec: Path, bits: str, group: int, asymmetric: bool, out_dir: Path) -> None:
+def quantize_command(spec: Path, bits: str, group: int, asymmetric: bool, lm_head: str, out_dir: Path) -> None:
     """Quantize MODEL.yaml's linear weights to int8 or int4 with per-group scales; write the checkpoint and a
     model spec that reads it."""
     ms = load_spec(spec)
     model = ms.load()
-    names = quantized_names(model.weights)
-    tensors: dict[str, torch.Tensor] = {}
+    names = quantized_names(model.weights) + [LM_HEAD] * (lm_head == "same")
+    tensors = {name: w for name, w in model.weights.items() if name not in names}
     error = {"squared": 0.0, "norm": 0.0}
-    for name, w in model.weights.items():
-        if name not in names:
-            tensors[name] = w
-            continue
+    for name in names:
+        w = model.w(name)  # a tied LM head: the embedding table, quantized as a copy of its own
         if w.shape[-1] % group:
             raise SuperoptError(f"{spec}: '{name}' has {w.shape[-1]} input features, not a multiple of --group {group}")
         q, scale, zero = quantize(w, int(bits), group, symmetric=not asymmetric)
@@ -63,7 +69,7 @@ def quantize_command(spec: Path, bits: str, group: int, asymmetric: bool, out_di
         write_atomic(out_dir / f"{name}.yaml", yaml.safe_dump(doc, sort_keys=False))
     except OSError as e:
         raise SuperoptError(f"{out_dir}: cannot write: {e.strerror or e}") from None
-    before = sum(w.numel() * w.element_size() for w in model.weights.values())
+    before = sum(w.numel() * w.element_size() for w in model.weights.values())  # a tied head: the table, once
     after = sum(t.numel() * t.element_size() for t in tensors.values())
     rel = (error["squared"] / error["norm"]) ** 0.5 if error["norm"] else 0.0
     click.echo(

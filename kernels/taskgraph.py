@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from superopt.errors import SuperoptError
-from superopt.model import ModelConfig
+from superopt.model import BF16, ModelConfig, WeightFormat
 
 TILE_BYTES = 256 * 1024  # the most weight bytes one task streams
 MAX_TILE_ROWS = 256  # a GEMV task's outputs, at most one a consumer thread
@@ -50,7 +50,8 @@ class Region:
 class Gemv:
     """A GEMV op's tiling: `rows` outputs of length-`k` dot products, `unit` weight rows per output (2 for
     gate/up, whose tiles hold the gate rows then the up rows), `tile` outputs per task, `chunk` weight rows per
-    shared-memory ring chunk."""
+    shared-memory ring chunk, the weights stored in `fmt`. A quantized chunk holds its rows' packed values, then
+    their scales, then (asymmetric) their zeros, padded to whole 16-byte vectors (the bulk copy's unit)."""
 
     op: str
     k: int
@@ -58,6 +59,7 @@ class Gemv:
     unit: int
     tile: int
     chunk: int
+    fmt: WeightFormat = BF16
 
     @property
     def tiles(self) -> int:
@@ -69,23 +71,44 @@ class Gemv:
 
     @property
     def chunk_bytes(self) -> int:
-        return self.chunk * self.k * 2
+        return -(-self.chunk * self.fmt.row_bytes(self.k) // 16) * 16
 
     @property
     def tile_bytes(self) -> int:
-        return self.tile * self.unit * self.k * 2
+        return self.chunks * self.chunk_bytes
 
 
-def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int) -> Gemv:
+def check_format(op: str, k: int, fmt: WeightFormat) -> None:
+    """SuperoptError unless a quantized GEMV over k can be read as the GEMV reads it: whole groups a row, a row's
+    packed values whole 16-byte vectors, and each vector (a lane's load: 16 int8 or 32 int4 weights) inside one
+    group, so a lane applies one scale to its vector's partial sum."""
+    if not fmt.quantized:
+        return
+    per_vector = 128 // fmt.bits
+    if k % fmt.group:
+        raise SuperoptError(f"megakernel: {op} reduces over {k} inputs, not a multiple of the group {fmt.group}")
+    if fmt.group % per_vector:
+        raise SuperoptError(
+            f"megakernel: group {fmt.group} is not a multiple of {per_vector} (a lane reads {per_vector} "
+            f"int{fmt.bits} weights of one group at a time)"
+        )
+
+
+def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int, fmt: WeightFormat = BF16) -> Gemv:
     """The tile that spreads the op's weights most evenly over the SMs: fewest bytes on the busiest SM, counting
     each of its tasks' fixed cost (TASK_OVERHEAD_BYTES); ties to fewer, larger tasks. A tile divides `rows`,
     streams at most TILE_BYTES, and holds whole chunks, each the most rows (a power of two) a ring slot takes."""
     if k % VECTOR:
         raise SuperoptError(f"megakernel: {op} reduces over {k} elements, not a multiple of {VECTOR}")
-    row_bytes = 2 * k
+    check_format(op, k, fmt)
+    row_bytes = fmt.row_bytes(k)
     if row_bytes > SLOT_BYTES:
         raise SuperoptError(f"megakernel: {op} rows of {k} elements do not fit a {SLOT_BYTES}-byte ring slot")
-    chunk = 1 << (SLOT_BYTES // row_bytes).bit_length() - 1
+    # As many rows as fill a slot with their values; a quantized chunk's scales (and zeros) come on top (1.6-6%
+    # more: the ring's slots grow to the largest chunk, TaskGraph.slot_bytes), so that each bulk copy still
+    # moves a whole slot of weights: the loader keeps one copy in flight, and a chunk cut to fit the scales
+    # (31 rows of 32: the next power of two down) would halve the bytes in flight.
+    chunk = 1 << (SLOT_BYTES // fmt.q_bytes(k)).bit_length() - 1
     best = None
     for tile in range(1, min(rows, MAX_TILE_ROWS) + 1):
         weight_rows = tile * unit
@@ -97,7 +120,7 @@ def plan_gemv(op: str, k: int, rows: int, unit: int, n_sms: int) -> Gemv:
     if best is None:
         raise SuperoptError(f"megakernel: {op} has no tile of whole {chunk}-row chunks within {TILE_BYTES} bytes")
     tile = -best[1]
-    return Gemv(op, k, rows, unit, tile, min(chunk, tile * unit))
+    return Gemv(op, k, rows, unit, tile, min(chunk, tile * unit), fmt)
 
 
 @dataclass
@@ -138,9 +161,20 @@ class TaskGraph:
     kv_splits: int
     gemv: dict[str, Gemv]
     buffers: dict[str, int]  # name -> elements
+    fmt: WeightFormat = BF16  # the projections' weights (the LM head's: gemv["lmhead"].fmt, head_fmt)
     tasks: list[Task] = field(default_factory=list)
     counters: list[Counter] = field(default_factory=list)
     sm_tasks: list[list[int]] = field(default_factory=list)
+
+    @property
+    def head_fmt(self) -> WeightFormat:
+        """The LM head's weights: `fmt`, or bf16 where the head is kept wide."""
+        return self.gemv["lmhead"].fmt
+
+    @property
+    def slot_bytes(self) -> int:
+        """A ring slot: the largest chunk (SLOT_BYTES for bf16 weights)."""
+        return max([SLOT_BYTES] + [g.chunk_bytes for g in self.gemv.values()])
 
     @property
     def sink(self) -> Task:
@@ -154,7 +188,9 @@ class TaskGraph:
             "config": asdict(self.config),
             "n_sms": self.n_sms,
             "kv_splits": self.kv_splits,
-            "gemv": {k: asdict(v) for k, v in self.gemv.items()},
+            "gemv": {k: asdict(v) | {"fmt": v.fmt.precision} for k, v in self.gemv.items()},
+            "weights": self.fmt.describe(),
+            "lm_head_weights": self.head_fmt.describe(),
             "buffers": self.buffers,
             "counters": [{"id": c.id, "name": c.name, "producers": list(c.producers)} for c in self.counters],
             "tasks": [
@@ -188,25 +224,32 @@ def default_kv_splits(cfg: ModelConfig, n_sms: int) -> int:
     return splits
 
 
-def build(cfg: ModelConfig, n_sms: int, kv_splits: int | None = None) -> TaskGraph:
-    """The task graph of one decode step, analysed and scheduled over `n_sms` SMs."""
+def build(
+    cfg: ModelConfig,
+    n_sms: int,
+    kv_splits: int | None = None,
+    fmt: WeightFormat = BF16,
+    head: WeightFormat | None = None,
+) -> TaskGraph:
+    """The task graph of one decode step, analysed and scheduled over `n_sms` SMs, the projections' weights
+    stored in `fmt`, the LM head's in `head` (None: `fmt`; BF16 keeps the head wide)."""
     if n_sms < 1:
         raise SuperoptError(f"megakernel: needs at least one SM, got {n_sms}")
     splits = kv_splits or default_kv_splits(cfg, n_sms)
     h, d, nh, nkv, g, L = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.group, cfg.layers
     gemv = {
-        "qkv": plan_gemv("qkv", h, cfg.qkv_rows, 1, n_sms),
-        "oproj": plan_gemv("oproj", nh * d, h, 1, n_sms),
-        "gateup": plan_gemv("gateup", h, cfg.intermediate, 2, n_sms),
-        "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms),
-        "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms),
+        "qkv": plan_gemv("qkv", h, cfg.qkv_rows, 1, n_sms, fmt),
+        "oproj": plan_gemv("oproj", nh * d, h, 1, n_sms, fmt),
+        "gateup": plan_gemv("gateup", h, cfg.intermediate, 2, n_sms, fmt),
+        "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms, fmt),
+        "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms, fmt if head is None else head),
     }
     part = splits * nkv * g * (PART_HEAD + d)  # per (split, kv head, q head): max, sum, pad, d unnormalized outputs
     buffers = {"token": 1, "logits": cfg.vocab, "lmpart": 2 * gemv["lmhead"].tiles}  # (value, index) a tile
     for i in range(L):
         buffers |= {f"qkv.{i}": cfg.qkv_rows, f"part.{i}": part, f"kv.{i}": nkv}
         buffers |= {f"hattn.{i}": h, f"act.{i}": cfg.intermediate, f"hmlp.{i}": h}
-    tg = TaskGraph(cfg, n_sms, splits, gemv, buffers)
+    tg = TaskGraph(cfg, n_sms, splits, gemv, buffers, fmt)
 
     def add(op: str, layer: int, tile: int, reads: list[Region], writes: list[Region], **kw: Any) -> None:
         tg.tasks.append(Task(len(tg.tasks), op, layer, tile, reads=tuple(reads), writes=tuple(writes), **kw))

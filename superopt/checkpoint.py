@@ -7,7 +7,9 @@ installed (memory-mapped); otherwise the reader here does, checking every field 
 A quantized checkpoint is a safetensors file whose metadata holds QUANTIZATION (JSON: bits, group, symmetric,
 high_first, method, and the names of the quantized weights). A quantized linear weight `P.weight` [out, in] is
 stored as `P.qweight` (int8 [out, in], or int4 two a byte as uint8 [out, in / 2]: superopt/quant.py), `P.scales`
-([out, in / group], bf16) and, where asymmetric, `P.qzeros` (the same); every other weight as it was. Reading one
+([out, in / group], bf16) and, where asymmetric, `P.qzeros` (the same); every other weight as it was. The LM
+head may be one of them (`lm_head`, quantized with the projections by default): for a model with tied embeddings
+it is a copy of its own, the embedding table staying bf16 (the token's row is gathered from it). Reading one
 dequantizes each weight by the IR's dequant (superopt.quant.dequantize), so a model computes what its quantized
 weights hold, bit for bit.
 """
@@ -87,8 +89,8 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
 
 
 def quantized_names(weights: dict[str, torch.Tensor]) -> list[str]:
-    """The linear weights `superopt quantize` quantizes: each layer's attention and MLP projections (the embedding,
-    the norms and the LM head stay bf16)."""
+    """Each layer's attention and MLP projections: the linear weights `superopt quantize` always quantizes (the LM
+    head too unless --lm-head bf16; the embedding and the norms stay bf16)."""
     parts = tuple(f"self_attn.{p}_proj" for p in "qkvo") + tuple(f"mlp.{p}_proj" for p in ("gate", "up", "down"))
     return [n for n in weights if n.startswith("model.layers.") and n.removesuffix(".weight").endswith(parts)]
 

@@ -27,10 +27,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from superopt.checkpoint import dequantized, read_safetensors
-from superopt.errors import IRError, SpecError, brief
-from superopt.interpret import REFERENCE, rotate_half, run
-from superopt.ir import MAX_DIM, KernelGraph
+from superopt.checkpoint import QUANTIZATION, dequantized, quantized_names, read_safetensors
+from superopt.errors import IRError, SpecError, SuperoptError, brief
+from superopt.interpret import REFERENCE, TorchEval, rotate_half, run
+from superopt.ir import MAX_DIM, KernelGraph, Op
+from superopt.ops import TensorType
+from superopt.quant import quantize
 from superopt.spec import MAX_SEED, SEARCH_CHECKS, read_text, read_yaml
 
 ARCHS = ("llama", "qwen3", "qwen2", "mistral", "gemma")
@@ -228,17 +230,157 @@ class ModelConfig:
         return 2 * sum(math.prod(s) for s in shapes.values())
 
 
+PRECISIONS = ("bf16", "int8", "int4")
+
+
+@dataclass(frozen=True)
+class WeightFormat:
+    """How the projections' weights (q/k/v, o, gate, up, down) are stored: bf16, or int8 / int4 with one bf16 scale
+    (and, asymmetric, one bf16 zero point) a group of `group` input features, int4 two values a byte (value 2j in
+    the low nibble unless high_first), as the IR's dequant reads them. The LM head is stored in the same format
+    unless it is kept bf16 (LM_HEADS, Model.head_fmt); the embedding and the norms are bf16 in every format (a
+    tied model's embedding gather reads the bf16 table, its LM head GEMV a quantized copy)."""
+
+    bits: int = 16
+    group: int = 0
+    zero: bool = False
+    high_first: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != 16
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if not self.quantized else f"int{self.bits}"
+
+    @property
+    def dtype(self) -> str:
+        """The IR dtype of the stored weight."""
+        return {16: "bfloat16", 8: "int8", 4: "int4"}[self.bits]
+
+    def q_bytes(self, k: int) -> int:
+        """Bytes of one stored row of k weights (without its scales)."""
+        return k * self.bits // 8
+
+    def row_bytes(self, k: int) -> int:
+        """Bytes one row of k weights streams: the packed values, and their scales (and zeros), bf16 each."""
+        if not self.quantized:
+            return 2 * k
+        return self.q_bytes(k) + (2 + 2 * self.zero) * (k // self.group)
+
+    @property
+    def short(self) -> str:
+        """The format in a few characters: bf16, int4 g128, int8 g64 asym (asymmetric), ... hf (high nibble first)."""
+        if not self.quantized:
+            return "bf16"
+        return f"int{self.bits} g{self.group}" + " asym" * self.zero + " hf" * self.high_first
+
+    def describe(self) -> str:
+        if not self.quantized:
+            return "bf16"
+        kind = "asymmetric (scale and zero point)" if self.zero else "symmetric (scale)"
+        order = ", high nibble first" if self.high_first else ""
+        return f"int{self.bits}, {kind} a group of {self.group} input features{order}"
+
+
+BF16 = WeightFormat()
+LM_HEADS = ("same", "bf16")  # the LM head's weights: the projections' format, or kept bf16
+LM_HEAD = "lm_head.weight"
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """A linear weight [out, in] as stored: q (int8 [out, in] or int4 bytes uint8 [out, in / 2]), scale [out,
+    in / group] bf16 and zero (the same, or None)."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+
+
 @dataclass
 class Model:
     name: str
     config: ModelConfig
-    weights: dict[str, torch.Tensor]  # HF names -> bf16 tensors
+    weights: dict[str, torch.Tensor]  # HF names -> bf16 tensors (a quantized weight: its dequantized value)
     max_seq: int = 256  # KV-cache length
+    fmt: WeightFormat = BF16  # the projections' storage
+    quant: dict[str, QuantizedWeight] = field(default_factory=dict)  # HF names -> as stored, where quantized
+
+    @property
+    def head_fmt(self) -> WeightFormat:
+        """The LM head's storage: the projections' format where it is stored quantized (`quant` holds it), else
+        bf16."""
+        return self.fmt if LM_HEAD in self.quant else BF16
 
     def w(self, name: str) -> torch.Tensor:
-        if name == "lm_head.weight" and self.config.tie_embeddings:
+        """A weight by its HF name; a tied LM head is the embedding table, unless the head was quantized (then
+        `weights` holds its dequantized copy, and the embedding stays as it was)."""
+        if name == LM_HEAD and self.config.tie_embeddings and LM_HEAD not in self.weights:
             name = "model.embed_tokens.weight"
         return self.weights[name]
+
+
+def projection_names(cfg: ModelConfig) -> list[str]:
+    """The linear weights a quantized format stores quantized: each layer's attention and MLP projections."""
+    return quantized_names({n: torch.empty(0) for n in cfg.param_shapes()})
+
+
+def weight_format(precision: str, group: int = 128, symmetric: bool = True) -> WeightFormat:
+    """The format of a precision name (bf16, int8, int4); SuperoptError for another or a bad group."""
+    if precision not in PRECISIONS:
+        raise SuperoptError(f"precision must be one of {', '.join(PRECISIONS)}, got {brief(precision)}")
+    if precision == "bf16":
+        return BF16
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1:
+        raise SuperoptError(f"group must be a positive integer, got {brief(group)}")
+    return WeightFormat(int(precision[3:]), group, not symmetric)
+
+
+def quantize_model(model: Model, fmt: WeightFormat, lm_head: str = "same") -> Model:
+    """The model with its projections quantized to `fmt`, round to nearest (superopt/quant.py), and its LM head too
+    unless `lm_head` is "bf16" (LM_HEADS): `quant` holds them as stored, `weights` their dequantized values (what
+    the reference decoder and HF compute with; a tied model's embedding stays the bf16 table). A model already
+    quantized is returned as it is if `fmt` is its format (nothing is requantized: an LM head it stores bf16 stays
+    bf16; "bf16" runs a quantized head on its dequantized values), else refused; bf16 keeps the (dequantized)
+    weights."""
+    if lm_head not in LM_HEADS:
+        raise SuperoptError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {brief(lm_head)}")
+    if fmt == model.fmt or not fmt.quantized:
+        if fmt != model.fmt:
+            return Model(model.name, model.config, model.weights, model.max_seq)
+        if lm_head == "bf16" and LM_HEAD in model.quant:
+            quant = {n: qw for n, qw in model.quant.items() if n != LM_HEAD}
+            return Model(model.name, model.config, model.weights, model.max_seq, model.fmt, quant)
+        return model
+    if model.fmt.quantized:
+        raise SuperoptError(
+            f"{model.name}: its weights are stored {model.fmt.describe()}; {fmt.precision} would requantize them "
+            f"(use --precision {model.fmt.precision} or a bf16 checkpoint)"
+        )
+    weights, quant = dict(model.weights), {}
+    for name in projection_names(model.config) + [LM_HEAD] * (lm_head == "same"):
+        w = model.w(name)
+        if w.shape[-1] % fmt.group:
+            raise SuperoptError(
+                f"{model.name}: '{name}' has {w.shape[-1]} input features, not a multiple of the group {fmt.group}"
+            )
+        quant[name] = QuantizedWeight(*quantize(w, fmt.bits, fmt.group, symmetric=not fmt.zero))
+        weights[name] = dequantized_weight(quant[name], fmt)
+    return Model(model.name, model.config, weights, model.max_seq, fmt, quant)
+
+
+NATIVE = TorchEval("native")
+
+
+def dequantized_weight(qw: QuantizedWeight, fmt: WeightFormat) -> torch.Tensor:
+    """The IR's dequant of a stored weight, by the reference interpreter's rule, on the tensors' device (bit for
+    bit superopt.quant.dequantize, without the copy to the CPU)."""
+    names = ("q", "scale") + (("zero",) if qw.zero is not None else ())
+    op = Op("dequant", names, ("w",), {"group": fmt.group, "high_first": fmt.high_first})
+    args = [qw.q, qw.scale] + ([qw.zero] if qw.zero is not None else [])
+    return NATIVE.op(op, args, TensorType((), "bfloat16"))
 
 
 # --- weights ------------------------------------------------------------------------------------------------
@@ -267,6 +409,34 @@ def random_weights(cfg: ModelConfig, seed: int = 0, device: str | torch.device =
 def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Weights from a .safetensors file or a folder of them (shards), or a torch .bin/.pt state dict; a quantized
     checkpoint's (superopt/checkpoint.py) dequantized."""
+    return load_checkpoint(path, cfg)[0]
+
+
+def _stored(
+    tensors: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[WeightFormat, dict[str, QuantizedWeight]]:
+    """A quantized checkpoint's format and its weights as stored (its metadata already checked by `dequantized`);
+    BF16 and none for a plain file."""
+    if QUANTIZATION not in metadata:
+        return BF16, {}
+    meta = json.loads(metadata[QUANTIZATION])
+    fmt = WeightFormat(meta["bits"], meta["group"], not meta.get("symmetric", True), meta["high_first"])
+    quant = {}
+    for name in meta["weights"]:
+        stem = str(name).removesuffix(".weight")
+        quant[str(name)] = QuantizedWeight(
+            tensors[f"{stem}.qweight"], tensors[f"{stem}.scales"], tensors.get(f"{stem}.qzeros")
+        )
+    return fmt, quant
+
+
+def load_checkpoint(
+    path: Path, cfg: ModelConfig
+) -> tuple[dict[str, torch.Tensor], WeightFormat, dict[str, QuantizedWeight]]:
+    """`load_weights`' weights, and for a quantized checkpoint that stores every projection (projection_names)
+    in one format, that format and the projections as stored, with the LM head where it stores it quantized too
+    (else BF16 and none: the dequantized weights). A tied model's quantized LM head is a weight of its own
+    (`lm_head.weight`, dequantized), beside the bf16 embedding."""
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
         if not files:
@@ -274,15 +444,20 @@ def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     else:
         files = [path]
     found: dict[str, torch.Tensor] = {}
+    formats: set[WeightFormat] = set()
+    quant: dict[str, QuantizedWeight] = {}
     for f in files:
         if not f.exists():
             raise SpecError(f"{f}: weights file not found")
         try:
-            found |= (
-                dequantized(*read_safetensors(f), f)
-                if f.suffix == ".safetensors"
-                else torch.load(f, map_location="cpu", weights_only=True)
-            )
+            if f.suffix == ".safetensors":
+                tensors, metadata = read_safetensors(f)
+                found |= dequantized(tensors, metadata, f)
+                fmt, stored = _stored(tensors, metadata)
+                formats.add(fmt)
+                quant |= stored
+            else:
+                found |= torch.load(f, map_location="cpu", weights_only=True)
         except SpecError:
             raise
         except Exception as e:  # noqa: BLE001 (a hostile or truncated file fails in many ways: each is one line)
@@ -292,14 +467,20 @@ def load_weights(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             raise SpecError(f"{f}: not a state dict of tensors")
     shapes = cfg.param_shapes()
     if cfg.tie_embeddings:
-        found.pop("lm_head.weight", None)
+        if LM_HEAD in quant:  # stored quantized: the head's own copy, the embedding gather keeps the bf16 table
+            shapes[LM_HEAD] = (cfg.vocab, cfg.hidden)
+        else:
+            found.pop(LM_HEAD, None)
     missing = [n for n in shapes if n not in found]
     if missing:
         raise SpecError(f"{path}: {len(missing)} weights missing, e.g. '{missing[0]}'")
     for name, shape in shapes.items():
         if tuple(found[name].shape) != shape:
             raise SpecError(f"{path}: '{name}' has shape {list(found[name].shape)}, the config needs {list(shape)}")
-    return {n: found[n].to(torch.bfloat16) for n in shapes}
+    weights = {n: found[n].to(torch.bfloat16) for n in shapes}
+    if len(formats) == 1 and sorted(set(quant) - {LM_HEAD}) == sorted(projection_names(cfg)):
+        return weights, formats.pop(), quant
+    return weights, BF16, {}
 
 
 @dataclass
@@ -313,14 +494,16 @@ class ModelSpec:
     max_seq: int = 256
     search_settings: dict[str, Any] = field(default_factory=dict)  # the spec's `search:` section
 
-    def load(self, device: str | torch.device = "cpu") -> Model:
+    def load(self, device: str | torch.device = "cpu", fmt: WeightFormat | None = None, lm_head: str = "same") -> Model:
         """The model with its weights: read from `weights`, else random, drawn on `device` (fast on a GPU; the
-        same seed gives the same weights on the same kind of device)."""
+        same seed gives the same weights on the same kind of device). `fmt`: the projections' format, `lm_head`
+        the LM head's (quantize_model; None: the checkpoint's own, bf16 for random weights)."""
         if self.weights is not None:
-            weights = load_weights(self.weights, self.config)
+            weights, stored, quant = load_checkpoint(self.weights, self.config)  # on the CPU, as read
+            model = Model(self.name, self.config, weights, self.max_seq, stored, quant)
         else:
-            weights = random_weights(self.config, self.seed, device)
-        return Model(self.name, self.config, weights, self.max_seq)
+            model = Model(self.name, self.config, random_weights(self.config, self.seed, device), self.max_seq)
+        return model if fmt is None else quantize_model(model, fmt, lm_head)
 
 
 def _config_json(path: Path) -> Any:
@@ -408,9 +591,13 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
 # --- the layer programs in the IR ---------------------------------------------------------------------------
 
 
-def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph]:
+def layer_programs(
+    cfg: ModelConfig, context: int = 16, fmt: WeightFormat = BF16, head: WeightFormat | None = None
+) -> dict[str, KernelGraph]:
     """One decode step as KernelGraphs (batch 1, bf16), named by the part of the step they compute; identical
-    layers share them. Linear weights are [in, out] (x @ w, the transpose of HF's layout).
+    layers share them. Linear weights are [in, out] (x @ w, the transpose of HF's layout). A quantized `fmt`
+    (`linear`) makes each projection's weight the dequant of its stored inputs, and the LM head's where `head`
+    (the LM head's format; None: `fmt`) is quantized: its inputs w, w_scale (and w_zero) as quantized_linear's.
 
     embed_scale (Gemma): the embedded token times sqrt(hidden). attn_in: the input norm, weighted, and the fused
     QKV projection (with its bias, Qwen2). qk_rope: the rotary embedding of q's and k's heads (q/k norm first
@@ -428,14 +615,23 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     def norm(graph: KernelGraph, x: Any, gamma: Any) -> Any:
         return graph.mul(graph.rms_norm(x, eps=cfg.eps), graph.add_scalar(gamma, c=1.0) if cfg.gemma else gamma)
 
+    head = fmt if head is None else head
+
+    def linear(graph: KernelGraph, x: Any, name: str, k: int, n: int) -> Any:
+        return (
+            quantized_linear(graph, x, name, k, n, fmt)
+            if fmt.quantized
+            else graph.matmul(x, graph.input(name, (k, n), bf))
+        )
+
     if cfg.gemma:
         p = KernelGraph("embed_scale")  # HF multiplies by sqrt(hidden) rounded to the model's dtype
         c = float(torch.tensor(math.sqrt(h), dtype=torch.bfloat16))
         p.output(p.mul_scalar(p.input("x", (1, h), bf), c=c))
         progs["embed_scale"] = p
     p = KernelGraph("attn_in")
-    x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("wqkv", (h, cfg.qkv_rows), bf)
-    qkv = p.matmul(norm(p, x, gamma), w)
+    x, gamma = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf)
+    qkv = linear(p, norm(p, x, gamma), "wqkv", h, cfg.qkv_rows)
     p.output(p.add(qkv, p.input("bqkv", (1, cfg.qkv_rows), bf)) if cfg.qkv_bias else qkv)
     progs["attn_in"] = p
     p = KernelGraph("qk_rope")
@@ -455,18 +651,23 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     p.output(p.matmul(p.div(e, p.sum(e, dim=2, keepdim=True)), v))
     progs["attention"] = p
     p = KernelGraph("attn_out")
-    a, wo, x = p.input("a", (1, nh * d), bf), p.input("wo", (nh * d, h), bf), p.input("h", (1, h), bf)
-    p.output(p.add(x, p.matmul(a, wo)))
+    a = p.input("a", (1, nh * d), bf)
+    wo = linear(p, a, "wo", nh * d, h)
+    p.output(p.add(p.input("h", (1, h), bf), wo))
     progs["attn_out"] = p
     p = KernelGraph("mlp")
     x, gamma = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf)
-    wg, wu, wd = p.input("wg", (h, i), bf), p.input("wu", (h, i), bf), p.input("wd", (i, h), bf)
     y = norm(p, x, gamma)
-    p.output(p.add(x, p.matmul(p.mul(p.op(cfg.act, p.matmul(y, wg)), p.matmul(y, wu)), wd)))
+    act = p.mul(p.op(cfg.act, linear(p, y, "wg", h, i)), linear(p, y, "wu", h, i))
+    p.output(p.add(x, linear(p, act, "wd", i, h)))
     progs["mlp"] = p
     p = KernelGraph("lm_head")
-    x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("w", (h, cfg.vocab), bf)
-    logits = p.matmul(norm(p, x, gamma), w)
+    if head.quantized:
+        x, gamma = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf)
+        logits = quantized_linear(p, norm(p, x, gamma), "w", h, cfg.vocab, head)
+    else:
+        x, gamma, w = p.input("h", (1, h), bf), p.input("gamma", (1, h), bf), p.input("w", (h, cfg.vocab), bf)
+        logits = p.matmul(norm(p, x, gamma), w)
     p.output(logits)
     p.output(p.argmax(logits, dim=1, keepdim=True))  # the greedy token
     progs["lm_head"] = p
@@ -477,6 +678,18 @@ def layer_programs(cfg: ModelConfig, context: int = 16) -> dict[str, KernelGraph
     p.output(p.add(p.input("h", (1, h), bf), p.input("y", (1, h), bf)))
     progs["residual"] = p
     return progs
+
+
+def quantized_linear(graph: KernelGraph, x: Any, name: str, k: int, n: int, fmt: WeightFormat) -> Any:
+    """x [1, k] times a quantized linear weight stored [n, k] (HF's [out, in]: groups and packing along k, as
+    dequant reads them): the inputs `name` ([1, n, k] int8 or [1, n, k / 2] int4), `name`_scale and, asymmetric,
+    `name`_zero ([1, n, k / group], bf16); the product `sum(dequant(...) * x, dim=2)`, [1, n]: the IR has no
+    transpose, so the GEMV of a row-major [out, in] weight is written as a broadcast product and a sum over in
+    (the megakernel's lowering reads this pattern as its GEMV)."""
+    q = graph.input(name, (1, n, fmt.q_bytes(k) if fmt.bits == 4 else k), fmt.dtype)
+    params = [graph.input(f"{name}_{p}", (1, n, k // fmt.group), "bfloat16") for p in ("scale", "zero")[: 1 + fmt.zero]]
+    w = graph.dequant(q, *params, group=fmt.group, high_first=fmt.high_first)
+    return graph.sum(graph.mul(w, x), dim=2)
 
 
 # --- RoPE ---------------------------------------------------------------------------------------------------
@@ -620,6 +833,50 @@ class Decoder(DecodeLoop):
         return F.linear(self.rms_norm(x, self.norm), self.lm_head).float()
 
 
+# A layer program's weight input -> the HF projections whose rows it stacks.
+PROGRAM_WEIGHTS = {
+    "wqkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "wo": ("self_attn.o_proj",),
+    "wg": ("mlp.gate_proj",),
+    "wu": ("mlp.up_proj",),
+    "wd": ("mlp.down_proj",),
+}
+
+
+def linear_rows(model: Model, layer: int, name: str) -> torch.Tensor:
+    """A layer program's weight input `name` (PROGRAM_WEIGHTS) as bf16 rows [n, k]: its projections' HF rows
+    stacked (a quantized model's dequantized)."""
+    return torch.cat([model.w(f"model.layers.{layer}.{proj}.weight") for proj in PROGRAM_WEIGHTS[name]])
+
+
+def stored_rows(model: Model, layer: int, name: str) -> QuantizedWeight:
+    """A layer program's weight input `name` (PROGRAM_WEIGHTS) of a quantized model as stored: its projections'
+    rows stacked ([n, k] int8 or [n, k / 2] int4 bytes, scale and zero [n, k / group])."""
+    parts = [model.quant[f"model.layers.{layer}.{proj}.weight"] for proj in PROGRAM_WEIGHTS[name]]
+    zeros = [qw.zero for qw in parts if qw.zero is not None]
+    zero = torch.cat(zeros) if zeros else None
+    return QuantizedWeight(torch.cat([qw.q for qw in parts]), torch.cat([qw.scale for qw in parts]), zero)
+
+
+def program_weight(model: Model, layer: int, name: str) -> dict[str, torch.Tensor]:
+    """The layer program's inputs for weight `name` of a layer: bf16 [in, out] (the transpose of HF's rows), or a
+    quantized model's stored tensors (`quantized_linear`'s inputs, [1, n, ...])."""
+    if not model.fmt.quantized:
+        return {name: linear_rows(model, layer, name).T}
+    qw = stored_rows(model, layer, name)
+    out = {name: qw.q[None], f"{name}_scale": qw.scale[None]}
+    return out | ({f"{name}_zero": qw.zero[None]} if qw.zero is not None else {})
+
+
+def head_inputs(model: Model) -> dict[str, torch.Tensor]:
+    """The lm_head program's weight inputs: w bf16 [hidden, vocab], or the quantized head as stored (w, w_scale and
+    w_zero, quantized_linear's inputs [1, vocab, ...])."""
+    if not model.head_fmt.quantized:
+        return {"w": model.w(LM_HEAD).T}
+    qw = model.quant[LM_HEAD]
+    return {"w": qw.q[None], "w_scale": qw.scale[None]} | ({"w_zero": qw.zero[None]} if qw.zero is not None else {})
+
+
 class ProgramDecoder(DecodeLoop):
     """The decode step computed by its layer programs, each run by the reference interpreter: the programs of
     `layer_programs(cfg, max_seq)` by default, or graphs with the same inputs and outputs (the search's winners,
@@ -633,19 +890,17 @@ class ProgramDecoder(DecodeLoop):
         self, model: Model, programs: dict[str, KernelGraph] | None = None, precision: str = "float64"
     ) -> None:
         cfg = self.cfg = model.config
-        self.programs = dict(layer_programs(cfg, model.max_seq)) | (programs or {})
+        self.programs = dict(layer_programs(cfg, model.max_seq, model.fmt, model.head_fmt)) | (programs or {})
         self.precision, self.max_seq, self.device = precision, model.max_seq, torch.device("cpu")
         self.positions = torch.arange(self.max_seq)
         nh, nkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim
         self.embed = model.w("model.embed_tokens.weight")
-        self.norm, self.lm_head = model.w("model.norm.weight")[None], model.w("lm_head.weight").T
+        self.norm, self.lm_head = model.w("model.norm.weight")[None], head_inputs(model)
         self.layers = []
         for i in range(cfg.layers):
             p = f"model.layers.{i}."
             w = {n: model.w(p + n + ".weight") for n in ("input_layernorm", "post_attention_layernorm")}
-            attn = {n: model.w(p + f"self_attn.{n}_proj.weight") for n in "qkvo"}
-            mlp = {n: model.w(p + f"mlp.{n}_proj.weight").T for n in ("gate", "up", "down")}
-            attn_in = {"gamma": w["input_layernorm"][None], "wqkv": torch.cat([attn[n] for n in "qkv"]).T}
+            attn_in = {"gamma": w["input_layernorm"][None]} | program_weight(model, i, "wqkv")
             if cfg.qkv_bias:
                 attn_in["bqkv"] = torch.cat([model.w(p + f"self_attn.{n}_proj.bias") for n in "qkv"])[None]
             rope = {}
@@ -656,13 +911,11 @@ class ProgramDecoder(DecodeLoop):
                 {
                     "attn_in": attn_in,
                     "qk_rope": rope,
-                    "attn_out": {"wo": attn["o"].T},
-                    "mlp": {
-                        "gamma": w["post_attention_layernorm"][None],
-                        "wg": mlp["gate"],
-                        "wu": mlp["up"],
-                        "wd": mlp["down"],
-                    },
+                    "attn_out": program_weight(model, i, "wo"),
+                    "mlp": {"gamma": w["post_attention_layernorm"][None]}
+                    | program_weight(model, i, "wg")
+                    | program_weight(model, i, "wu")
+                    | program_weight(model, i, "wd"),
                 }
             )
         cos, sin = rope_table(cfg, self.max_seq)
@@ -691,5 +944,5 @@ class ProgramDecoder(DecodeLoop):
             (a,) = self.call("attention", q=q, k=self.k_cache[i], v=self.v_cache[i], mask=mask)
             (x,) = self.call("attn_out", a=a.reshape(1, nh * d), h=x, **lw["attn_out"])
             (x,) = self.call("mlp", h=x, **lw["mlp"])
-        logits, _ = self.call("lm_head", h=x, gamma=self.norm, w=self.lm_head)  # and the token, its argmax
+        logits, _ = self.call("lm_head", h=x, gamma=self.norm, **self.lm_head)  # and the token, its argmax
         return logits[0].float()

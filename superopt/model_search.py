@@ -26,7 +26,7 @@ from superopt.ir import KernelGraph
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.bodies import lower, lowered_programs
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import ModelConfig, ModelSpec, layer_programs
+from superopt.model import BF16, ModelConfig, ModelSpec, WeightFormat, layer_programs
 from superopt.pipeline import MODES, Outcome, Settings, device_spec, optimize_program, trusted_winner
 from superopt.result import Result, ResultError
 from superopt.serialize import graph_hash
@@ -41,7 +41,7 @@ def preset_for(graph: KernelGraph) -> str:
     ops = {op.op for op in graph.ops}
     if {"exp", "max", "matmul"} <= ops:
         return "attention"
-    return "mlp" if "matmul" in ops else "norm"
+    return "mlp" if ops & {"matmul", "dequant"} else "norm"  # a quantized projection is a GEMV too
 
 
 @dataclass(frozen=True)
@@ -169,15 +169,20 @@ def search_model(
     n_sms: int = 132,
     progress: str = "auto",
     say: Callable[[str], None] = lambda line: None,
+    fmt: WeightFormat = BF16,
+    head: WeightFormat | None = None,
 ) -> ModelOutcome:
     """The plan of `spec`'s decode step: from the cache, or each layer program through the pipeline (searched
     where it misses) and the plan stored. mode as for optimize_program; the settings apply to every program, a
-    preset chosen per program (`preset_for`) where they name none. The winners' lowering to the megakernel's
-    task bodies is validated each time (`validate_lowering`), for a plan read back as for a new one."""
-    outcome = _plan(spec, settings, cache, mode, n_sms, progress, say)
+    preset chosen per program (`preset_for`) where they name none. `fmt`: the projections' weight format (the
+    layer programs of a quantized model dequantize their weights: a plan of their own), `head` the LM head's (None:
+    `fmt`). The winners' lowering to the megakernel's task bodies is validated each time (`validate_lowering`), for
+    a plan read back as for a new one."""
+    outcome = _plan(spec, settings, cache, mode, n_sms, progress, say, fmt, head)
     if outcome.programs:
         try:
-            outcome.lowering = validate_lowering(taskgraph.build(spec.config, n_sms), outcome.winners())
+            tg = taskgraph.build(spec.config, n_sms, fmt=fmt, head=head)
+            outcome.lowering = validate_lowering(tg, outcome.winners())
         except SuperoptError as e:
             outcome.lowering = f"no megakernel: {brief(str(e))}"
     return outcome
@@ -191,10 +196,12 @@ def _plan(
     n_sms: int,
     progress: str,
     say: Callable[[str], None],
+    fmt: WeightFormat,
+    head: WeightFormat | None,
 ) -> ModelOutcome:
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
-    programs = layer_programs(spec.config, spec.max_seq)
+    programs = layer_programs(spec.config, spec.max_seq, fmt, head)
     device = device_spec(settings.device)
     per_program = {name: program_settings(g, settings) for name, g in programs.items()}
     keys = {name: cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()}

@@ -481,7 +481,7 @@ def test_a_layer_program_that_does_not_lower_is_a_model_the_megakernel_refuses(m
     lm = superopt.Graph("lm_head")
     h, g = lm.input("h", (1, cfg.hidden), "bfloat16"), lm.input("gamma", (1, cfg.hidden), "bfloat16")
     lm.output(lm.matmul(lm.mul(lm.rms_norm(h, eps=cfg.eps), g), lm.input("w", (cfg.hidden, cfg.vocab), "bfloat16")))
-    monkeypatch.setattr(bodies, "layer_programs", lambda c: progs | {"lm_head": lm})
+    monkeypatch.setattr(bodies, "layer_programs", lambda c, **kw: progs | {"lm_head": lm})
     with pytest.raises(SuperoptError, match="the lmhead task body does not lower from its layer program: .*next token"):
         lower(tg)
 

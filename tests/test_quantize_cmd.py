@@ -53,6 +53,33 @@ def test_the_written_spec_holds_the_quantized_weights_bit_for_bit(tmp_path: Path
     assert rel < (0.5 if bits == 4 else 0.05)
 
 
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3"])  # tied embeddings, and an LM head of its own
+def test_the_lm_head_is_quantized_unless_kept_bf16(tmp_path: Path, name: str) -> None:
+    """By default the LM head is stored quantized as lm_head.qweight / .scales (a tied model's a copy of the
+    embedding table, which stays bf16 for the token's gather); --lm-head bf16 stores it as it was."""
+    original = load_model(MODELS / f"{name}.yaml")
+    for lm_head in ("same", "bf16"):
+        out = tmp_path / lm_head
+        result = CliRunner().invoke(
+            main, ["quantize", str(MODELS / f"{name}.yaml"), "--bits", "4", "--lm-head", lm_head, "--out", str(out)]
+        )
+        assert result.exit_code == 0, result.output
+        tensors, meta = read_safetensors(out / "model.safetensors")
+        listed = json.loads(meta[QUANTIZATION])["weights"]
+        assert ("lm_head.weight" in listed) == ("lm_head.qweight" in tensors) == (lm_head == "same")
+        assert "lm_head.weight" not in tensors or lm_head == "bf16"
+        (spec,) = out.glob("*.yaml")
+        back = load_model(spec)
+        embed = "model.embed_tokens.weight"
+        assert torch.equal(back.w(embed), original.w(embed))
+        if lm_head == "same":
+            q, scale, zero = quantize(original.w("lm_head.weight"), 4, 128)
+            assert torch.equal(back.w("lm_head.weight"), dequantize(q, scale, zero, 128))
+            assert back.head_fmt == back.fmt and torch.equal(back.quant["lm_head.weight"].q, q)
+        else:
+            assert torch.equal(back.w("lm_head.weight"), original.w("lm_head.weight")) and not back.head_fmt.quantized
+
+
 def test_the_megakernel_replay_of_a_quantized_model_is_the_reference_decoder_on_its_weights(tmp_path: Path) -> None:
     """The task list, replayed on the quantized spec, gives the bf16 reference decoder's tokens on the same
     (dequantized) weights."""

@@ -25,7 +25,12 @@ the ring, epilogue over the task's rows); attention's head steps (q/k norm, the 
 from qk_rope and the attention program (attention.py), around the split-KV softmax of attention.cuh (the rule of
 softmax attention; the O projection's prologue combines the splits); the argmax task combines the LM-head tasks'
 maxima (lm_head's argmax as a split reduction). `build_report` says, per task kind, which programs its body is
-lowered from, with each program's winner and verification.
+lowered from, with each program's winner and verification, and a GEMV kind's weight format.
+
+Quantized weights (the task graph's `fmt`, int8 or int4 with bf16 group scales and zeros; the LM head's `head_fmt`,
+the same or bf16): the layer programs dequantize their weight inputs, the lowering reads dequant, product and sum
+as the stage's GEMV, each chunk of a task's tile carries its rows' packed values, scales and zeros
+(layout.pack_chunks), and gemv.cuh's QuantW dequantizes in registers (docs/architecture.md, "Quantized tasks").
 
 `replay` runs the same task list on the CPU: the per-SM lists interleaved under the same counter protocol (an
 adversarial order by default: the latest runnable task first), each task body with the kernel's rounding (the

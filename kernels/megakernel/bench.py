@@ -15,6 +15,7 @@ from superopt.ir import KernelGraph
 from superopt.kernels.megakernel.replay import Generation
 from superopt.kernels.megakernel.runtime import GpuMegakernel, Hang, cuda_time_us, time_megakernel
 from superopt.kernels.megakernel.source import build_report
+from superopt.kernels.taskgraph import TaskGraph
 from superopt.model import Decoder, Model, inv_freq
 
 
@@ -35,6 +36,10 @@ def hf_model(model: Model) -> Any:
     c = model.config
     fields = c.hf_fields()
     fields.pop("model_type")
+    # A tied model whose LM head is quantized: HF's model unties it, its head the dequantized copy, its embedding
+    # the bf16 table (as the megakernel computes).
+    tied = c.tie_embeddings and "lm_head.weight" not in model.weights
+    fields["tie_word_embeddings"] = tied
     fields |= {"bos_token_id": None, "eos_token_id": None, "pad_token_id": None, "max_position_embeddings": 131072}
     cls_config, cls_model = {
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
@@ -58,7 +63,7 @@ def hf_model(model: Model) -> Any:
     missing, unexpected = hf.load_state_dict({k: v.to("cuda") for k, v in model.weights.items()}, strict=False)
     if unexpected or [m for m in missing if m != "lm_head.weight"]:
         raise SuperoptError(f"megakernel: HF model weights do not match: missing {missing}, unexpected {unexpected}")
-    if c.tie_embeddings:
+    if tied:
         hf.tie_weights()
     hf.generation_config.eos_token_id = None
     hf.generation_config.pad_token_id = 0
@@ -175,6 +180,24 @@ def time_cuda_graph_decode(model: Model, prompt: list[int], new_tokens: int) -> 
     return us, tokens
 
 
+def step_weight_bytes(tg: TaskGraph) -> int:
+    """Bytes of weights one decode step reads: bf16, the config's count (ModelConfig.weight_bytes); quantized
+    weights, what the GEMV tasks stream (packed values with their scales and zeros: the projections' and the LM
+    head's, or the bf16 LM head where it is kept wide) and the norm weights and the token's embedding row (a tied
+    model's quantized LM head is streamed beside the bf16 table it gathers that row from)."""
+    c = tg.config
+    if not tg.fmt.quantized and not tg.head_fmt.quantized:
+        return c.weight_bytes()
+    norms = 2 * (2 * c.layers + 1) * c.hidden + (4 * c.layers * c.head_dim if c.qk_norm else 0)
+    return sum(t.weight_bytes for t in tg.tasks) + 2 * c.hidden + norms + 2 * c.qkv_rows * c.layers * c.qkv_bias
+
+
+def kv_bytes(model: Model, prompt_len: int, new_tokens: int) -> int:
+    """Bytes of the KV cache a step reads at the middle of the generated steps (bf16 k and v)."""
+    c = model.config
+    return 2 * 2 * c.layers * c.kv_heads * c.head_dim * (prompt_len + new_tokens // 2)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy bandwidth, bytes read plus written per second (1 GiB each way)."""
     a = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
@@ -218,6 +241,9 @@ def benchmark(
         mk = state["mk"] = GpuMegakernel(model, programs=programs)
         res["resources"] = mk.resources
         res["tasks"] = len(mk.tg.tasks)
+        res["weights"] = mk.tg.fmt.describe()
+        res["lm_head_weights"] = mk.tg.head_fmt.describe()
+        res["weight_bytes"] = step_weight_bytes(mk.tg)
         res["build_report"] = build_report(mk.tg, programs=programs)
 
     def run() -> None:
@@ -272,11 +298,9 @@ def benchmark(
     bw = phase("copy_bandwidth", copy_bandwidth)
     if bw:
         res["copy_bandwidth_GBps"] = bw / 1e9
-        kv = (
-            2 * 2 * model.config.layers * model.config.kv_heads * model.config.head_dim * (prompt_len + new_tokens // 2)
-        )
-        res["floor_us"] = (model.config.weight_bytes() + kv) / bw * 1e6
-    res["floor_us_at_3TBps"] = model.config.weight_bytes() / 3.0e12 * 1e6
+        weights = res.get("weight_bytes", model.config.weight_bytes())  # the precision's, where it was built
+        res["floor_us"] = (weights + kv_bytes(model, prompt_len, new_tokens)) / bw * 1e6
+    res["floor_us_at_3TBps"] = res.get("weight_bytes", model.config.weight_bytes()) / 3.0e12 * 1e6
     return {k: v for k, v in res.items() if v is not None}
 
 

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import Model, rope_table
+from superopt.model import LM_HEAD, Model, QuantizedWeight, linear_rows, rope_table, stored_rows
 
 NCONSUMERS = 256  # 8 consumer warps; one more warp loads weights
 
@@ -110,10 +111,11 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
     attn = 4 * ((c.group + 2) * c.head_dim + 3 * c.group) + 2 * 3 * c.head_dim  # and cos, sin, q/k norm weights
     per_position = 2 * 2 * (c.head_dim + 8) + 4 * 4 * c.group  # padded k and v rows, 4 partial scores a q head
     fixed = 16 * 8 + 256  # two mbarriers a slot (8 slots at most), reduction scratch
-    slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // taskgraph.SLOT_BYTES)
+    slot = tg.slot_bytes
+    slots = min(8, (SMEM_PER_BLOCK - 1024 - fixed - max(gemv, attn + 16 * per_position)) // slot)
     if slots < 2:
         raise SuperoptError("megakernel: shared memory leaves fewer than 2 ring slots")
-    room = SMEM_PER_BLOCK - 1024 - fixed - slots * taskgraph.SLOT_BYTES - attn
+    room = SMEM_PER_BLOCK - 1024 - fixed - slots * slot - attn
     split_len = -(-max_seq // tg.kv_splits)
     kv_cap = kv_cap or min(64, room // per_position, -(-split_len // 8) * 8) // 8 * 8
     if kv_cap % 8 or kv_cap * per_position > room:
@@ -123,7 +125,7 @@ def smem_plan(tg: TaskGraph, max_seq: int, kv_cap: int | None = None) -> dict[st
         "slots": slots,
         "kv_cap": kv_cap,
         "xs_elems": xs_elems,
-        "bytes": slots * taskgraph.SLOT_BYTES + fixed + region,
+        "bytes": slots * slot + fixed + region,
     }
 
 
@@ -160,20 +162,79 @@ def _i32(u: int) -> int:
 
 
 def packed_weights(model: Model, tg: TaskGraph) -> dict[tuple[str, int], torch.Tensor]:
-    """Each GEMV op's weights, one contiguous [rows * unit, k] tensor per layer whose tile t is the rows of task
-    t: QKV stacks q, k and v; gate/up tiles hold their gate rows, then their up rows."""
+    """Each GEMV op's weights per layer, tile t holding the rows of task t: QKV stacks q, k and v; gate/up tiles
+    hold their gate rows, then their up rows. bf16: one contiguous [rows * unit, k] tensor. Quantized (the op's
+    plan's fmt: tg.fmt for the projections, tg.head_fmt for the LM head): bytes, each chunk its rows' packed
+    values, then their scales, then their zeros (pack_chunks), so each of the loader's bulk copies brings a
+    chunk's weights with what dequantizes them. A tied model's quantized LM head is its own copy (the embedding
+    gather reads the bf16 table)."""
     c = tg.config
     out = {}
     for i in range(c.layers):
-        p = f"model.layers.{i}."
-        out[("qkv", i)] = torch.cat([model.w(p + f"self_attn.{n}_proj.weight") for n in "qkv"])
-        out[("oproj", i)] = model.w(p + "self_attn.o_proj.weight")
-        plan = tg.gemv["gateup"]
-        gate, up = (model.w(p + f"mlp.{n}_proj.weight").view(plan.tiles, plan.tile, c.hidden) for n in ("gate", "up"))
-        out[("gateup", i)] = torch.stack([gate, up], 1).reshape(2 * c.intermediate, c.hidden)
-        out[("down", i)] = model.w(p + "mlp.down_proj.weight")
-    out[("lmhead", c.layers)] = model.w("lm_head.weight")
+        for op, names in (("qkv", ("wqkv",)), ("oproj", ("wo",)), ("gateup", ("wg", "wu")), ("down", ("wd",))):
+            plan = tg.gemv[op]
+            if plan.fmt.quantized:
+                out[(op, i)] = pack_chunks(_tile_order([stored_rows(model, i, n) for n in names], plan), plan)
+            else:
+                out[(op, i)] = _tile_order([linear_rows(model, i, n) for n in names], plan)
+    head = tg.gemv["lmhead"]
+    if head.fmt.quantized:
+        if model.head_fmt != head.fmt:
+            raise SuperoptError(
+                f"megakernel: the task graph packs the LM head {head.fmt.describe()}, the model stores it "
+                f"{model.head_fmt.describe()}"
+            )
+        out[("lmhead", c.layers)] = pack_chunks(model.quant[LM_HEAD], head)
+    else:
+        out[("lmhead", c.layers)] = model.w(LM_HEAD)
     return {k: v.contiguous() for k, v in out.items()}
+
+
+def _tile_order(units: list[Any], plan: taskgraph.Gemv) -> Any:
+    """Rows of one weight (or a QuantizedWeight's tensors) a unit, in the tiles' order: each tile's rows of the
+    first unit, then its rows of the second (gate, up)."""
+    if isinstance(units[0], QuantizedWeight):
+        parts = [[getattr(u, f) for u in units] for f in ("q", "scale", "zero")]
+        q, scale, zero = (None if p[0] is None else _tile_order(p, plan) for p in parts)
+        assert q is not None and scale is not None
+        return QuantizedWeight(q, scale, zero)
+    if len(units) == 1:
+        return units[0]
+    return torch.stack([u.reshape(plan.tiles, plan.tile, -1) for u in units], 1).reshape(-1, units[0].shape[-1])
+
+
+def _sections(plan: taskgraph.Gemv) -> list[tuple[str, int, int]]:
+    """A quantized chunk's sections: (field, byte offset, bytes a row): the packed values, scales, zeros."""
+    fmt, k = plan.fmt, plan.k
+    out = [("q", 0, fmt.q_bytes(k)), ("scale", plan.chunk * fmt.q_bytes(k), 2 * (k // fmt.group))]
+    if fmt.zero:
+        out.append(("zero", out[1][1] + plan.chunk * out[1][2], out[1][2]))
+    return out
+
+
+def pack_chunks(qw: QuantizedWeight, plan: taskgraph.Gemv) -> torch.Tensor:
+    """A quantized weight's rows (in tile order) as the ring streams them: uint8, chunk after chunk of
+    plan.chunk_bytes, each chunk's rows' packed values, then their scales (bf16), then their zeros, then zero
+    padding to a whole 16-byte vector."""
+    n = qw.q.shape[0]
+    nchunks = n // plan.chunk
+    out = torch.zeros(nchunks, plan.chunk_bytes, dtype=torch.uint8, device=qw.q.device)
+    for field, off, row in _sections(plan):
+        t = getattr(qw, field).contiguous().view(torch.uint8).reshape(nchunks, plan.chunk * row)
+        out[:, off : off + plan.chunk * row] = t
+    return out.reshape(-1)
+
+
+def unpack_chunks(data: torch.Tensor, plan: taskgraph.Gemv) -> QuantizedWeight:
+    """pack_chunks' bytes (whole chunks) back as rows: what a task's GEMV reads from its ring slots."""
+    chunks = data.view(-1, plan.chunk_bytes)
+    fields: dict[str, torch.Tensor] = {}
+    for field, off, row in _sections(plan):
+        raw = chunks[:, off : off + plan.chunk * row].reshape(-1, row)
+        fields[field] = (
+            raw.view(torch.bfloat16) if field != "q" else raw.view(torch.int8 if plan.fmt.bits == 8 else torch.uint8)
+        )
+    return QuantizedWeight(fields["q"], fields["scale"], fields.get("zero"))
 
 
 def small_params(model: Model) -> dict[str, torch.Tensor]:

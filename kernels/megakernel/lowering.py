@@ -8,10 +8,13 @@ A program is cut into stages by dataflow. A GEMV is a predefined matmul of a [1,
 [k, n], or a graph-defined kernel whose block graph is one: its grid splits the weight's output dim (imap 1),
 its forloop the reduction dim (fmap 0 of the weight, 1 of the vectors), the loop's ops elementwise on vector
 tiles, its accumulators sums over the loop (accum_sum of the matmul, accum_*_last statistics of a vector).
-Values computed from the program's inputs alone are prologue (`vector` or `scalar`); values computed from a GEMV
-are epilogue (`row`); a row value another GEMV reads as its vector ends a stage (the buffer between two task
-kinds). GEMVs of one vector by weights of one shape share a stage (gate and up). A loop-free graph-defined kernel
-of elementwise ops is its ops on whole tensors, as for the epilogues' device functions (kernels/cuda_codegen.py).
+A quantized weight (superopt.model.quantized_linear) is the GEMV `sum(mul(dequant(q, scale, zero), x), dim=2)`
+of program inputs, its storage recorded (`Dequant`); its products are not rounded (as a matmul's: only the sum
+rounds). Values computed from the program's inputs alone are prologue (`vector` or `scalar`); values computed
+from a GEMV are epilogue (`row`); a row value another GEMV reads as its vector ends a stage (the buffer between
+two task kinds). GEMVs of one vector by weights of one shape share a stage (gate and up). A loop-free
+graph-defined kernel of elementwise ops is its ops on whole tensors, as for the epilogues' device functions
+(kernels/cuda_codegen.py).
 
 Re-tiled to the task: the grid becomes the task's tiles and the forloop one iteration over the whole reduction
 dim (a task streams whole weight rows), which leaves the function unchanged: the loop ops are elementwise and
@@ -35,11 +38,12 @@ from typing import Any
 import torch
 
 from superopt.errors import SuperoptError
-from superopt.interpret import TorchEval
+from superopt.interpret import TorchEval, unpack_int4
 from superopt.ir import KernelGraph, Op
 from superopt.kernels.cuda_codegen import CUDA_EXPR
 from superopt.kernels.megakernel.layout import NCONSUMERS
 from superopt.kernels.taskgraph import MAX_TILE_ROWS, Gemv
+from superopt.model import QuantizedWeight
 from superopt.ops import ACCUMULATORS, DTYPES, OPS, TensorType
 
 STATS = ("accum_rms_last", "accum_mean_last", "accum_sum_last")  # whole-vector statistics: a scalar each
@@ -83,6 +87,23 @@ class Step:
     dtype: str
 
 
+@dataclass(frozen=True)
+class Dequant:
+    """A GEMV's weight stored quantized: `dequant(q, scale, zero, group, high_first)` of the program's inputs (q
+    [1, n, k] int8 or [1, n, k / 2] int4), multiplied by the vector and summed over k (model.quantized_linear)."""
+
+    scale: str
+    zero: str | None
+    bits: int
+    group: int
+    high_first: bool
+
+    def cuda_type(self) -> str:
+        """The GEMV's weight format in gemv.cuh."""
+        flags = f"{'true' if self.zero else 'false'}, {'true' if self.high_first else 'false'}"
+        return f"QuantW<{self.bits}, {self.group}, {flags}>"
+
+
 @dataclass
 class Stage:
     """One GEMV stage of a program: `vectors` (program inputs, or the previous stage's output "") read whole,
@@ -94,6 +115,7 @@ class Stage:
     n: int
     x: str = ""
     weights: list[str] = field(default_factory=list)
+    quant: list[Dequant | None] = field(default_factory=list)  # how each weight is stored (None: bf16 [k, n])
     results: list[str] = field(default_factory=list)
     result_dtypes: list[str] = field(default_factory=list)
     vectors: list[str] = field(default_factory=list)
@@ -127,10 +149,16 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
     def name(t: str) -> str:
         return alias.get(t, t)
 
-    def gemv(x: str, weight: str, out: str, dtype: str) -> None:
-        if kinds.get(weight) != "input" or len(types[weight].shape) != 2:
+    dequants: dict[str, tuple[str, Dequant]] = {}  # a dequantized weight -> its q input and how it is stored
+    products: dict[str, tuple[str, str]] = {}  # dequantized weight * vector -> (the vector, the weight)
+
+    def gemv(x: str, weight: str, out: str, dtype: str, quant: Dequant | None = None) -> None:
+        if quant is not None:
+            n, k = types[weight].shape[1], types[weight].shape[2] * DTYPES[types[weight].dtype].packed
+        elif kinds.get(weight) != "input" or len(types[weight].shape) != 2:
             raise SuperoptError(f"{what}: a matmul's weight '{weight}' is not a [k, n] program input")
-        k, n = types[weight].shape
+        else:
+            k, n = types[weight].shape
         if x in defs and x in declared:  # the GEMV reads its vector in its dtype (bf16, from shared memory)
             defs[x] = Step(defs[x].op, defs[x].kind, declared[x])
         if kinds[x] == "row":  # a GEMV result read whole: the stage that wrote it ends with it
@@ -150,6 +178,7 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
                 stage.vectors.append("")
             stages.append(stage)
         stage.weights.append(weight)
+        stage.quant.append(quant)
         stage.results.append(out)
         stage.result_dtypes.append(dtype)
         kinds[out], types[out], owner[out] = "row", TensorType((1, n), dtype), stages.index(stage)
@@ -168,6 +197,31 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
             at = next(k for k, s in enumerate(stage.epilogue) if s.op.outputs[0] == v)
             stage.epilogue[at] = Step(stage.epilogue[at].op, "row", dtype)
 
+    def quantized_gemv(op: str, inputs: tuple[str, ...], attrs: dict, out: str, ty: TensorType) -> bool:
+        """The quantized GEMV's three ops (model.quantized_linear): dequant of program inputs, its product with
+        a [1, k] vector, the sum over k of that product, which is the GEMV."""
+        if op == "dequant":
+            if any(kinds.get(i) != "input" for i in inputs) or types[inputs[0]].shape[:1] != (1,) or len(ty.shape) != 3:
+                raise SuperoptError(f"{what}: a dequant of values that are not [1, n, k] program inputs")
+            zero = inputs[2] if len(inputs) > 2 else None
+            bits = 4 if types[inputs[0]].dtype == "int4" else 8
+            dequants[out] = (inputs[0], Dequant(inputs[1], zero, bits, attrs["group"], attrs["high_first"]))
+            types[out] = ty
+            return True
+        if op == "mul" and inputs[0] in dequants and inputs[1] not in dequants:
+            if math.prod(types[inputs[1]].shape) != ty.shape[-1] or len(types[inputs[1]].shape) != 2:
+                raise SuperoptError(f"{what}: a dequantized weight times '{inputs[1]}', not a [1, k] vector")
+            products[out] = (inputs[1], inputs[0])
+            return True
+        if op == "sum" and inputs[0] in products:
+            if attrs["dim"] not in (2, -1) or attrs["keepdim"]:
+                raise SuperoptError(f"{what}: a sum of a dequantized weight's product not over its k")
+            x, w = products.pop(inputs[0])
+            q, quant = dequants[w]
+            gemv(x, q, out, ty.dtype, quant)
+            return True
+        return False
+
     def step(op: str, inputs: tuple[str, ...], attrs: dict, out: str, ty: TensorType, rounds: bool = True) -> None:
         inputs = tuple(name(i) for i in inputs)
         if not rounds:
@@ -176,6 +230,10 @@ def program_stages(graph: KernelGraph) -> list[Stage]:
         if op == "matmul":
             gemv(inputs[0], inputs[1], out, ty.dtype)
             return
+        if quantized_gemv(op, inputs, attrs, out, ty):
+            return
+        if any(i in dequants or i in products for i in inputs):
+            raise SuperoptError(f"{what}: a dequantized weight is read by '{op}', not as a GEMV's weight")
         if op == "accum_sum":
             round_to(inputs[0], ty.dtype)
             alias[out] = inputs[0]
@@ -331,8 +389,13 @@ def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
         raise SuperoptError(f"{what}: its GEMV multiplies by {stage.weights}, not the weights {list(kind.weights)}")
     order = [stage.weights.index(w) for w in kind.weights]  # units in the tiles' packing order
     stage.weights = [stage.weights[u] for u in order]
+    stage.quant = [stage.quant[u] for u in order]
     stage.results = [stage.results[u] for u in order]
     stage.result_dtypes = [stage.result_dtypes[u] for u in order]
+    packed = [(d.bits, d.group, d.zero is not None, d.high_first) if d else (16, 0, False, False) for d in stage.quant]
+    fmt = plan.fmt
+    if any(p != (fmt.bits, fmt.group, fmt.zero, fmt.high_first) for p in packed):
+        raise SuperoptError(f"{what}: its weights are stored as {packed}, the task graph packs them {fmt.describe()}")
     if (stage.k, stage.n, len(stage.weights)) != (plan.k, plan.rows, plan.unit):
         raise SuperoptError(
             f"{what}: a GEMV of {stage.n} rows of {stage.k} x {len(stage.weights)}, the task graph tiles "
@@ -357,18 +420,39 @@ def _bind(kind: Kind, stages: list[Stage] | str, plan: Gemv) -> Stage:
 
 
 def run_stage(
-    stage: Stage, vectors: dict[str, torch.Tensor], rows: dict[str, torch.Tensor], weights: list[torch.Tensor]
+    stage: Stage,
+    vectors: dict[str, torch.Tensor],
+    rows: dict[str, torch.Tensor],
+    weights: list[torch.Tensor | QuantizedWeight],
 ) -> torch.Tensor:
-    """One task of the stage: `vectors` [1, k] and `rows` [1, task rows] by name, `weights` [task rows, k] a
-    unit; each step by the reference interpreter's rule for its op, rounded to its dtype. The written value,
-    [1, task rows], in float32."""
+    """One task of the stage: `vectors` [1, k] and `rows` [1, task rows] by name, `weights` a unit: [task rows,
+    k], or a quantized unit's stored rows (what its ring chunks hold: layout.unpack_chunks); each step by the
+    reference interpreter's rule for its op, rounded to its dtype. The written value, [1, task rows], in
+    float32."""
     env = dict(vectors) | dict(rows)
     run_steps(stage.prologue, env)
     x = env[stage.x]
-    for name, w, dtype in zip(stage.results, weights, stage.result_dtypes):
-        env[name] = NATIVE.cast(x.float() @ w.float().T, TensorType((), dtype))
+    for name, w, quant, dtype in zip(stage.results, weights, stage.quant, stage.result_dtypes):
+        y = quantized_dot(w, quant, x.float()) if isinstance(w, QuantizedWeight) else x.float() @ w.float().T
+        env[name] = NATIVE.cast(y, TensorType((), dtype))
     run_steps(stage.epilogue, env)
     return env[stage.output].float()
+
+
+def quantized_dot(w: QuantizedWeight, quant: Dequant | None, x: torch.Tensor) -> torch.Tensor:
+    """x [1, k] times the stored rows, as the GPU computes it (gemv.cuh's QuantW): each group's dot product of
+    the integer values with x, less the zero times the group's sum of x, times the scale, in float32; the
+    dequantized weights are never rounded (the IR's dequant rounds each to bf16: one rounding a weight, inside
+    the GEMV's own error). The values are read as `quant` says (the nibble order, the group)."""
+    assert quant is not None
+    values = unpack_int4(w.q, quant.high_first) if quant.bits == 4 else w.q.to(torch.int64)
+    n, k = values.shape
+    groups = values.float().view(n, k // quant.group, quant.group)
+    xg = x.view(1, k // quant.group, quant.group)
+    dots = (groups * xg).sum(-1)
+    if w.zero is not None:
+        dots = dots - w.zero.float() * xg.sum(-1)
+    return (dots * w.scale.float()).sum(-1)[None]
 
 
 NATIVE = TorchEval("native")
@@ -439,12 +523,16 @@ def emit_stage(kind: Kind, stage: Stage) -> str:
     for j, v in enumerate(stage.scalars):
         names[v] = f"t.red[{SCALAR_SLOT + j}]"
     lines.append("  stamp(t.tr, 2);")
-    lines.append(f"  gemv<{k}, {plan_rc}>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);")
+    # The weight format is a template argument only where the weights are quantized: the bf16 bodies' source
+    # is what it was before quantized formats existed.
+    fmt = f", {stage.quant[0].cuda_type()}" if stage.quant[0] else ""
+    call = f"gemv<{k}, {plan_rc}{fmt}>(t.xs, t.ring, t.full, t.empty, chunk, t.nchunks, t.keep, t.part, t.tr);"
+    lines.append("  " + call)
     body = []
     for u, (res, dtype) in enumerate(zip(stage.results, stage.result_dtypes)):
         names[res] = f"m{u}"
         at = f"{u} * t.nrows + tid" if u else "tid"
-        body.append(f"const float m{u} = {_round(dtype)}(gemv_row<{k}, {plan_rc}>(t.part, {at}));")
+        body.append(f"const float m{u} = {_round(dtype)}(gemv_row<{k}, {plan_rc}{fmt}>(t.part, {at}));")
     for n, s in enumerate(stage.epilogue):
         names[s.op.outputs[0]] = f"e{n}"
         body.append(f"const float e{n} = {_expr(s, names, lambda v: names[v])};")
@@ -577,8 +665,13 @@ def stages_graph(program: KernelGraph, stages: list[Stage]) -> KernelGraph:
     for at, stage in enumerate(stages):
         for s in stage.prologue:
             emit(s)
-        for res, w in zip(stage.results, stage.weights):
-            env[res] = g.matmul(env[stage.x], env[w])
+        for res, w, quant in zip(stage.results, stage.weights, stage.quant):
+            if quant is None:
+                env[res] = g.matmul(env[stage.x], env[w])
+                continue
+            params = [env[quant.scale]] + ([env[quant.zero]] if quant.zero else [])
+            weight = g.dequant(env[w], *params, group=quant.group, high_first=quant.high_first)
+            env[res] = g.sum(g.mul(weight, env[stage.x]), dim=2)
         for s in stage.epilogue:
             emit(s)
         env[""] = env[stage.output]

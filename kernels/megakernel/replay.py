@@ -17,10 +17,10 @@ from superopt.ir import KernelGraph, Op
 from superopt.kernels import taskgraph
 from superopt.kernels.megakernel.attention import AttentionBody, run_head, run_score
 from superopt.kernels.megakernel.bodies import lower
-from superopt.kernels.megakernel.layout import packed_weights, small_params
+from superopt.kernels.megakernel.layout import packed_weights, small_params, unpack_chunks
 from superopt.kernels.megakernel.lowering import KIND, Stage, run_stage
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import Model
+from superopt.model import Model, QuantizedWeight
 from superopt.ops import TensorType
 
 INDEX = TensorType((), "float32")  # an argmax's result
@@ -60,7 +60,17 @@ def replay(
     steps_total = len(prompt) + new_tokens - 1
     if steps_total > model.max_seq:
         raise SuperoptError(f"megakernel: {steps_total} positions exceed the KV cache ({model.max_seq})")
-    weights = {k: v.float() for k, v in packed_weights(model, tg).items()}
+    if tg.fmt.quantized and tg.fmt != model.fmt:  # bf16 tasks run on a quantized model's dequantized weights
+        raise SuperoptError(
+            f"replay: the task graph packs {tg.fmt.describe()}, the model stores {model.fmt.describe()}"
+        )
+    if tg.head_fmt.quantized and tg.head_fmt != model.head_fmt:
+        raise SuperoptError(
+            f"replay: the task graph packs the LM head {tg.head_fmt.describe()}, the model stores it "
+            f"{model.head_fmt.describe()}"
+        )
+    packed = packed_weights(model, tg)
+    weights = {k: v if tg.gemv[k[0]].fmt.quantized else v.float() for k, v in packed.items()}
     small = {k: v.float() for k, v in small_params(model).items()}
     embed = model.w("model.embed_tokens.weight").float()
     lowering = lower(tg, programs)
@@ -117,8 +127,13 @@ def replay(
         kind, plan, i = KIND[t.op], tg.gemv[t.op], t.layer
         vectors = {v: source(kind.sources[v], i, h_in)[None] for v in stage.vectors}
         rows = {v: source(kind.sources[v], i, h_in)[None, t.row0 : t.row0 + t.nrows] for v in stage.rows}
-        w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
-        units = [w[u * t.nrows : (u + 1) * t.nrows] for u in range(plan.unit)]
+        units: list[torch.Tensor | QuantizedWeight]
+        if plan.fmt.quantized:  # the task's chunks, read back as the GPU reads its ring slots
+            tile = unpack_chunks(weights[(t.op, t.layer)].view(plan.tiles, plan.tile_bytes)[t.tile], plan)
+            units = [QuantizedWeight(*_rows(tile, u * t.nrows, (u + 1) * t.nrows)) for u in range(plan.unit)]
+        else:
+            w = weights[(t.op, t.layer)].view(plan.tiles, plan.tile * plan.unit, plan.k)[t.tile]
+            units = [w[u * t.nrows : (u + 1) * t.nrows] for u in range(plan.unit)]
         y = run_stage(stage, vectors, rows, units)[0]
         if stage.argmax:  # this task's part of the split argmax: its rows' maximum and its index
             write("logits", t.row0, y, g)
@@ -198,6 +213,10 @@ def replay(
             if where[sm][1] == len(tg.sm_tasks[sm]):
                 where[sm] = [g + 1, 0]
     return Generation(tokens, logits)
+
+
+def _rows(w: QuantizedWeight, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return w.q[lo:hi], w.scale[lo:hi], None if w.zero is None else w.zero[lo:hi]
 
 
 def agrees_with_replay(gpu: Generation, cpu: Generation, prompt_len: int) -> dict[str, Any]:

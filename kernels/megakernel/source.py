@@ -68,7 +68,7 @@ def source(
         "KV_CAP": sp["kv_cap"],
         "PART_HEAD": taskgraph.PART_HEAD,
         "PART": tg.buffers["part.0"],
-        "SLOT": taskgraph.SLOT_BYTES,
+        "SLOT": tg.slot_bytes,
         "NSLOTS": sp["slots"],
         "XS_ELEMS": sp["xs_elems"],
         "STAMPS": len(STAMP_NAMES),
@@ -116,7 +116,8 @@ def build_report(
 ) -> list[dict[str, Any]]:
     """Per task kind: its tasks and tiling, the layer programs it computes with their hashes, and, from the
     plan's `results` (each program's search result, by name), each program's winner, verification and predicted
-    time; `lowered_from`: the program its body is lowered from (`programs`, the winners, as `source` lowers them:
+    time; `weights`: a GEMV kind's weight format (tg.fmt for the projections, tg.head_fmt for the LM head);
+    `lowered_from`: the program its body is lowered from (`programs`, the winners, as `source` lowers them:
     "winner", or "program" and why the winner does not lower); `lowering`: each program's lowering verified
     against it (model_search.validate_lowering, as JSON)."""
     low = lower(tg, programs)
@@ -126,6 +127,7 @@ def build_report(
         row: dict[str, Any] = {"kind": op, "tasks": len(tg.by_op(op))}
         if plan is not None:
             row["tiling"] = {"rows": plan.tile, "k": plan.k, "chunks": plan.chunks, "chunk_bytes": plan.chunk_bytes}
+            row["weights"] = plan.fmt.describe()  # the LM head's: the projections' format, or bf16 kept wide
         computes = []
         for name in (n for n in TASK_PROGRAMS[op] if n in low.sources):
             result = (results or {}).get(name)
@@ -172,6 +174,7 @@ def report_lines(report: list[dict[str, Any]]) -> list[str]:
     for row in report:
         t = row.get("tiling")
         tiling = f", {t['rows']} rows of {t['k']} a task in {t['chunks']} chunk(s)" if t else ""
+        tiling += f", weights {row['weights']}" if "weights" in row else ""
         names = []
         for c in row["computes"]:
             what = (
