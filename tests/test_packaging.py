@@ -19,7 +19,7 @@ def test_wheel_installs_subpackages_and_imports_from_outside_the_tree(tmp_path):
     )
     (wheel,) = tmp_path.glob("superopt-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for sub in ("search_space", "verification", "kernels", "cli"):
+    for sub in ("search_space", "verification", "kernels", "cli", "serve"):
         assert f"superopt/{sub}/__init__.py" in names
     assert "superopt/cli/main.py" in names
     for cuda in ("prelude", "gemv", "attention", "kernel"):  # the megakernel's CUDA, package data
