@@ -804,32 +804,49 @@ class Decoder(DecodeLoop):
             return (normed * (1.0 + weight.float())).to(self.dt)
         return weight * normed.to(self.dt)
 
+    def embedded(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The tokens' embeddings [n, hidden] (scaled by sqrt(hidden) where the model does)."""
+        x = self.embed.index_select(0, tokens)
+        return x * torch.tensor(math.sqrt(self.cfg.hidden), dtype=self.dt) if self.cfg.gemma else x
+
+    def qkv_heads(
+        self, lw: dict[str, Any], x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A layer's q [..., heads, d], k and v [..., kv_heads, d] of x [..., hidden]: normed, projected, q and k
+        normed where the model does, then rotated."""
+        cfg, d = self.cfg, self.cfg.head_dim
+        y = self.rms_norm(x, lw["input_layernorm"])
+        lead = y.shape[:-1]
+        q = F.linear(y, lw["q_proj"], lw["q_bias"]).view(*lead, cfg.heads, d)
+        k = F.linear(y, lw["k_proj"], lw["k_bias"]).view(*lead, cfg.kv_heads, d)
+        v = F.linear(y, lw["v_proj"], lw["v_bias"]).view(*lead, cfg.kv_heads, d)
+        if cfg.qk_norm:
+            q, k = self.rms_norm(q, lw["q_norm"]), self.rms_norm(k, lw["k_norm"])
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def after_attention(self, lw: dict[str, Any], x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The layer's output from its input x and attention output a [..., heads * d]: the O projection and
+        its residual, then the MLP and its residual."""
+        x = x + F.linear(a, lw["o_proj"])
+        y = self.rms_norm(x, lw["post_attention_layernorm"])
+        act = REFERENCE[self.cfg.act]
+        return x + F.linear(act(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
+
     def step(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (float32, [vocab]) after `token` at position `pos`; appends to the KV cache."""
         cfg, d = self.cfg, self.cfg.head_dim
-        act = REFERENCE[cfg.act]
-        x = self.embed.index_select(0, token.view(1))[0]
-        if cfg.gemma:
-            x = x * torch.tensor(math.sqrt(cfg.hidden), dtype=self.dt)
+        x = self.embedded(token.view(1))[0]
         cos, sin = self.cos.index_select(0, pos.view(1))[0], self.sin.index_select(0, pos.view(1))[0]
         mask = attended(cfg, self.positions, pos.view(1))
         for i, lw in enumerate(self.layers):
-            y = self.rms_norm(x, lw["input_layernorm"])
-            q = F.linear(y, lw["q_proj"], lw["q_bias"]).view(cfg.heads, d)
-            k = F.linear(y, lw["k_proj"], lw["k_bias"]).view(cfg.kv_heads, d)
-            v = F.linear(y, lw["v_proj"], lw["v_bias"]).view(cfg.kv_heads, d)
-            if cfg.qk_norm:
-                q, k = self.rms_norm(q, lw["q_norm"]), self.rms_norm(k, lw["k_norm"])
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self.qkv_heads(lw, x, cos, sin)
             self.k_cache[i].index_copy_(1, pos.view(1), k[:, None])
             self.v_cache[i].index_copy_(1, pos.view(1), v[:, None])
             qg = q.view(cfg.kv_heads, cfg.group, d).float()
             scores = (qg @ self.k_cache[i].float().transpose(1, 2)) / math.sqrt(d)
             probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1)
             a = (probs @ self.v_cache[i].float()).to(self.dt).reshape(cfg.heads * d)
-            x = x + F.linear(a, lw["o_proj"])
-            y = self.rms_norm(x, lw["post_attention_layernorm"])
-            x = x + F.linear(act(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
+            x = self.after_attention(lw, x, a)
         return F.linear(self.rms_norm(x, self.norm), self.lm_head).float()
 
 

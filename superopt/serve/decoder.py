@@ -18,8 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
-from superopt.interpret import REFERENCE
-from superopt.model import Decoder, Model, apply_rope, attended, rope_table
+from superopt.model import Decoder, Model, attended, rope_table
 from superopt.serve.kv import PagedKVCache
 
 
@@ -48,30 +47,19 @@ class BatchedDecoder:
     def step(self, chunks: list[Chunk]) -> torch.Tensor:
         """Feeds every chunk's tokens, appending their k and v to the cache; returns the logits (float32,
         [len(chunks), vocab]) after each chunk's last token."""
-        cfg, ref, d = self.cfg, self.ref, self.cfg.head_dim
-        act = REFERENCE[cfg.act]
+        ref = self.ref
         tokens = torch.tensor([t for c in chunks for t in c.tokens])
         pos = torch.cat([torch.arange(c.start, c.end) for c in chunks])
         new_slots = torch.cat([c.slots[c.start :] for c in chunks])
-        x = ref.embed.index_select(0, tokens)
-        if cfg.gemma:
-            x = x * torch.tensor(math.sqrt(cfg.hidden), dtype=self.dt)
+        x = ref.embedded(tokens)
         cos, sin = self.cos[pos][:, None], self.sin[pos][:, None]  # [T, 1, d / 2]: the same for every head
         for i, lw in enumerate(ref.layers):
-            y = ref.rms_norm(x, lw["input_layernorm"])
-            q = F.linear(y, lw["q_proj"], lw["q_bias"]).view(-1, cfg.heads, d)
-            k = F.linear(y, lw["k_proj"], lw["k_bias"]).view(-1, cfg.kv_heads, d)
-            v = F.linear(y, lw["v_proj"], lw["v_bias"]).view(-1, cfg.kv_heads, d)
-            if cfg.qk_norm:
-                q, k = ref.rms_norm(q, lw["q_norm"]), ref.rms_norm(k, lw["k_norm"])
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = ref.qkv_heads(lw, x, cos, sin)
             self.cache.write(i, new_slots, k, v)
             a = torch.cat(
                 [self.attend(i, part, c) for part, c in zip(q.split([len(c.tokens) for c in chunks]), chunks)]
             )
-            x = x + F.linear(a, lw["o_proj"])
-            y = ref.rms_norm(x, lw["post_attention_layernorm"])
-            x = x + F.linear(act(F.linear(y, lw["gate_proj"])) * F.linear(y, lw["up_proj"]), lw["down_proj"])
+            x = ref.after_attention(lw, x, a)
         last = torch.tensor([c.end - c.start for c in chunks]).cumsum(0) - 1
         return F.linear(ref.rms_norm(x[last], ref.norm), ref.lm_head).float()
 
