@@ -4,13 +4,15 @@
 in a subprocess (`python -m superopt.kernels.timing JOB OUT`) they share while they behave, so the process start
 and CUDA set-up are paid once, not a candidate; a compile error, crash, hang or wrong result still costs only the
 candidate it happens in and is recorded against it (the rest go on in a fresh process). `measure` is one
-candidate. Each timed candidate is checked on the GPU against the reference program evaluated in float64 on the
-same inputs.
+candidate. A `Worker` may be started before its job is known (the pipeline starts one as its search begins), so
+that its torch import and CUDA set-up overlap the search; `measure_all(..., started=worker)` hands it the job. Each
+timed candidate is checked on the GPU against the reference program evaluated in float64 on the same inputs.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -18,7 +20,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +118,8 @@ def check(
 
 @dataclass(frozen=True)
 class Measurement:
-    """One candidate's outcome: status is ok, compile_error, crash, timeout or wrong."""
+    """One candidate's outcome: status is ok, compile_error, crash, timeout or wrong; `seconds`: the worker's
+    wall time for it (compile, check, time; none where the worker gave no result)."""
 
     status: str
     median_us: float | None = None
@@ -124,6 +127,7 @@ class Measurement:
     p80_us: float | None = None
     error_vs_tolerance: float | None = None
     message: str = ""
+    seconds: float | None = None
 
 
 def input_scale(graph: KernelGraph, seed: int = 0, largest: float = INPUT_SCALE) -> float:
@@ -186,6 +190,67 @@ def run_job(job: dict[str, Any]) -> Measurement:
 WORKER = (sys.executable, "-m", "superopt.kernels.timing")
 CUDA_BROKEN = 3  # a worker's exit code after a candidate left the CUDA context unusable (its result written)
 POLL_S = 0.02
+PARENT_ENV = "SUPEROPT_TIMING_PARENT"  # the pid of the process that started a worker (it ends when that one goes)
+
+
+class Worker:
+    """One worker process, `command JOB OUT`, in its own temporary folder. Given `job`, JOB is written before it
+    starts; without, it starts at once (importing torch, creating its CUDA context) and waits until `submit`
+    writes JOB. `close` (also on leaving a `with`) kills it if it still runs and removes its folder; closing
+    twice is harmless. The command must be the worker itself (or `exec` it): it watches its parent process."""
+
+    def __init__(self, command: Sequence[str] = WORKER, job: dict[str, Any] | None = None) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="superopt-timing-")
+        folder = Path(self._tmp.name)
+        self.job_path, self.out_path, self.err_path = folder / "job.json", folder / "results.jsonl", folder / "stderr"
+        self.submitted = job is not None
+        try:
+            self.out_path.touch()
+            if job is not None:
+                self.job_path.write_text(json.dumps(job))
+            with self.err_path.open("w") as err:  # the child holds its own copy
+                self.proc = subprocess.Popen(
+                    [*command, str(self.job_path), str(self.out_path)],
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=err,
+                    env=os.environ | {PARENT_ENV: str(os.getpid())},
+                )
+        except BaseException:
+            self._tmp.cleanup()
+            raise
+
+    def submit(self, job: dict[str, Any]) -> None:
+        """Hands the waiting worker its job (written whole, then renamed: it never reads half a job)."""
+        if self.submitted:
+            raise RuntimeError("this timing worker already has its job")
+        part = self.job_path.with_name("job.json.part")
+        part.write_text(json.dumps(job))
+        os.replace(part, self.job_path)
+        self.submitted = True
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def waiting(self) -> bool:
+        """Started without a job, not handed one yet, and still alive."""
+        return not self.submitted and self.running()
+
+    def kill(self) -> None:
+        """Ends the process (if it still runs); its files stay until `close`."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        self._tmp.cleanup()
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def measure_all(
@@ -199,78 +264,71 @@ def measure_all(
     scale: float | None = None,
     module_dir: Path | None = None,
     worker: Sequence[str] = WORKER,
+    started: Worker | None = None,
 ) -> list[Measurement]:
     """Compiles, checks and times each candidate against `reference`, in order, in one worker process while they
     behave; never raises for a candidate's faults. A candidate with no result within `timeout_s` (its own part,
     the process start included for the first) is a timeout, one whose worker dies a crash, each recorded against
     it, and the rest go on in a fresh worker. At `deadline` (monotonic seconds) the candidate running is a
     timeout and the rest are skipped. `scale`: the inputs' scale (default: `input_scale(reference)`); `module_dir`:
-    where generated modules go; `worker`: the command run as `worker JOB OUT`."""
+    where generated modules go; `worker`: the command run as `worker JOB OUT`; `started`: a Worker started
+    earlier without a job, which the first candidates then run in (one that died waiting is replaced by a fresh
+    one). measure_all owns `started`: it is closed when measure_all returns or raises, used or not."""
     results: list[Measurement | None] = [None] * len(candidates)
-    job = {
-        "reference": to_json(reference),
-        "seed": seed,
-        "reps": reps,
-        "backend": backend,
-        "scale": scale,
-        "module_dir": str(module_dir) if module_dir is not None else None,
-    }
     first = 0
-    while first < len(candidates) and time.monotonic() < deadline:
-        first = _run_worker(candidates, first, job, results, deadline, timeout_s, worker)
+    try:
+        job = {
+            "reference": to_json(reference),
+            "seed": seed,
+            "reps": reps,
+            "backend": backend,
+            "scale": scale,
+            "module_dir": str(module_dir) if module_dir is not None else None,
+        }
+        while first < len(candidates) and time.monotonic() < deadline:
+            rest = job | {"candidates": [to_json(c) for c in candidates[first:]]}
+            if started is not None and started.waiting():
+                started.submit(rest)
+                w = started
+            else:
+                w = Worker(worker, rest)
+            with w:
+                first = _run_worker(w, first, results, deadline, timeout_s)
+    finally:
+        if started is not None:  # used (then closed already), died waiting, or never handed a job
+            started.close()
     return [r or Measurement("skipped", message="not timed: the budget ended first") for r in results]
 
 
-def _run_worker(
-    candidates: Sequence[KernelGraph],
-    first: int,
-    job: dict[str, Any],
-    results: list[Measurement | None],
-    deadline: float,
-    timeout_s: float,
-    worker: Sequence[str],
-) -> int:
-    """Runs candidates[first:] in one worker until it ends or fails; fills their results; the next to run."""
-    with tempfile.TemporaryDirectory(prefix="superopt-timing-") as tmp:
-        job_path, out_path, err_path = Path(tmp) / "job.json", Path(tmp) / "results.jsonl", Path(tmp) / "stderr"
-        job_path.write_text(json.dumps(job | {"candidates": [to_json(c) for c in candidates[first:]]}))
-        out_path.touch()
-        done, lines = first, 0
-        with err_path.open("w") as err:
-            proc = subprocess.Popen([*worker, str(job_path), str(out_path)], stdout=subprocess.DEVNULL, stderr=err)
-            since = time.monotonic()
+def _run_worker(w: Worker, first: int, results: list[Measurement | None], deadline: float, timeout_s: float) -> int:
+    """Collects the results of worker `w`, which runs candidates first.. of `results`, until it ends or fails;
+    the next candidate to run (in a fresh worker)."""
+    done, lines, since = first, 0, time.monotonic()
 
-            def collect() -> None:
-                nonlocal done, lines, since
-                finished = out_path.read_text().split("\n")[:-1]  # a line is complete once its newline is written
-                for line in finished[lines:]:
-                    results[done] = Measurement(**json.loads(line))
-                    done, since = done + 1, time.monotonic()
-                lines = len(finished)
+    def collect() -> None:
+        nonlocal done, lines, since
+        finished = w.out_path.read_text().split("\n")[:-1]  # a line is complete once its newline is written
+        for line in finished[lines:]:
+            results[done] = Measurement(**json.loads(line))
+            done, since = done + 1, time.monotonic()
+        lines = len(finished)
 
-            try:
-                while proc.poll() is None:
-                    collect()
-                    now = time.monotonic()
-                    if now >= deadline or now - since >= timeout_s:
-                        proc.kill()
-                        proc.wait()
-                        collect()
-                        if done < len(candidates):
-                            why = f"no result within {timeout_s:g} s" if now < deadline else "the budget ended first"
-                            results[done] = Measurement("timeout", message=why)
-                        return done + 1 if now < deadline else len(candidates)
-                    time.sleep(POLL_S)
-            finally:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+    while w.running():
+        collect()
+        now = time.monotonic()
+        if now >= deadline or now - since >= timeout_s:
+            w.kill()
             collect()
-        if done < len(candidates) and proc.returncode != CUDA_BROKEN:  # it died in candidate `done`
-            message = f"exit code {proc.returncode}: {err_path.read_text()[-2000:]}"
-            results[done] = Measurement("crash", message=message)
-            return done + 1
-        return done
+            if done < len(results):
+                why = f"no result within {timeout_s:g} s" if now < deadline else "the budget ended first"
+                results[done] = Measurement("timeout", message=why)
+            return done + 1 if now < deadline else len(results)
+        time.sleep(POLL_S)
+    collect()
+    if done < len(results) and w.proc.returncode != CUDA_BROKEN:  # it died in candidate `done`
+        results[done] = Measurement("crash", message=f"exit code {w.proc.returncode}: {w.err_path.read_text()[-2000:]}")
+        return done + 1
+    return done
 
 
 def measure(
@@ -287,16 +345,45 @@ def measure(
     return measure_all([candidate], reference, float("inf"), timeout_s, seed, reps, backend, scale, module_dir)[0]
 
 
+def warm_up() -> None:
+    """What every candidate needs and none changes, done before the job comes: the CUDA context and Triton's
+    driver. A failure here is left for the first candidate to meet and record."""
+    try:
+        torch.zeros(1, device="cuda")
+        torch.cuda.synchronize()
+        import triton
+
+        triton.runtime.driver.active.get_current_device()
+    except Exception:  # noqa: BLE001 (recorded against the first candidate, which meets it again)
+        pass
+
+
 def main(argv: Sequence[str]) -> int:
-    """The worker: each candidate of the job in order, its result a line of OUT as soon as it is known."""
+    """The worker: set up, wait for JOB (written by Worker.submit), then each candidate of the job in order, its
+    result (with the seconds it took here) a line of OUT as soon as it is known. It ends, without finishing, when
+    the process that started it is gone (SIGKILLed, say): no one waits for the rest."""
     job_path, out_path = argv
+    parent = int(os.environ.get(PARENT_ENV) or os.getppid())  # taken at the start: the parent may be gone already
+
+    def orphaned() -> bool:
+        return os.getppid() != parent
+
+    warm_up()
+    while not Path(job_path).exists():
+        if orphaned():
+            return 0
+        time.sleep(POLL_S)
     job = json.loads(Path(job_path).read_text())
     with Path(out_path).open("a") as out:
         for candidate in job["candidates"]:
+            if orphaned():
+                return 0
+            start = time.monotonic()
             try:
                 result = run_job(job | {"candidate": candidate})
             except Exception:  # noqa: BLE001 (a failure outside compile and check is still the candidate's crash)
                 result = Measurement("crash", message=traceback.format_exc()[-2000:])
+            result = replace(result, seconds=round(time.monotonic() - start, 3))
             out.write(json.dumps(asdict(result)) + "\n")
             out.flush()
             if result.status != "ok":

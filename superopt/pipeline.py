@@ -1,8 +1,9 @@
 """The pipeline, the one place that knows the order:
 
 cache lookup -> search (superopt.search_space, which verifies what it keeps) -> rank by the cost model ->
-on a GPU: compile, check and time the top k (kernels/timing.py, each candidate in its own process) against torch
-eager and torch.compile timed in the same run, and each time as a fraction of the program's floor;
+on a GPU: compile, check and time the top k, best predicted first (kernels/timing.py: one worker process, started
+as the search starts so that its torch import and CUDA set-up overlap it) against torch eager and torch.compile
+timed in the same run, and each time as a fraction of the program's floor;
 without a GPU: run the best-ranked candidate's Triton code under the Triton interpreter against the reference
 interpreter, and say that timing needs a GPU -> Result -> cache store.
 
@@ -10,13 +11,15 @@ The input program itself is always a candidate (verified by identity), so there 
 finds nothing within its budget, and measured time can prefer it to a fused candidate the model liked.
 
 The wall budget (`Settings.budget_s`) bounds all of it per program, from the cache lookup to the stored result:
-the search gets SEARCH_SHARE of it (less on a GPU, where compiling and timing take longer), and whatever the
-search leaves goes to the checks after it, which run only what fits: an interpreter run whose estimated time
-exceeds what is left, the candidates' timing with less than MEASURE_MIN_S left (one worker process times them
-in order: kernels/timing.py's measure_all; the deadline ends it), or torch.compile with less than COMPILE_MIN_S,
-is skipped and says so. Each stage stops at its deadline, so the whole ends within the budget
-up to one step's overrun. A result records which budgets cut it (`Result.cut`); the cache serves an uncut
-(exhaustive) result for any budget, and searches again where a budget that cut the stored one is larger now.
+the search gets SEARCH_SHARE of it (on a GPU SEARCH_SHARE_GPU, and no more than leaves the time to time one
+candidate after it: `_search_s`), and whatever the search leaves goes to the checks after it, which run only what
+fits: an interpreter run whose estimated time exceeds what is left, the candidates' timing with less than one
+candidate's estimated time left (`candidate_s`; the worker times them in order: kernels/timing.py's measure_all;
+the deadline ends it), or torch.compile with less than COMPILE_MIN_S, is skipped and says so. The timing worker
+is killed on every way out of `optimize_program`, an exception's included. Each stage stops at its deadline, so
+the whole ends within the budget up to one step's overrun. A result records which budgets cut it (`Result.cut`);
+the cache serves an uncut (exhaustive) result for any budget, and searches again where a budget that cut the
+stored one is larger now.
 """
 
 from __future__ import annotations
@@ -39,7 +42,16 @@ from superopt.kernels import compile
 from superopt.kernels.cost import floor
 from superopt.kernels.device import DEVICES, DeviceSpec, detect, get_device
 from superopt.kernels.lower import lower
-from superopt.kernels.timing import Measurement, bench, check, input_scale, measure_all, random_device_inputs
+from superopt.kernels.timing import (
+    WORKER,
+    Measurement,
+    Worker,
+    bench,
+    check,
+    input_scale,
+    measure_all,
+    random_device_inputs,
+)
 from superopt.kernels.triton_codegen import use_interpreter
 from superopt.result import Baseline, Candidate, Result, Row, Trial
 from superopt.search_space import program_candidate, search
@@ -60,9 +72,31 @@ RECHECK_TESTS = 3  # finite-field tests that re-verify a cached winner on every 
 # Of the wall budget: the search's share, without and with a GPU; the rest is for checking, compiling and timing.
 SEARCH_SHARE, SEARCH_SHARE_GPU = 0.85, 0.5
 END_S = 0.05  # of the budget, kept for what follows the last deadline (the result, the cache write)
-MEASURE_MIN_S = 5.0  # the timing worker's start and a first candidate (compile, check, time) need about this
+# Estimates (seconds, one H100) of what timing needs: the worker's start (torch import, CUDA context; it runs
+# beside the search, so it costs the budget only where the search is shorter), this process's eager baseline after
+# the search (CUDA set-up, the inputs, the timing), and one candidate's compile, check and timing in a started
+# worker, until this process has measured some (`candidate_s`).
+WORKER_START_S = 6.0
+EAGER_S = 3.0
+MEASURE_MIN_S = 5.0
+MEASURED_KEPT = 16  # the per-candidate times `candidate_s` takes the largest of: the last this many timed
+TIMING_WORKER = WORKER  # the command the timing worker runs as (tests put a fake one here)
 MEASURE_TIMEOUT_S = 120.0  # the most one candidate's timing may take
 COMPILE_MIN_S = 20.0  # torch.compile's baseline (inductor, in this process: it cannot be stopped) needs this
+
+
+def on_gpu() -> bool:
+    """Whether candidates are timed here (a CUDA GPU is present) rather than checked under the interpreter."""
+    return torch.cuda.is_available()
+
+
+_measured_s: list[float] = []  # wall seconds of the candidates timed in this process, the last MEASURED_KEPT
+
+
+def candidate_s() -> float:
+    """What timing one candidate (compile, check, time) in a started worker takes: the longest of the last
+    MEASURED_KEPT that timed correctly in this process, else the estimate MEASURE_MIN_S."""
+    return max(_measured_s[-MEASURED_KEPT:], default=MEASURE_MIN_S)
 
 
 def check_device(value: Any) -> str:
@@ -254,9 +288,11 @@ def _time_on_gpu(
     log: TrialLog,
     module_dir: Path | None,
     deadline: float,
+    started: Worker | None = None,
 ) -> tuple[dict[str, Baseline], dict[str, Trial], bool]:
     """Times torch eager, the candidates `tried` (in their order) and torch.compile in this run, as far as the
-    deadline (monotonic seconds) allows: the baselines, the trials, and whether the deadline skipped any."""
+    deadline (monotonic seconds) allows: the baselines, the trials, and whether the deadline skipped any.
+    `started`: a timing worker started earlier, waiting for its job (closed here, used or not)."""
     scale = input_scale(program, seed)
     inputs = random_device_inputs(program, seed, scale)
     args = [inputs[n] for n in program.inputs]
@@ -272,16 +308,30 @@ def _time_on_gpu(
 
     # as benchmarks/peers.py times them: eager launched from Python (milliseconds), torch.compile in a CUDA graph
     baselines = {"eager": _bench_or_error(lambda: lambda: fn(*args), cuda_graph=False)}
-    why = skipped(MEASURE_MIN_S)
+    why = skipped(round(candidate_s(), 1))
     if why is None:
         graphs = [c.graph for c in tried]
-        measured = measure_all(graphs, program, deadline, MEASURE_TIMEOUT_S, seed, scale=scale, module_dir=module_dir)
+        measured = measure_all(
+            graphs,
+            program,
+            deadline,
+            MEASURE_TIMEOUT_S,
+            seed,
+            scale=scale,
+            module_dir=module_dir,
+            worker=TIMING_WORKER,
+            started=started,
+        )
+        _measured_s.extend(m.seconds for m in measured if m.status == "ok" and m.seconds is not None)
+        del _measured_s[:-MEASURED_KEPT]
     else:
+        if started is not None:
+            started.close()
         measured = [Measurement("skipped", message=why)] * len(tried)
     trials = {}
     for c, m in zip(tried, measured):
         trials[c.hash] = Trial(m.status, m.median_us, m.error_vs_tolerance, message=m.message or None)
-        log.write(hash=c.hash, status=m.status, predicted_us=c.predicted_us, measured_us=m.median_us)
+        log.write(hash=c.hash, status=m.status, predicted_us=c.predicted_us, measured_us=m.median_us, s=m.seconds)
     why = skipped(COMPILE_MIN_S)
     baselines["torch.compile"] = (
         Baseline("skipped", message=why) if why is not None else _bench_or_error(compiled, cuda_graph=True)
@@ -299,11 +349,16 @@ def _row(c: Candidate, rank: int, trial: Trial | None, baselines: dict[str, Base
 
 
 def _search_s(graph: KernelGraph, budget_s: float) -> float:
-    """The search's part of a program's wall budget. On a GPU a fixed share; without one, what is left after the
-    interpreter check of a winner like the program (its own check's estimate, at most half the budget), so
-    that a small budget still checks the winner."""
-    if torch.cuda.is_available():
-        return SEARCH_SHARE_GPU * budget_s
+    """The search's part of a program's wall budget. On a GPU SEARCH_SHARE_GPU of it, but no more than leaves
+    the time to time the best-ranked candidate after the search (the eager baseline, then one candidate in the
+    worker started beside the search), where the budget holds the worker's start and that at all; without a GPU,
+    what is left after the interpreter check of a winner like the program (its own check's estimate, at most
+    half the budget), so that a small budget still checks the winner."""
+    if on_gpu():
+        usable, after = (1 - END_S) * budget_s, EAGER_S + candidate_s()
+        if WORKER_START_S + after > usable:  # too small to time even one candidate: the search keeps its share
+            return SEARCH_SHARE_GPU * budget_s
+        return min(SEARCH_SHARE_GPU * budget_s, usable - after)
     steps = interpreted(graph, graph)[3]
     check_s = INTERPRETER_START_S + steps * INTERPRETER_S_PER_STEP if steps <= INTERPRETER_MAX_STEPS else 0.0
     return min(SEARCH_SHARE * budget_s, (1 - END_S) * budget_s - min(check_s, budget_s / 2))
@@ -356,7 +411,11 @@ def optimize_program(
     deadline = clock + (1 - END_S) * settings.budget_s
     searching = mode == "search"
     log = TrialLog(cache if searching else None, key)
+    worker = None
     try:
+        # the timing worker, started now so that its torch import and CUDA set-up run beside the search; closed
+        # on every way out (and by measure_all, which hands it its job, as soon as the timing ends)
+        worker = Worker(TIMING_WORKER) if on_gpu() else None
         stats, cut = None, set()
         if searching:
 
@@ -382,9 +441,11 @@ def optimize_program(
         ranked = sorted(candidates, key=lambda c: (c.predicted_us, c.source != "program"))
         kernel_dir = cache.kernel_dir if cache is not None else None
         floor_us = floor(graph, device).us
-        evaluated = _evaluate(graph, ranked, settings.seed, floor_us, top_k, log, kernel_dir, deadline)
+        evaluated = _evaluate(graph, ranked, settings.seed, floor_us, top_k, log, kernel_dir, deadline, worker)
         best, best_trial, rows, baselines, evaluation_cut = evaluated
     finally:
+        if worker is not None:
+            worker.close()
         log.close()
     result = Result(
         name=graph.name,
@@ -392,7 +453,7 @@ def optimize_program(
         settings={k: v for k, v in dataclasses.asdict(settings).items() if k != "ray"}
         | {"device": device.name, "states": states},
         device=device.name,
-        gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        gpu=torch.cuda.get_device_name() if on_gpu() else None,
         versions=versions(),
         floor_us=floor_us,
         best=best,
@@ -425,14 +486,17 @@ def _evaluate(
     log: TrialLog,
     module_dir: Path | None,
     deadline: float,
+    started: Worker | None = None,
 ) -> tuple[Candidate, Trial | None, tuple[Row, ...], dict[str, Baseline], bool]:
     """Picks the winner (by measured time on a GPU, by the model and an interpreter check without) by the
     deadline (monotonic seconds): the winner, its trial, the rows of the candidates tried, the baselines timed,
-    and whether the deadline cut a check or a timing. Kernel modules go to `module_dir`."""
-    # the top k by the model, and the unfused program as the fallback that is always correct
+    and whether the deadline cut a check or a timing. Kernel modules go to `module_dir`; `started`: the timing
+    worker started beside the search (on a GPU)."""
+    # the top k by the model, best predicted first (timed in this order), and the unfused program as the
+    # fallback that is always correct
     tried = ranked[:top_k] + [c for c in ranked[top_k:] if c.source == "program"]
-    if torch.cuda.is_available():
-        baselines, trials, cut = _time_on_gpu(program, tried, seed, log, module_dir, deadline)
+    if on_gpu():
+        baselines, trials, cut = _time_on_gpu(program, tried, seed, log, module_dir, deadline, started)
         timed = [c for c in tried if trials[c.hash].status == "ok"]
         unfused = next(c for c in tried if c.source == "program")
         best = min(timed, key=lambda c: trials[c.hash].measured_us) if timed else unfused

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -59,22 +64,73 @@ def test_timeout_is_recorded_against_the_candidate():
     assert result == Measurement("timeout", message="no result within 0.01 s")
 
 
+# A stand-in for `python -m superopt.kernels.timing` that follows its protocol, `worker [LOG] JOB OUT`: it notes
+# its pid in LOG (if given), waits for JOB (a Worker started without a job gets it later; orphaned, it ends),
+# then writes one JSON result line per candidate to OUT, behaving as each candidate's name says.
 FAKE_WORKER = """
 import json, os, sys, time
-job = json.load(open(sys.argv[1]))
-with open(sys.argv[2], "a") as out:
-    for c in job["candidates"]:
+*_, job_path, out_path = sys.argv
+if len(sys.argv) > 3:
+    with open(sys.argv[1], "a") as log:
+        log.write(f"{os.getpid()}\\n")
+while not os.path.exists(job_path):
+    if os.getppid() != int(os.environ["SUPEROPT_TIMING_PARENT"]):
+        sys.exit(0)  # orphaned, as the real worker ends
+    time.sleep(0.01)
+job = json.load(open(job_path))
+with open(out_path, "a") as out:
+    for k, c in enumerate(job["candidates"]):
         name = c["name"]
         if name.startswith("crash"):
             os._exit(1)
         if name.startswith("hang"):
             time.sleep(60)
         status = "crash" if name.startswith("poison") else "ok"
-        out.write(json.dumps({"status": status, "median_us": 1.0 if status == "ok" else None}) + "\\n")
+        median = float(name[2:]) if status == "ok" and name[2:].isdigit() else None
+        out.write(json.dumps({"status": status, "median_us": median, "seconds": 0.001}) + "\\n")
         out.flush()
         if name.startswith("poison"):
             sys.exit(3)
 """
+
+
+@pytest.fixture
+def fake(tmp_path):
+    """The fake worker's command, and the pids of the processes started with it (read from its log)."""
+    script, log = tmp_path / "worker.py", tmp_path / "pids"
+    script.write_text(FAKE_WORKER)
+    log.touch()
+    return SimpleNamespace(command=(sys.executable, str(script), str(log)), pids=lambda: _pids(log))
+
+
+def _pids(log: Path) -> list[int]:
+    return [int(line) for line in log.read_text().split()]
+
+
+def _wait(condition, within: float = 10.0) -> bool:
+    end = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def _gone(pid: int) -> bool:
+    """The process has ended (a zombie nobody reaped yet counts: it runs nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def _closed(w: timing.Worker) -> bool:
+    return w.proc.returncode is not None and _gone(w.proc.pid) and not w.job_path.parent.exists()
+
+
+# a command that must not run: where measure_all should use the started worker, a fresh one would crash each
+NO_FRESH_WORKER = (sys.executable, "-c", "raise SystemExit(9)")
 
 
 def _named(name: str) -> superopt.KernelGraph:
@@ -83,27 +139,110 @@ def _named(name: str) -> superopt.KernelGraph:
     return g
 
 
-def test_measure_all_blames_each_fault_on_its_candidate_and_goes_on(tmp_path):
+@pytest.mark.parametrize("prestarted", [False, True])
+def test_measure_all_blames_each_fault_on_its_candidate_and_goes_on(fake, prestarted):
     """One worker times the candidates while they behave; a crash, a hang past the timeout or a poisoned
-    context costs the candidate it happened in, the rest are timed by a fresh worker."""
-    worker = tmp_path / "worker.py"
-    worker.write_text(FAKE_WORKER)
+    context costs the candidate it happened in, the rest are timed by a fresh worker; so too where the first
+    worker was started before the job was known."""
     names = ["ok1", "crash", "ok2", "hang", "ok3", "poison", "ok4"]
+    started = timing.Worker(fake.command) if prestarted else None
     got = timing.measure_all(
-        [_named(n) for n in names], _named("ref"), timeout_s=1.0, worker=(sys.executable, str(worker))
+        [_named(n) for n in names], _named("ref"), timeout_s=1.0, worker=fake.command, started=started
     )
     assert [m.status for m in got] == ["ok", "crash", "ok", "timeout", "ok", "crash", "ok"]
+    assert [m.median_us for m in got] == [1.0, None, 2.0, None, 3.0, None, 4.0]
     assert "exit code 1" in got[1].message and got[3].message == "no result within 1 s"
+    pids = fake.pids()
+    assert len(pids) == 4 and all(_gone(p) for p in pids)  # one worker, then one after each fault
+    if prestarted:
+        assert pids[0] == started.proc.pid and _closed(started)
 
 
-def test_measure_all_skips_what_the_deadline_leaves_no_time_for(tmp_path):
-    worker = tmp_path / "worker.py"
-    worker.write_text(FAKE_WORKER)
+def test_measure_all_skips_what_the_deadline_leaves_no_time_for(fake):
     graphs = [_named(n) for n in ["ok1", "hang", "ok2"]]
     deadline = time.monotonic() + 1.0
-    got = timing.measure_all(graphs, _named("ref"), deadline, timeout_s=30, worker=(sys.executable, str(worker)))
+    got = timing.measure_all(graphs, _named("ref"), deadline, timeout_s=30, worker=fake.command)
     assert [m.status for m in got] == ["ok", "timeout", "skipped"]
     assert got[1].message == "the budget ended first" and time.monotonic() < deadline + 1.0
+
+
+def test_a_started_worker_gets_the_job_and_its_results_come_back_in_order(fake):
+    started = timing.Worker(fake.command)
+    assert _wait(lambda: fake.pids() == [started.proc.pid])  # running, before any job exists
+    assert started.waiting() and not started.job_path.exists()
+    got = timing.measure_all(
+        [_named(f"ok{k}") for k in (3, 1, 2)], _named("ref"), worker=NO_FRESH_WORKER, started=started
+    )
+    assert [(m.status, m.median_us, m.seconds) for m in got] == [
+        ("ok", 3.0, 0.001),
+        ("ok", 1.0, 0.001),
+        ("ok", 2.0, 0.001),
+    ]
+    assert fake.pids() == [started.proc.pid] and _closed(started)
+
+
+def test_a_started_worker_that_died_waiting_is_replaced(fake):
+    started = timing.Worker((sys.executable, "-c", "raise SystemExit(5)"))
+    assert _wait(lambda: not started.running()) and not started.waiting()
+    got = timing.measure_all([_named("ok1"), _named("ok2")], _named("ref"), worker=fake.command, started=started)
+    assert [m.status for m in got] == ["ok", "ok"] and len(fake.pids()) == 1 and _closed(started)
+
+
+def test_a_started_worker_never_handed_a_job_is_closed(fake):
+    """The deadline passed before the timing began, or there was nothing to time: no job, the worker killed."""
+    for graphs, deadline in [([_named("ok1")], time.monotonic() - 1), ([], float("inf"))]:
+        started = timing.Worker(fake.command)
+        got = timing.measure_all(graphs, _named("ref"), deadline, worker=NO_FRESH_WORKER, started=started)
+        assert [m.status for m in got] == ["skipped"] * len(graphs) and _closed(started)
+
+
+def test_a_started_worker_is_closed_when_measure_all_raises(fake):
+    """Ctrl-C while a candidate runs: measure_all raises, and the worker it was handed is gone with its folder."""
+    started = timing.Worker(fake.command)
+    interrupt = threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT))
+    interrupt.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            timing.measure_all(
+                [_named("ok1"), _named("hang")], _named("ref"), time.monotonic() + 20, 20, started=started
+            )
+    finally:
+        interrupt.cancel()
+    assert started.submitted and _closed(started)
+
+
+def test_submit_hands_over_one_job():
+    with timing.Worker(NO_FRESH_WORKER) as w:
+        w.submit({"candidates": []})
+        assert json.loads(w.job_path.read_text()) == {"candidates": []} and not w.waiting()
+        with pytest.raises(RuntimeError, match="already has its job"):
+            w.submit({"candidates": []})
+    with timing.Worker(NO_FRESH_WORKER, {"candidates": []}) as w, pytest.raises(RuntimeError):
+        w.submit({"candidates": []})
+    assert _closed(w)
+
+
+ORPHAN = """
+import os, sys, time
+from superopt.kernels.timing import Worker
+w = Worker()
+print(w.proc.pid, flush=True)
+time.sleep(float(sys.argv[1]))
+os._exit(0)  # killed, say: nothing closes the worker
+"""
+
+
+@pytest.mark.parametrize("after_s", [0.0, 2.5])
+def test_the_worker_ends_when_the_process_that_started_it_dies(after_s):
+    """The real worker (`python -m superopt.kernels.timing`, which on this machine finds no GPU to set up), its
+    parent gone while it waits for its job: at once (the worker still importing torch) or once it waits."""
+    proc = subprocess.run([sys.executable, "-c", ORPHAN, str(after_s)], capture_output=True, text=True, timeout=60)
+    pid = int(proc.stdout)
+    try:
+        assert _wait(lambda: _gone(pid), within=20), "the orphaned worker still runs"
+    finally:
+        if not _gone(pid):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_eager_program_is_the_spec():

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
+from graphs import import_fused
 
 import superopt
 from superopt import pipeline
@@ -22,9 +23,11 @@ from superopt.cli.main import main
 from superopt.cli.search_cmd import search_command
 from superopt.interpret import random_inputs, run
 from superopt.kernels import compile
+from superopt.kernels.cost import predict
 from superopt.kernels.device import DEVICES
 from superopt.kernels.timing import TOLERANCE, Measurement, relative_error
-from superopt.search_space import api
+from superopt.result import Candidate, Verification
+from superopt.search_space import SearchResult, api
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -260,3 +263,187 @@ def test_gpu_timing_runs_only_what_fits_the_budget(monkeypatch):
     baselines, trials, cut = pipeline._time_on_gpu(program, tried, 0, log, None, deadline=20.0)
     assert calls == [20.0] and cut
     assert {trials[c.hash].message for c in tried} == {"not timed: 3 s left of the budget, 5 s needed"}
+
+
+# The GPU path end to end without a GPU: `on_gpu` says yes, the timing worker is a fake that follows the worker's
+# protocol (kernels/timing.py main) on a clock scaled by SCALE, and what this process would run on the GPU (the
+# eager baseline's inputs and timing) is stood in for. The budget and every estimate the pipeline plans with are
+# scaled alike, so the plan is the one a `--budget 20` run makes (`_search_s` is linear in them), in a fifth of
+# the time.
+SCALE = 0.2
+
+# `worker LOG START_S PER_S JOB OUT`: notes "start PID T" in LOG, sets up for START_S (torch, CUDA), waits for JOB
+# ("job PID T"; orphaned, it ends), then takes PER_S per candidate, the k-th timed at 5 (k + 1) us.
+GPU_WORKER = """
+import json, os, sys, time
+log_path, start_s, per_s, job_path, out_path = sys.argv[1:]
+def note(what):
+    with open(log_path, "a") as log:
+        log.write(f"{what} {os.getpid()} {time.monotonic()}\\n")
+note("start")
+time.sleep(float(start_s))
+while not os.path.exists(job_path):
+    if os.getppid() != int(os.environ["SUPEROPT_TIMING_PARENT"]):
+        sys.exit(0)  # orphaned, as the real worker ends
+    time.sleep(0.01)
+note("job")
+job = json.load(open(job_path))
+with open(out_path, "a") as out:
+    for k, c in enumerate(job["candidates"]):
+        time.sleep(float(per_s))
+        out.write(json.dumps({"status": "ok", "median_us": 5.0 * (k + 1), "seconds": float(per_s)}) + "\\n")
+        out.flush()
+"""
+
+
+@pytest.fixture
+def fake_gpu(tmp_path, monkeypatch):
+    """The GPU path on this machine: the fake worker, the estimates scaled, the eager baseline a sleep of its
+    estimate; the Workers the pipeline starts (`workers`) and the fake's log (`events`: (what, pid, time))."""
+    script, log = tmp_path / "gpu_worker.py", tmp_path / "worker.log"
+    script.write_text(GPU_WORKER)
+    log.touch()
+    per_s = 0.8 * pipeline.MEASURE_MIN_S * SCALE  # a candidate takes a little less than the estimate
+    command = (sys.executable, str(script), str(log), str(pipeline.WORKER_START_S * SCALE), str(per_s))
+    workers = []
+
+    class Recorded(pipeline.Worker):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.created = time.monotonic()
+            workers.append(self)
+
+    def bench(fn, cuda_graph):  # the eager baseline: CUDA set-up here, its inputs, its timing
+        time.sleep(pipeline.EAGER_S)  # scaled below
+        return SimpleNamespace(median_us=50.0)
+
+    def no_compile(fn):
+        raise AssertionError("torch.compile must not start with too little of the budget left")
+
+    monkeypatch.setattr(pipeline, "on_gpu", lambda: True)
+    monkeypatch.setattr(pipeline, "TIMING_WORKER", command)
+    monkeypatch.setattr(pipeline, "Worker", Recorded)
+    monkeypatch.setattr(pipeline, "_measured_s", [])
+    for name in ("WORKER_START_S", "EAGER_S", "MEASURE_MIN_S", "COMPILE_MIN_S"):
+        monkeypatch.setattr(pipeline, name, getattr(pipeline, name) * SCALE)
+    monkeypatch.setattr(pipeline, "bench", bench)
+    monkeypatch.setattr(pipeline, "fresh_compile", no_compile)
+    monkeypatch.setattr(pipeline, "random_device_inputs", lambda graph, seed, scale: random_inputs(graph, seed, scale))
+    monkeypatch.setattr(pipeline.torch.cuda, "get_device_name", lambda: "fake GPU")
+
+    def events():
+        return [(what, int(pid), float(t)) for what, pid, t in (line.split() for line in log.read_text().splitlines())]
+
+    return SimpleNamespace(workers=workers, events=events, per_s=per_s)
+
+
+GPU_DIMS = {"B": 2, "D": 1024, "N": 256}
+
+
+def _program_and_fused() -> tuple[superopt.KernelGraph, list[Candidate]]:
+    """rmsnorm_linear_bs1 (small dims) and what a search of it finds: its one-kernel fused form, which the model
+    ranks first, and the program itself."""
+    program = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml", dims=GPU_DIMS)
+    graph = import_fused().build("rmsnorm_linear_bs1", GPU_DIMS)
+    h100 = DEVICES["h100"]
+    found = Candidate.of(graph, predict(graph, h100).us, Verification("tested", tests=8), "search")
+    unfused = api.program_candidate(program, h100)
+    assert found.predicted_us < unfused.predicted_us and found.kernels < unfused.kernels
+    return program, [found, unfused]
+
+
+def _full_search(candidates, calls, fail=None):
+    """A search that spends its whole budget (as a large example's does) and finds `candidates`."""
+
+    def search(graph, budget_s, **kwargs):
+        calls.append((time.monotonic(), budget_s))
+        if fail is not None:
+            time.sleep(0.5)  # a while into the search: the worker is setting up
+            raise fail
+        time.sleep(budget_s)
+        calls.append((time.monotonic(), None))
+        return SearchResult(list(candidates))
+
+    return search
+
+
+def _closed(w) -> bool:
+    """The worker's process has ended (and was reaped) and its folder is gone."""
+    return w.proc.returncode is not None and not Path(f"/proc/{w.proc.pid}").exists() and not w.job_path.parent.exists()
+
+
+def test_a_search_that_uses_its_share_leaves_time_to_time_the_best_ranked_fused_candidate(fake_gpu, monkeypatch):
+    """`--budget 20` (scaled) on a GPU: the worker starts before the search and sets up beside it, the search
+    spends its whole share, and what is left times the eager baseline and the fused candidate the model ranked
+    first, in that worker, which wins; the program's own timing is cut at the deadline, torch.compile skipped
+    (it needs more than is left); the worker is gone when optimize_program returns."""
+    program, candidates = _program_and_fused()
+    calls = []
+    monkeypatch.setattr(pipeline, "search", _full_search(candidates, calls))
+    budget_s = 20 * SCALE
+    begun = time.monotonic()
+    outcome = pipeline.optimize_program(program, pipeline.Settings(budget_s=budget_s), None, progress="none")
+    wall = time.monotonic() - begun
+    result = outcome.result
+    (searched, budget), (search_end, _) = calls
+    assert budget == pytest.approx(pipeline.SEARCH_SHARE_GPU * budget_s, abs=0.1)  # the share, at 20 s
+    rows = {row.hash: row for row in result.candidates}
+    fused, unfused = candidates
+    assert rows[fused.hash].rank == 0 and rows[fused.hash].trial.status == "ok"
+    assert result.best.hash == fused.hash and result.best_trial.measured_us == 5.0
+    assert rows[fused.hash].speedups == {"eager": 10.0}
+    assert rows[unfused.hash].trial.status == "timeout" and rows[unfused.hash].trial.message == "the budget ended first"
+    assert result.baselines["torch.compile"].status == "skipped" and result.cut == ("time",)
+    assert wall <= budget_s + 0.3
+    # one worker, started before the search and set up beside it, handed the job once the search had ended
+    (worker,) = fake_gpu.workers
+    (start, job) = fake_gpu.events()
+    assert worker.created < searched and start[:2] == ("start", worker.proc.pid)
+    assert start[2] + pipeline.WORKER_START_S < search_end < job[2] and job[1] == worker.proc.pid
+    assert _closed(worker)
+    assert pipeline.candidate_s() == pytest.approx(fake_gpu.per_s)  # learned from the candidate it timed
+
+
+@pytest.mark.parametrize("how", ["search raises", "search interrupted", "eager inputs fail", "no time left"])
+def test_the_timing_worker_is_killed_on_every_way_out(fake_gpu, monkeypatch, how):
+    """Started before the search, the worker is gone after optimize_program on any way out: an error or Ctrl-C
+    in the search, an error before the timing (the eager baseline's inputs), or a budget that leaves no time for
+    timing (the worker then never gets a job)."""
+    program, candidates = _program_and_fused()
+    fail = {"search raises": RuntimeError("search failed"), "search interrupted": KeyboardInterrupt()}.get(how)
+    monkeypatch.setattr(pipeline, "search", _full_search(candidates, [], fail))
+    if how == "eager inputs fail":
+
+        def no_inputs(graph, seed, scale):
+            raise RuntimeError("CUDA error: out of memory")
+
+        monkeypatch.setattr(pipeline, "random_device_inputs", no_inputs)
+    # too small a budget to time even one candidate (the search keeps its share; timing is then skipped)
+    settings = pipeline.Settings(budget_s=(5 if how == "no time left" else 20) * SCALE)
+    if how == "no time left":
+        result = pipeline.optimize_program(program, settings, None, progress="none").result
+        assert {row.trial.status for row in result.candidates} == {"skipped"}
+        assert [e[0] for e in fake_gpu.events()] == ["start"]  # never handed a job
+    else:
+        with pytest.raises((RuntimeError, KeyboardInterrupt)):
+            pipeline.optimize_program(program, settings, None, progress="none")
+    (worker,) = fake_gpu.workers
+    assert fake_gpu.events()[0][:2] == ("start", worker.proc.pid) and _closed(worker)
+
+
+def test_on_a_gpu_the_search_leaves_time_for_the_eager_baseline_and_one_candidate(monkeypatch):
+    """`_search_s` at the real estimates: at 16 and 20 s the search ends early enough that the eager baseline and
+    one candidate (the estimate, then the slowest measured) still fit, and the worker's start fits in the search;
+    a budget too small for that keeps the search its share."""
+    monkeypatch.setattr(pipeline, "on_gpu", lambda: True)
+    monkeypatch.setattr(pipeline, "_measured_s", [])
+    program = superopt.load(EXAMPLES / "rmsnorm_linear_bs1.yaml", dims=GPU_DIMS)
+    usable = 1 - pipeline.END_S
+    for budget_s, learned, expected in [(20, [], 10.0), (16, [], 7.2), (60, [], 30.0), (20, [2.0, 9.0], 7.0)]:
+        monkeypatch.setattr(pipeline, "_measured_s", learned)
+        search_s = pipeline._search_s(program, budget_s)
+        assert search_s == pytest.approx(expected)
+        assert search_s + pipeline.EAGER_S + pipeline.candidate_s() <= usable * budget_s + 1e-9
+        assert search_s >= pipeline.WORKER_START_S
+    monkeypatch.setattr(pipeline, "_measured_s", [])
+    assert pipeline._search_s(program, 10) == pipeline.SEARCH_SHARE_GPU * 10
