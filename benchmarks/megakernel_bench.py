@@ -29,10 +29,19 @@ Per precision: us per step, the floor at that precision (the bytes its tasks str
 scales, the LM head's included, plus the KV cache, over the measured copy bandwidth) and its
 fraction, and against the bf16 megakernel teacher-forced on the same tokens, the logits' relative error and
 how often its greedy token is the bf16 one (top-1 agreement). The tiny check then also runs each quantized
-precision (and int4 asymmetric) against the CPU replay. No peers are timed in this mode.
+precision (and int4 asymmetric) against the CPU replay. Peers, in the same run, each decoding the same prompt
+and number of tokens in superopt's torch decode step compiled by torch.compile (--peer-compile-mode; none with
+--no-compile) and replayed in a CUDA graph, with gpt-fast's weight-only linears in plain torch
+(kernels/megakernel/bench.py; torchao is not needed): bf16, the step as it is; int8, gpt-fast's
+WeightOnlyInt8Linear on the megakernel's own int8 weights and groups (torch_int8) and gpt-fast's own
+per-output-channel quantization of the bf16 weights (torch_int8_per_channel: fewer scales, other weights, so its
+tokens may differ); int4, gpt-fast's WeightOnlyInt4Linear (tinygemm, aten._weight_int4pack_mm) on the
+megakernel's int4 weights repacked (torch_int4_tinygemm; "unavailable: why" where this torch lacks the op or the
+group). Per peer: us per step, the megakernel's us over the peer's (below 1: the megakernel is faster), its
+tokens and the first step where they differ from the megakernel's. --no-peers times the megakernel alone.
 
-    python benchmarks/megakernel_bench.py --out results/megakernel_quant --models llama-3.2-1b \
-        --precision bf16,int8,int4
+    python benchmarks/megakernel_bench.py --out results/megakernel_quant --models llama-3.2-1b,qwen3-0.6b \
+        --precision bf16,int8,int4 --group 128
 """
 
 from __future__ import annotations
@@ -63,8 +72,16 @@ from superopt.kernels.megakernel import (
     time_megakernel,
     timing_table,
 )
-from superopt.kernels.megakernel.bench import copy_bandwidth, kv_bytes, step_weight_bytes
-from superopt.model import WeightFormat, load_model, load_spec, quantize_model, weight_format
+from superopt.kernels.megakernel.bench import (
+    PeerUnavailable,
+    copy_bandwidth,
+    first_divergence,
+    kv_bytes,
+    precision_peers,
+    step_weight_bytes,
+    time_cuda_graph_decode,
+)
+from superopt.model import Model, WeightFormat, load_model, load_spec, quantize_model, weight_format
 from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import Settings, device_spec
 
@@ -174,12 +191,65 @@ def teacher_forced(mk: GpuMegakernel, tokens: list[int], prompt_len: int) -> tor
     return mk.result(prompt_len, len(tokens) - prompt_len).logits
 
 
+def time_peers(
+    base: Model,
+    model: Model,
+    prompt: list[int],
+    new_tokens: int,
+    row: dict[str, Any],
+    compile_mode: str | None,
+    log: Callable[[str], None],
+) -> dict[str, dict[str, Any]]:
+    """The precision's peers (bench.precision_peers), each timed by bench.time_cuda_graph_decode on the same prompt
+    and number of new tokens, beside the megakernel's `row`: us per step, the megakernel's us over the peer's, its
+    tokens and their first divergence from the megakernel's; "unavailable" with the reason where the peer cannot
+    run here, "error" where it failed."""
+    out: dict[str, dict[str, Any]] = {}
+    prompt_len = len(prompt)
+    for peer, build in precision_peers(base, model).items():
+        res: dict[str, Any] = {"compile_mode": compile_mode}
+        out[peer] = res
+        t0 = time.time()
+        try:
+            us, tokens = time_cuda_graph_decode(model, prompt, new_tokens, build(), compile_mode)
+        except PeerUnavailable as e:
+            res["unavailable"] = str(e)
+            log(f"[{model.name}] {row['precision']} {peer}: unavailable: {e}")
+            continue
+        except Exception as e:  # noqa: BLE001 (record and go on with the next peer)
+            res["error"] = f"{type(e).__name__}: {e}"[:2000]
+            log(f"[{model.name}] {row['precision']} {peer}: FAILED: {traceback.format_exc()[-1500:]}")
+            continue
+        finally:
+            torch.cuda.empty_cache()
+        res |= {"us_per_step": us, "tokens": tokens, "seconds": time.time() - t0}
+        if "us_per_step" in row:
+            res["megakernel_over_peer"] = row["us_per_step"] / us
+        if "tokens" in row:
+            res["first_divergence_vs_megakernel"] = first_divergence(row["tokens"], tokens, prompt_len)
+        log(
+            f"[{model.name}] {row['precision']} {peer}: {us:.1f} us/step, megakernel/peer "
+            f"{res.get('megakernel_over_peer', float('nan')):.2f}, tokens first differ from the megakernel's at "
+            f"step {res.get('first_divergence_vs_megakernel')} ({res['seconds']:.1f} s)"
+        )
+    return out
+
+
 def precision_sweep(
-    name: str, precisions: list[str], group: int, prompt_len: int, new_tokens: int, log: Callable[[str], None]
+    name: str,
+    precisions: list[str],
+    group: int,
+    prompt_len: int,
+    new_tokens: int,
+    log: Callable[[str], None],
+    peers: bool = True,
+    compile_mode: str | None = "max-autotune-no-cudagraphs",
 ) -> list[dict[str, Any]]:
     """One model (random weights at its real size, drawn on the GPU) at each precision: built, run, timed; its
     floor at that precision (the weight bytes its tasks stream, bench.step_weight_bytes, and the KV cache, over the
-    copy bandwidth); its logits against the bf16 megakernel's on its own tokens (teacher-forced)."""
+    copy bandwidth); its logits against the bf16 megakernel's on its own tokens (teacher-forced); with `peers`,
+    the precision's peers timed in the same run (time_peers; `compile_mode`: their torch.compile mode, None for
+    none), after the megakernel's weights are freed."""
     spec = load_spec(MODELS / f"{name}.yaml")
     base = spec.load("cuda")
     prompt = prompt_tokens(base.config.vocab, prompt_len, seed=0)
@@ -215,6 +285,10 @@ def precision_sweep(
         except Exception as e:  # noqa: BLE001 (record and go on with the next precision)
             row["error"] = f"{type(e).__name__}: {e}"[:2000]
             log(f"[{name}] {precision}: FAILED: {traceback.format_exc()[-1500:]}")
+        if peers and model is not None:
+            mk = None  # the megakernel's copy of the weights freed before the peers build theirs
+            torch.cuda.empty_cache()
+            row["peers"] = time_peers(base, model, prompt, new_tokens, row, compile_mode, log)
         rows.append(row)
         model = mk = None  # this precision's weights and kernel freed before the next is built (8B: 16 GB each)
         torch.cuda.empty_cache()
@@ -222,19 +296,34 @@ def precision_sweep(
 
 
 def precision_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of precision_sweep's rows."""
+    """A markdown table of precision_sweep's rows: the megakernel's line per model and precision, then its peers'
+    (megakernel/peer: the megakernel's us over the peer's, below 1 where the megakernel is faster; floor/measured
+    against the megakernel's floor at that precision; tokens: the first step where the peer's differ from the
+    megakernel's, "=" where none does)."""
     lines = [
-        "| model | precision | us/step | floor us | floor/measured | logits rel err vs bf16 | top-1 vs bf16 |",
-        "|---|---|---|---|---|---|---|",
+        "| model | precision | method | us/step | floor us | floor/measured | megakernel/peer "
+        "| logits rel err vs bf16 | top-1 vs bf16 | tokens vs megakernel |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "us_per_step" not in r:
-            lines.append(f"| {r['model']} | {r['precision']} | error: {r.get('error', '')[:80]} | | | | |")
-            continue
-        lines.append(
-            f"| {r['model']} | {r['precision']} | {r['us_per_step']:.1f} | {r['floor_us']:.1f} | "
-            f"{r['fraction_of_floor']:.2f} | {r['logits_rel_error_vs_bf16']:.2e} | {r['top1_agreement_vs_bf16']:.3f} |"
-        )
+            lines.append(f"| {r['model']} | {r['precision']} | megakernel | error: {r.get('error', '')[:80]} |||||||")
+        else:
+            lines.append(
+                f"| {r['model']} | {r['precision']} | megakernel | {r['us_per_step']:.1f} | {r['floor_us']:.1f} | "
+                f"{r['fraction_of_floor']:.2f} | | {r['logits_rel_error_vs_bf16']:.2e} | "
+                f"{r['top1_agreement_vs_bf16']:.3f} | |"
+            )
+        for peer, p in r.get("peers", {}).items():
+            head = f"| {r['model']} | {r['precision']} | {peer} |"
+            if "us_per_step" not in p:
+                why = f"unavailable: {p['unavailable']}" if "unavailable" in p else f"error: {p.get('error', '')}"
+                lines.append(f"{head} {why[:120]} |||||||")
+                continue
+            floor = f"{r['floor_us'] / p['us_per_step']:.2f}" if "floor_us" in r else ""
+            ratio = f"{p['megakernel_over_peer']:.2f}" if "megakernel_over_peer" in p else ""
+            div = p.get("first_divergence_vs_megakernel", "")
+            lines.append(f"{head} {p['us_per_step']:.1f} | | {floor} | {ratio} | | | {'=' if div is None else div} |")
     return "\n".join(lines)
 
 
@@ -249,7 +338,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--device", default="h100", help="the --device the plans were searched for")
     ap.add_argument(
         "--precision",
-        help="comma list of bf16, int8, int4: time each model at each precision (no peers; see the docstring)",
+        help="comma list of bf16, int8, int4: time each model at each precision, with its peers (see the docstring)",
+    )
+    ap.add_argument(
+        "--peer-compile-mode",
+        default="max-autotune-no-cudagraphs",
+        help="torch.compile mode of the --precision peers' step (its CUDA graph is captured here; --no-compile: none)",
     )
     ap.add_argument("--group", type=int, default=128, help="input features a scale where --precision quantizes")
     args = ap.parse_args(argv)
@@ -274,9 +368,13 @@ def main(argv: list[str]) -> int:
         doc["tiny"] = tiny_check(log, plans, formats)
     if precisions:
         doc["precision"] = []
+        mode = None if args.no_compile else args.peer_compile_mode
+        doc["peer_compile_mode"] = None if args.no_peers else mode
         for name in args.models.split(","):
             try:
-                doc["precision"] += precision_sweep(name, precisions, args.group, args.prompt_len, args.new_tokens, log)
+                doc["precision"] += precision_sweep(
+                    name, precisions, args.group, args.prompt_len, args.new_tokens, log, not args.no_peers, mode
+                )
             except Hang as e:
                 doc["precision"].append({"model": name, "error": f"hang: {e}"})
                 (args.out / "megakernel.json").write_text(json.dumps(doc, indent=1))

@@ -4,19 +4,25 @@ torch.compile and a CUDA-graph torch decode in the same run (benchmarks/megakern
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from superopt.errors import SuperoptError
+from superopt.interpret import unpack_int4
 from superopt.ir import KernelGraph
 from superopt.kernels.megakernel.replay import Generation
 from superopt.kernels.megakernel.runtime import GpuMegakernel, Hang, cuda_time_us, time_megakernel
 from superopt.kernels.megakernel.source import build_report
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import Decoder, Model, inv_freq
+from superopt.model import LM_HEAD, Decoder, Model, QuantizedWeight, inv_freq, projection_names
+from superopt.quant import quantize
 
 
 def prompt_tokens(vocab: int, n: int, seed: int = 0) -> list[int]:
@@ -137,11 +143,248 @@ def time_hf(hf: Any, prompt: list[int], new_tokens: int, mode: str) -> tuple[flo
     return (full - one) / (new_tokens - 1), out[0].tolist()
 
 
+# --- the CUDA-graph torch decode, and the quantized peers that run through it ---------------------------------
+#
+# gpt-fast's weight-only quantized linears in plain torch (torchao is not needed): each is a PeerLinear put in
+# place of a projection's weight in superopt's reference decoder (`peer_decoder`), so F.linear(x, layer, bias)
+# calls the layer and the rest of the step (norms, RoPE, attention, the KV cache) is the reference's own code.
+# The layers are built from the weights the megakernel streams (Model.quant: the project's round-to-nearest
+# quantizer, the same groups), only repacked.
+
+
+class PeerUnavailable(SuperoptError):
+    """A peer that cannot run here: an op this torch lacks or rejects, a size or group it does not take."""
+
+
+class PeerLinear:
+    """A linear layer's weight as a peer stores it. It is not a tensor: F.linear(x, layer, bias) dispatches here
+    through __torch_function__ (a tensor-like object, which torch.compile traces) and returns layer(x) + bias."""
+
+    n: int  # output features
+    k: int  # input features
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @classmethod
+    def __torch_function__(
+        cls, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None
+    ) -> Any:
+        if func is not F.linear:
+            return NotImplemented
+        kwargs = kwargs or {}
+        x, layer = args[0], args[1]
+        bias = args[2] if len(args) > 2 else kwargs.get("bias")
+        y = layer(x)
+        return y if bias is None else y + bias
+
+
+class Int8Linear(PeerLinear):
+    """gpt-fast's WeightOnlyInt8Linear: int8 weights q [n, k] with bf16 scales (and zero points). With one scale a
+    row (per output channel, gpt-fast's quantization) it is gpt-fast's formula, F.linear(x, q.to(x.dtype)) *
+    scales; with groups along k (the megakernel's format) the weight is dequantized as the IR's dequant does it,
+    (q - zero) * scale in float32 rounded to x's dtype, into F.linear (inductor fuses the dequant into the GEMV's
+    reduction under coordinate-descent tuning, as it fuses gpt-fast's .to(x.dtype))."""
+
+    def __init__(self, qw: QuantizedWeight) -> None:
+        if qw.q.dtype != torch.int8 or qw.q.dim() != 2:
+            raise PeerUnavailable(f"int8 peer: needs int8 weights [n, k], got {qw.q.dtype}{list(qw.q.shape)}")
+        self.q, self.scale, self.zero = qw.q, qw.scale, qw.zero
+        self.n, self.k = qw.q.shape
+        self.group = self.k // qw.scale.shape[-1]
+        self.per_channel = self.zero is None and qw.scale.shape[-1] == 1
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.per_channel:
+            return F.linear(x, self.q.to(x.dtype)) * self.scale[:, 0]
+        v = self.q.view(self.n, -1, self.group).float()
+        if self.zero is not None:
+            v = v - self.zero.float()[..., None]
+        return F.linear(x, (v * self.scale.float()[..., None]).to(x.dtype).view(self.n, self.k))
+
+
+TINYGEMM_GROUPS = (32, 64, 128, 256)  # the group sizes _weight_int4pack_mm takes
+
+
+def tinygemm_bytes(q: torch.Tensor, high_first: bool = False) -> torch.Tensor:
+    """superopt's packed int4 bytes [n, k / 2] (signed nibbles v, value 2j in the low nibble unless high_first;
+    superopt/quant.py) as tinygemm's: unsigned nibbles u = v + 8, value 2j in the high nibble (gpt-fast packs
+    `w[:, ::2] << 4 | w[:, 1::2]`). v + 8 mod 16 is v XOR 8 in 4-bit two's complement, so a byte is its own two
+    nibbles swapped (kept where high_first) XOR 0x88."""
+    b = q.to(torch.int32)
+    if not high_first:
+        b = ((b & 15) << 4) | (b >> 4)
+    return (b ^ 0x88).to(torch.uint8)
+
+
+def tinygemm_values(q: torch.Tensor, high_first: bool = False) -> torch.Tensor:
+    """The unsigned values u = v + 8 (0..15) of superopt's packed int4 bytes, int32 [n, k] (the older
+    _convert_weight_to_int4pack's and the CPU one's input)."""
+    b = tinygemm_bytes(q, high_first).to(torch.int32)
+    return torch.stack([b >> 4, b & 15], -1).flatten(-2)
+
+
+def tinygemm_scales_and_zeros(qw: QuantizedWeight) -> torch.Tensor:
+    """tinygemm's qScaleAndZeros [k / group, n, 2] bf16 of a stored int4 weight. tinygemm dequantizes (u - 8) *
+    scale + zero = v * scale + zero, so a symmetric weight has zero 0 (exact) and an asymmetric one (v - z) *
+    scale has zero -z * scale, rounded to bf16 (not exact: the one place the peer's weights can differ)."""
+    scale = qw.scale.to(torch.bfloat16)
+    zero = torch.zeros_like(scale) if qw.zero is None else (-qw.zero.float() * qw.scale.float()).to(torch.bfloat16)
+    return torch.stack([scale.T, zero.T], -1).contiguous()
+
+
+class Int4Linear(PeerLinear):
+    """gpt-fast's WeightOnlyInt4Linear: tinygemm's packed int4 weight (torch.ops.aten._convert_weight_to_int4pack)
+    and _weight_int4pack_mm over bf16 x [..., k] (the CPU's _for_cpu ops on the CPU)."""
+
+    def __init__(self, packed: torch.Tensor, sz: torch.Tensor, group: int, n: int, k: int, mm: Any) -> None:
+        self.packed, self.scales_and_zeros, self.group, self.n, self.k, self.mm = packed, sz, group, n, k, mm
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.mm(x.reshape(-1, self.k).to(torch.bfloat16), self.packed, self.group, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.n).to(x.dtype)
+
+
+def _aten(name: str) -> Any:
+    try:
+        return getattr(torch.ops.aten, name)
+    except (AttributeError, RuntimeError):
+        return None
+
+
+def int4pack_ops(device: torch.device) -> tuple[list[tuple[str, Any]], Any]:
+    """This torch's tinygemm ops for `device`: the candidate inputs of the convert op (what it takes changed
+    across versions: torch >= 2.5 on CUDA packs uint8 [n, k / 2], earlier int32 [n, k], the CPU op int32 [n, k]),
+    each (name, convert(qw, high_first, inner_k_tiles)), and the mm op. PeerUnavailable where absent."""
+    cpu = device.type == "cpu"
+    convert = _aten("_convert_weight_to_int4pack_for_cpu" if cpu else "_convert_weight_to_int4pack")
+    mm = _aten("_weight_int4pack_mm_for_cpu" if cpu else "_weight_int4pack_mm")
+    if convert is None or mm is None:
+        raise PeerUnavailable(f"int4 peer: torch {torch.__version__} has no tinygemm int4pack ops for {device.type}")
+
+    def uint8(qw: QuantizedWeight, high_first: bool, tiles: int) -> torch.Tensor:
+        return convert(tinygemm_bytes(qw.q, high_first).contiguous(), tiles)
+
+    def int32(qw: QuantizedWeight, high_first: bool, tiles: int) -> torch.Tensor:
+        return convert(tinygemm_values(qw.q, high_first).contiguous(), tiles)
+
+    candidates = [("int32 [n, k]", int32)] if cpu else [("uint8 [n, k/2]", uint8), ("int32 [n, k]", int32)]
+    return candidates, mm
+
+
+def dequantized64(qw: QuantizedWeight, group: int, high_first: bool = False) -> torch.Tensor:
+    """A stored weight's exact value in float64 [n, k]: (v - zero) * scale."""
+    v = (unpack_int4(qw.q, high_first) if qw.q.dtype == torch.uint8 else qw.q).double()
+    if qw.zero is not None:
+        v = v - qw.zero.double().repeat_interleave(group, -1)
+    return v * qw.scale.double().repeat_interleave(group, -1)
+
+
+def check_linear(layer: PeerLinear, reference: torch.Tensor, tol: float = 0.01) -> float:
+    """The relative error of a peer's layer on a seeded bf16 x [4, k] against x @ reference.T in float64; raises
+    PeerUnavailable over `tol` (a wrong packing or nibble order gives errors of order one)."""
+    gen = torch.Generator(device=reference.device).manual_seed(0)
+    x = torch.randn(4, layer.k, generator=gen, device=reference.device).to(torch.bfloat16)
+    want = x.double() @ reference.T
+    err = float((layer(x).double() - want).norm() / want.norm())
+    if not err <= tol:
+        raise PeerUnavailable(f"relative error {err:.3g} against the dequantized weights")
+    return err
+
+
+def quantized_weights(model: Model) -> dict[str, QuantizedWeight]:
+    """The model's quantized linear weights as the megakernel streams them (HF name -> stored)."""
+    if not model.fmt.quantized or not model.quant:
+        raise PeerUnavailable(f"{model.name}: its weights are not quantized ({model.fmt.describe()})")
+    return dict(model.quant)
+
+
+def int8_linears(model: Model) -> dict[str, PeerLinear]:
+    """The int8 peer's layers on the model's own int8 weights (its groups, its scales)."""
+    if model.fmt.bits != 8:
+        raise PeerUnavailable(f"int8 peer: {model.name} is stored {model.fmt.describe()}")
+    return {name: Int8Linear(qw) for name, qw in quantized_weights(model).items()}
+
+
+def int8_per_channel_linears(model: Model, head: bool = True) -> dict[str, PeerLinear]:
+    """gpt-fast's own int8 quantization of a bf16 model: one scale an output row (the project's quantizer with a
+    group of the whole row), the projections' and (with `head`) the LM head's: not the megakernel's weights where
+    its groups are shorter, so its tokens may differ."""
+    if model.fmt.quantized:
+        raise PeerUnavailable(f"int8 per-channel peer: needs the bf16 model, {model.name} is {model.fmt.describe()}")
+    out: dict[str, PeerLinear] = {}
+    for name in projection_names(model.config) + [LM_HEAD] * head:
+        w = model.w(name)
+        out[name] = Int8Linear(QuantizedWeight(*quantize(w, 8, w.shape[-1])))
+    return out
+
+
+def int4_linears(model: Model) -> dict[str, PeerLinear]:
+    """The int4 peer's layers (tinygemm) on the model's own int4 weights, repacked. The convert op's input format
+    is the first candidate (int4pack_ops) whose first layer reproduces the dequantized weights (check_linear);
+    PeerUnavailable with the reasons where none does, or where the op, the group or a size is not supported."""
+    fmt = model.fmt
+    if fmt.bits != 4:
+        raise PeerUnavailable(f"int4 peer: {model.name} is stored {fmt.describe()}")
+    if fmt.group not in TINYGEMM_GROUPS:
+        raise PeerUnavailable(f"int4 peer: tinygemm takes groups of {TINYGEMM_GROUPS}, not {fmt.group}")
+    weights = quantized_weights(model)
+    device = next(iter(weights.values())).q.device
+    candidates, mm = int4pack_ops(device)
+    out: dict[str, PeerLinear] = {}
+    chosen: Any = None
+    for name, qw in weights.items():
+        n, k = qw.q.shape[0], 2 * qw.q.shape[1]
+        tiles = next((t for t in (8, 4, 2) if k % (16 * t) == 0), None)
+        if tiles is None or n % 8:
+            raise PeerUnavailable(f"int4 peer: tinygemm needs k a multiple of 32 and n of 8; {name} is [{n}, {k}]")
+        sz = tinygemm_scales_and_zeros(qw)
+        if chosen is None:
+            reasons = []
+            for what, convert in candidates:
+                try:
+                    layer = Int4Linear(convert(qw, fmt.high_first, tiles), sz, fmt.group, n, k, mm)
+                    check_linear(layer, dequantized64(qw, fmt.group, fmt.high_first))
+                    chosen = convert
+                    break
+                except (RuntimeError, PeerUnavailable) as e:
+                    reasons.append(f"{what}: {str(e).splitlines()[0][:200]}")
+            if chosen is None:
+                raise PeerUnavailable(f"int4 peer: torch {torch.__version__}'s int4pack ops: " + "; ".join(reasons))
+        out[name] = Int4Linear(chosen(qw, fmt.high_first, tiles), sz, fmt.group, n, k, mm)
+    return out
+
+
+def peer_decoder(model: Model, linears: Mapping[str, PeerLinear], device: str | torch.device) -> Decoder:
+    """The bf16 reference decoder (superopt/model.py) with the peer's layers in place of the weights they replace
+    (HF names: a layer's projections, the LM head)."""
+    dec = Decoder(model, "bfloat16", device)
+    for name, layer in linears.items():
+        parts = name.split(".")
+        if name == LM_HEAD:
+            dec.lm_head = layer  # type: ignore[assignment]
+        elif len(parts) == 6 and parts[:2] == ["model", "layers"] and parts[-1] == "weight":
+            dec.layers[int(parts[2])][parts[4]] = layer  # type: ignore[assignment]
+        else:
+            raise SuperoptError(f"peer_decoder: no linear weight '{name}'")
+    return dec
+
+
 @torch.no_grad()
-def time_cuda_graph_decode(model: Model, prompt: list[int], new_tokens: int) -> tuple[float, list[int]]:
+def time_cuda_graph_decode(
+    model: Model,
+    prompt: list[int],
+    new_tokens: int,
+    linears: Mapping[str, PeerLinear] | None = None,
+    compile_mode: str | None = None,
+) -> tuple[float, list[int]]:
     """The reference decoder in bf16 (superopt/model.py), one step captured in a CUDA graph that also takes the
-    argmax and advances the position; us per replayed step, and its greedy tokens."""
-    dec = Decoder(model, "bfloat16", "cuda")
+    argmax and advances the position; us per replayed step, and its greedy tokens.
+    `linears`: a peer's layers in place of those weights (peer_decoder: the int8 and int4 peers).
+    `compile_mode`: the step (argmax and position included) compiled by torch.compile in that mode, fullgraph,
+    with inductor's coordinate-descent tuning as gpt-fast sets it, before the capture (as gpt-fast compiles
+    decode_one_token; a mode with its own CUDA graphs, reduce-overhead, would nest inside ours)."""
+    dec = peer_decoder(model, linears or {}, "cuda")
     tok = torch.tensor(prompt[0], device="cuda")
     pos = torch.tensor(0, device="cuda")
     for p in range(len(prompt) - 1):  # prefill, eagerly
@@ -154,15 +397,23 @@ def time_cuda_graph_decode(model: Model, prompt: list[int], new_tokens: int) -> 
         tok.copy_(dec.step(tok, pos).argmax())
         pos.add_(1)
 
+    run_step: Callable[[], None] = step
+    tuning: Any = contextlib.nullcontext()
+    if compile_mode is not None:
+        importlib.import_module("torch._dynamo").reset()  # each peer compiles its own step (same code, other weights)
+        run_step = torch.compile(step, mode=compile_mode, fullgraph=True)
+        tuning = importlib.import_module("torch._inductor.config").patch(coordinate_descent_tuning=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     k_save, v_save = dec.k_cache.clone(), dec.v_cache.clone()
-    with torch.cuda.stream(stream):
-        step()  # warm-up on the capture stream
-    torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
+    with tuning:  # the capture too: no config of the compile's differs there
+        with torch.cuda.stream(stream):
+            for _ in range(1 if compile_mode is None else 3):
+                run_step()  # warm-up (and compile) on the capture stream
+        torch.cuda.current_stream().wait_stream(stream)
+        with torch.cuda.graph(graph):
+            run_step()
 
     def restart() -> None:
         dec.k_cache.copy_(k_save)
@@ -176,8 +427,28 @@ def time_cuda_graph_decode(model: Model, prompt: list[int], new_tokens: int) -> 
         graph.replay()
         out.append(tok.clone())
     tokens = list(prompt) + [int(t) for t in out]
-    us = cuda_time_us(lambda: [graph.replay() for _ in range(new_tokens)], 3, restart) / new_tokens
-    return us, tokens
+
+    def replays() -> None:
+        for _ in range(new_tokens):
+            graph.replay()
+
+    return cuda_time_us(replays, 3, restart) / new_tokens, tokens
+
+
+def precision_peers(base: Model, model: Model) -> dict[str, Callable[[], dict[str, PeerLinear]]]:
+    """The peers of the megakernel at `model`'s precision (`base`: the same model in bf16), each a builder of its
+    layers (peer_decoder; PeerUnavailable where it cannot run here): bf16, the torch decode itself; int8 on the
+    same weights (int8_linears) and gpt-fast's own per-channel quantization of the bf16 weights
+    (int8_per_channel_linears, the LM head quantized where the model's is); int4, tinygemm on the same weights."""
+    if model.fmt.bits == 8:
+        head = LM_HEAD in model.quant
+        return {
+            "torch_int8": lambda: int8_linears(model),
+            "torch_int8_per_channel": lambda: int8_per_channel_linears(base, head),
+        }
+    if model.fmt.bits == 4:
+        return {"torch_int4_tinygemm": lambda: int4_linears(model)}
+    return {"torch_bf16": dict}
 
 
 def step_weight_bytes(tg: TaskGraph) -> int:
@@ -292,7 +563,7 @@ def benchmark(
         if "hf" in state:
             modes = ["eager", "static"] + (["compile"] if compile_peer else [])
             for mode in modes:
-                out = phase(f"time_hf_{mode}", lambda mode=mode: time_hf(state["hf"], prompt, new_tokens, mode))
+                out = phase(f"time_hf_{mode}", functools.partial(time_hf, state["hf"], prompt, new_tokens, mode))
                 if out:
                     timings[f"hf_{mode}"], res[f"tokens_hf_{mode}"] = out
     bw = phase("copy_bandwidth", copy_bandwidth)
