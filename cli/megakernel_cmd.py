@@ -11,6 +11,13 @@ dequantizes them in registers; the LM head's weight is quantized the same way (a
 token's embedding row keeps reading the bf16 table) unless --lm-head bf16 keeps it wide (a quantized checkpoint
 that stores no quantized LM head keeps its head bf16). The build report says each GEMV kind's format
 ("lmhead: int4 g128").
+
+--vram-budget GB plans the model within that much device memory (kernels/megakernel/memplan.py): which weights
+stay resident, which stream each step from pinned host memory through a ring of device buffers, the ring's depth,
+where the KV cache lives, and the step time predicted at --h2d-gbps. The plan is printed, and with --emit written
+to build_report.json ("memory_plan"). The runtime does not stream yet: a plan that streams anything is not run
+(without --emit, or with --bench, that is an error before any search); a plan where everything fits runs as
+without a budget.
 """
 
 from __future__ import annotations
@@ -26,11 +33,14 @@ from superopt.cli.errors import Checked, Folder, reports_errors
 from superopt.cli.search_cmd import settings_for
 from superopt.errors import SuperoptError
 from superopt.kernels import taskgraph
+from superopt.kernels.device import DEVICES, detect
 from superopt.kernels.megakernel import benchmark, build_report, report_lines, source, timing_table
+from superopt.kernels.megakernel.memplan import H2D_GBPS, NOT_RUNNABLE, MemoryPlan, plan_memory, workspace_bytes
 from superopt.model import BF16, LM_HEADS, PRECISIONS, WeightFormat, load_spec, quantize_model, weight_format
 from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import SETTING_CHECKS
 from superopt.serialize import write_atomic
+from superopt.spec import check_positive_finite
 
 H100_SMS = 132
 MAX_SMS = 1024  # far above any GPU's; the task graph grows with it
@@ -68,6 +78,32 @@ def resolve_head(fmt: WeightFormat, stored_head: WeightFormat | None, lm_head: s
     if lm_head == "bf16" or not fmt.quantized:
         return BF16
     return fmt if stored_head is None else stored_head
+
+
+def memory_plan(
+    name: str, tg: taskgraph.TaskGraph, max_seq: int, budget_gb: float | None, h2d_gbps: float | None, gpu: bool
+) -> MemoryPlan | None:
+    """The plan under --vram-budget (None without one), priced with this GPU's bandwidth and hop (an H100's
+    without a GPU or for one not in the device table) and --h2d-gbps."""
+    if budget_gb is None:
+        if h2d_gbps is not None:
+            raise SuperoptError(f"{name}: --h2d-gbps prices a memory plan: add --vram-budget GB")
+        return None
+    device = (detect() if gpu else None) or DEVICES["h100"]
+    try:
+        return plan_memory(
+            tg.config,
+            tg.fmt,
+            tg.head_fmt,
+            round(budget_gb * 1e9),
+            max_seq,
+            workspace_bytes(tg, max_seq, max_seq),  # the emitted source's logit slots: max_seq
+            h2d_gbps=h2d_gbps or H2D_GBPS,
+            dram_gbps=device.dram_bytes_per_s / 1e9,
+            hop_us=device.launch_overhead_us,
+        )
+    except SuperoptError as e:
+        raise SuperoptError(f"{name}: --vram-budget {budget_gb:g} GB: {e}") from None
 
 
 @click.command("megakernel")
@@ -109,6 +145,17 @@ def resolve_head(fmt: WeightFormat, stored_head: WeightFormat | None, lm_head: s
     show_default=True,
     help="The LM head's weights: the projections' precision and group (same), or kept bf16.",
 )
+@click.option(
+    "--vram-budget",
+    type=Checked("budget", float, check_positive_finite),
+    help="GB (10^9 bytes) of device memory: plan which weights stay resident and which stream from host memory "
+    "(printed; in build_report.json with --emit). A plan that streams cannot run yet.",
+)
+@click.option(
+    "--h2d-gbps",
+    type=Checked("bandwidth", float, check_positive_finite),
+    help=f"Host-to-device GB/s the memory plan predicts with (default {H2D_GBPS:g}; give the measured one).",
+)
 @click.option("--offline", is_flag=True, help="Never search: without a cached plan, the unfused layer programs.")
 @click.option("--cache-dir", type=Folder(), help="Cache folder (default: $SUPEROPT_CACHE_DIR or ~/.cache/superopt).")
 @reports_errors
@@ -123,6 +170,8 @@ def megakernel_command(
     precision: str | None,
     group: int | None,
     lm_head: str,
+    vram_budget: float | None,
+    h2d_gbps: float | None,
     offline: bool,
     cache_dir: Path | None,
 ) -> None:
@@ -136,6 +185,15 @@ def megakernel_command(
     stored_head = model.head_fmt if model is not None and model.fmt.quantized else None
     head = resolve_head(fmt, stored_head, lm_head)
     tg = taskgraph.build(ms.config, n_sms, fmt=fmt, head=head)  # before any search: what the megakernel cannot build
+    plan = memory_plan(ms.name, tg, ms.max_seq, vram_budget, h2d_gbps, gpu)
+    if plan is not None:
+        for line in plan.lines():
+            click.echo(line)
+        if plan.streams and (emit_dir is None or bench):
+            raise SuperoptError(
+                f"{ms.name}: the plan under --vram-budget {vram_budget:g} GB reads weights from host memory each "
+                f"step; running it on the GPU is {NOT_RUNNABLE} (--emit DIR writes the plan)"
+            )
     settings = settings_for(spec, ms.search_settings, {"budget_s": budget_s})
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     mode = "offline" if offline else "search"
@@ -151,6 +209,8 @@ def megakernel_command(
         report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status, "weights": fmt.describe()}
         report["lm_head_weights"] = head.describe()
         report["kinds"] = build_report(tg, results, programs, lowering if isinstance(lowering, dict) else None)
+        if plan is not None:
+            report["memory_plan"] = plan.to_json()
         try:
             text = source(tg, ms.name, ms.max_seq, ms.max_seq, programs=programs)
             write_atomic(emit_dir / "megakernel.cu", text)
@@ -165,6 +225,9 @@ def megakernel_command(
             f"{ms.name}: {len(tg.tasks)} tasks a step on {n_sms} SMs, {len(tg.counters)} counters; "
             f"wrote {emit_dir}/megakernel.cu, taskgraph.json, build_report.json"
         )
+        if plan is not None and plan.streams:
+            say(f"{ms.name}: not run: the plan reads weights from host memory, {NOT_RUNNABLE}")
+            return
         if not gpu:
             return
     if not gpu:

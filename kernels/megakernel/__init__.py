@@ -37,6 +37,10 @@ adversarial order by default: the latest runnable task first), each task body wi
 generated ones by the reference interpreter's rules, lowering.run_steps), and every read checked against the
 step that wrote its elements, so a missing wait shows up as a stale read.
 
+`memplan.plan_memory` plans a model larger than a device budget (`--vram-budget`): the weights resident or
+streamed from host memory through a ring of device buffers, the ring's depth, the KV cache's placement, the
+predicted step; the runtime does not stream yet, so only a plan where everything fits runs.
+
 On a GPU, `GpuMegakernel` compiles the source through CuPy (NVRTC) and runs it on torch's stream (with
 trace=True each task's STAMP_NAMES times in the last step are recorded);
 `benchmark` checks it against HF transformers and the bf16 reference decoder and times it beside them
