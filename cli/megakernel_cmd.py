@@ -12,6 +12,12 @@ token's embedding row keeps reading the bf16 table) unless --lm-head bf16 keeps 
 that stores no quantized LM head keeps its head bf16). The build report says each GEMV kind's format
 ("lmhead: int4 g128").
 
+--precision auto --error-budget E chooses a format per projection kind (QKV, O, gate/up, down and, unless
+--lm-head bf16, the LM head; the same in every layer): the fewest bits whose relative output error against bf16,
+measured on calibration rows from the bf16 reference decoder, stays within E in every layer (superopt/precision.py
+defines the metric). The choice and every layer's int4 and int8 errors are printed and, with --emit, in
+build_report.json ("precision").
+
 --vram-budget GB plans the model within that much device memory (kernels/megakernel/memplan.py): which weights
 stay resident, which stream each step from pinned host memory through a ring of device buffers, the ring's depth,
 where the KV cache lives, and the step time predicted at --h2d-gbps. The plan is printed, and with --emit written
@@ -36,9 +42,21 @@ from superopt.kernels import taskgraph
 from superopt.kernels.device import DEVICES, detect
 from superopt.kernels.megakernel import benchmark, build_report, report_lines, source, timing_table
 from superopt.kernels.megakernel.memplan import H2D_GBPS, NOT_RUNNABLE, MemoryPlan, plan_memory, workspace_bytes
-from superopt.model import BF16, LM_HEADS, PRECISIONS, WeightFormat, load_spec, quantize_model, weight_format
+from superopt.model import (
+    BF16,
+    LM_HEADS,
+    PRECISIONS,
+    Model,
+    ModelSpec,
+    WeightFormat,
+    load_spec,
+    quantize_mixed,
+    quantize_model,
+    weight_format,
+)
 from superopt.model_search import search_model, unverified_lowering
 from superopt.pipeline import SETTING_CHECKS
+from superopt.precision import Choice, choose_precision
 from superopt.serialize import write_atomic
 from superopt.spec import check_positive_finite
 
@@ -68,6 +86,18 @@ def resolve_format(where: str, stored: WeightFormat, precision: str | None, grou
             )
         return stored
     return weight_format(precision, group or DEFAULT_GROUP)
+
+
+def auto_precision(
+    ms: ModelSpec, model: Model | None, budget: float | None, group: int | None, lm_head: str, device: str
+) -> tuple[Model, Choice]:
+    """--precision auto: the formats chosen per projection kind within --error-budget (superopt/precision.py), and
+    the model quantized to them; the bf16 weights (the checkpoint's, else random, drawn on `device`)."""
+    if budget is None:
+        raise SuperoptError(f"{ms.name}: --precision auto needs --error-budget E (a relative output error, e.g. 0.05)")
+    bf16 = model if model is not None else ms.load(device)
+    choice = choose_precision(bf16, budget, group or DEFAULT_GROUP, lm_head)
+    return quantize_mixed(bf16, choice.formats), choice
 
 
 def resolve_head(fmt: WeightFormat, stored_head: WeightFormat | None, lm_head: str) -> WeightFormat:
@@ -101,6 +131,7 @@ def memory_plan(
             h2d_gbps=h2d_gbps or H2D_GBPS,
             dram_gbps=device.dram_bytes_per_s / 1e9,
             hop_us=device.launch_overhead_us,
+            mixed=tg.mixed,
         )
     except SuperoptError as e:
         raise SuperoptError(f"{name}: --vram-budget {budget_gb:g} GB: {e}") from None
@@ -128,9 +159,16 @@ def memory_plan(
 )
 @click.option(
     "--precision",
-    type=click.Choice(PRECISIONS),
+    type=click.Choice(PRECISIONS + ("auto",)),
     help="The projections' weights: bf16, or int8 / int4 with a bf16 scale a group, dequantized in registers "
-    "(default: the checkpoint's own; bf16 for a bf16 checkpoint or random weights).",
+    "(default: the checkpoint's own; bf16 for a bf16 checkpoint or random weights); auto: per projection kind, "
+    "the fewest bits within --error-budget.",
+)
+@click.option(
+    "--error-budget",
+    type=Checked("error budget", float, check_positive_finite),
+    help="With --precision auto: the largest relative output error (against bf16, on calibration inputs) a "
+    "projection kind's format may have in any layer.",
 )
 @click.option(
     "--group",
@@ -168,6 +206,7 @@ def megakernel_command(
     sms: int | None,
     budget_s: float | None,
     precision: str | None,
+    error_budget: float | None,
     group: int | None,
     lm_head: str,
     vram_budget: float | None,
@@ -181,10 +220,21 @@ def megakernel_command(
     gpu = torch.cuda.is_available()
     n_sms = sms or (torch.cuda.get_device_properties(0).multi_processor_count if gpu else H100_SMS)
     model = ms.load() if ms.weights is not None else None  # a checkpoint says how its weights are stored
-    fmt = resolve_format(str(spec), model.fmt if model is not None else BF16, precision, group)
-    stored_head = model.head_fmt if model is not None and model.fmt.quantized else None
-    head = resolve_head(fmt, stored_head, lm_head)
-    tg = taskgraph.build(ms.config, n_sms, fmt=fmt, head=head)  # before any search: what the megakernel cannot build
+    choice = None
+    if precision == "auto":
+        model, choice = auto_precision(ms, model, error_budget, group, lm_head, "cuda" if gpu else "cpu")
+        for line in choice.lines():
+            click.echo(line)
+        fmt, head = BF16, model.head_fmt
+    elif error_budget is not None:
+        raise SuperoptError(f"{ms.name}: --error-budget chooses formats: it needs --precision auto")
+    else:
+        fmt = resolve_format(str(spec), model.fmt if model is not None else BF16, precision, group)
+        stored_head = model.head_fmt if model is not None and model.fmt.quantized else None
+        head = resolve_head(fmt, stored_head, lm_head)
+    mixed = choice.formats if choice is not None else None
+    # before any search: what the megakernel cannot build
+    tg = taskgraph.build(ms.config, n_sms, fmt=fmt, head=head, mixed=mixed)
     plan = memory_plan(ms.name, tg, ms.max_seq, vram_budget, h2d_gbps, gpu)
     if plan is not None:
         for line in plan.lines():
@@ -197,7 +247,7 @@ def megakernel_command(
     settings = settings_for(spec, ms.search_settings, {"budget_s": budget_s})
     say = lambda line: click.echo(line, err=True)  # noqa: E731
     mode = "offline" if offline else "search"
-    planned = search_model(ms, settings, Cache(cache_dir), mode, n_sms, "none", say, fmt, head)
+    planned = search_model(ms, settings, Cache(cache_dir), mode, n_sms, "none", say, fmt, head, mixed)
     say(planned.note)
     why = unverified_lowering(planned)
     if why is not None:
@@ -206,9 +256,12 @@ def megakernel_command(
     results = {name: o.result for name, o in planned.programs.items() if o.result is not None}
     lowering = planned.lowering_json()
     if emit_dir is not None:
-        report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status, "weights": fmt.describe()}
+        weights = "mixed: per projection kind (precision)" if choice is not None else fmt.describe()
+        report = {"model": ms.name, "plan": planned.key, "plan_status": planned.status, "weights": weights}
         report["lm_head_weights"] = head.describe()
         report["kinds"] = build_report(tg, results, programs, lowering if isinstance(lowering, dict) else None)
+        if choice is not None:
+            report["precision"] = choice.to_json()
         if plan is not None:
             report["memory_plan"] = plan.to_json()
         try:
@@ -220,7 +273,7 @@ def megakernel_command(
             raise SuperoptError(f"{emit_dir}: cannot write: {e.strerror or e}") from None
         for line in report_lines(report["kinds"]):
             click.echo(line)
-        click.echo(f"weights: projections {fmt.short}; lmhead: {head.short}")
+        click.echo(f"weights: {tg.weights_summary()}")
         click.echo(
             f"{ms.name}: {len(tg.tasks)} tasks a step on {n_sms} SMs, {len(tg.counters)} counters; "
             f"wrote {emit_dir}/megakernel.cu, taskgraph.json, build_report.json"
@@ -234,10 +287,11 @@ def megakernel_command(
         raise SuperoptError("no CUDA GPU here: --emit DIR writes the kernel without one")
     if prompt_len + new_tokens - 1 > ms.max_seq:
         raise SuperoptError(f"{spec}: {prompt_len + new_tokens - 1} positions exceed max_seq {ms.max_seq}")
-    model = quantize_model(model, fmt, lm_head) if model is not None else ms.load("cuda", fmt, lm_head)
-    if (model.fmt, model.head_fmt) != (fmt, head):  # what was built and emitted is what runs
+    if choice is None:
+        model = quantize_model(model, fmt, lm_head) if model is not None else ms.load("cuda", fmt, lm_head)
+    if any(g.fmt != model.format_of(op) for op, g in tg.gemv.items()):  # what was built and emitted is what runs
         raise SuperoptError(f"{ms.name}: the model's weights are not stored as the task graph packs them")
-    say(f"weights: projections {fmt.short}; lmhead: {head.short}")
+    say(f"weights: {tg.weights_summary()}")
     res = benchmark(model, prompt_len, new_tokens, bench, bench, say, programs=programs)
     click.echo(f"tokens: {res.get('tokens', [])[prompt_len:]}")
     for key in ("vs_reference_bf16", "vs_hf"):

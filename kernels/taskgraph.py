@@ -162,6 +162,7 @@ class TaskGraph:
     gemv: dict[str, Gemv]
     buffers: dict[str, int]  # name -> elements
     fmt: WeightFormat = BF16  # the projections' weights (the LM head's: gemv["lmhead"].fmt, head_fmt)
+    mixed: dict[str, WeightFormat] = field(default_factory=dict)  # a format per GEMV op overriding fmt and head
     tasks: list[Task] = field(default_factory=list)
     counters: list[Counter] = field(default_factory=list)
     sm_tasks: list[list[int]] = field(default_factory=list)
@@ -170,6 +171,12 @@ class TaskGraph:
     def head_fmt(self) -> WeightFormat:
         """The LM head's weights: `fmt`, or bf16 where the head is kept wide."""
         return self.gemv["lmhead"].fmt
+
+    def weights_summary(self) -> str:
+        """The GEMV ops' formats in a line: the projections' and the LM head's, or each op's where they are mixed."""
+        ops = [f"{op} {g.fmt.short}" for op, g in self.gemv.items() if op != "lmhead"]
+        projections = ", ".join(ops) if self.mixed else f"projections {self.fmt.short}"
+        return f"{projections}; lmhead: {self.head_fmt.short}"
 
     @property
     def slot_bytes(self) -> int:
@@ -189,7 +196,7 @@ class TaskGraph:
             "n_sms": self.n_sms,
             "kv_splits": self.kv_splits,
             "gemv": {k: asdict(v) | {"fmt": v.fmt.precision} for k, v in self.gemv.items()},
-            "weights": self.fmt.describe(),
+            "weights": "mixed: per GEMV op (gemv.fmt)" if self.mixed else self.fmt.describe(),
             "lm_head_weights": self.head_fmt.describe(),
             "buffers": self.buffers,
             "counters": [{"id": c.id, "name": c.name, "producers": list(c.producers)} for c in self.counters],
@@ -230,26 +237,29 @@ def build(
     kv_splits: int | None = None,
     fmt: WeightFormat = BF16,
     head: WeightFormat | None = None,
+    mixed: dict[str, WeightFormat] | None = None,
 ) -> TaskGraph:
     """The task graph of one decode step, analysed and scheduled over `n_sms` SMs, the projections' weights
-    stored in `fmt`, the LM head's in `head` (None: `fmt`; BF16 keeps the head wide)."""
+    stored in `fmt`, the LM head's in `head` (None: `fmt`; BF16 keeps the head wide); `mixed`: a format per GEMV
+    op (`--precision auto`) overriding both, each op's tiles planned for its own format."""
     if n_sms < 1:
         raise SuperoptError(f"megakernel: needs at least one SM, got {n_sms}")
     splits = kv_splits or default_kv_splits(cfg, n_sms)
     h, d, nh, nkv, g, L = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.group, cfg.layers
+    formats = dict.fromkeys(GEMV_OPS, fmt) | {"lmhead": fmt if head is None else head} | (mixed or {})
     gemv = {
-        "qkv": plan_gemv("qkv", h, cfg.qkv_rows, 1, n_sms, fmt),
-        "oproj": plan_gemv("oproj", nh * d, h, 1, n_sms, fmt),
-        "gateup": plan_gemv("gateup", h, cfg.intermediate, 2, n_sms, fmt),
-        "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms, fmt),
-        "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms, fmt if head is None else head),
+        "qkv": plan_gemv("qkv", h, cfg.qkv_rows, 1, n_sms, formats["qkv"]),
+        "oproj": plan_gemv("oproj", nh * d, h, 1, n_sms, formats["oproj"]),
+        "gateup": plan_gemv("gateup", h, cfg.intermediate, 2, n_sms, formats["gateup"]),
+        "down": plan_gemv("down", cfg.intermediate, h, 1, n_sms, formats["down"]),
+        "lmhead": plan_gemv("lmhead", h, cfg.vocab, 1, n_sms, formats["lmhead"]),
     }
     part = splits * nkv * g * (PART_HEAD + d)  # per (split, kv head, q head): max, sum, pad, d unnormalized outputs
     buffers = {"token": 1, "logits": cfg.vocab, "lmpart": 2 * gemv["lmhead"].tiles}  # (value, index) a tile
     for i in range(L):
         buffers |= {f"qkv.{i}": cfg.qkv_rows, f"part.{i}": part, f"kv.{i}": nkv}
         buffers |= {f"hattn.{i}": h, f"act.{i}": cfg.intermediate, f"hmlp.{i}": h}
-    tg = TaskGraph(cfg, n_sms, splits, gemv, buffers, fmt)
+    tg = TaskGraph(cfg, n_sms, splits, gemv, buffers, fmt, dict(mixed or {}))
 
     def add(op: str, layer: int, tile: int, reads: list[Region], writes: list[Region], **kw: Any) -> None:
         tg.tasks.append(Task(len(tg.tasks), op, layer, tile, reads=tuple(reads), writes=tuple(writes), **kw))

@@ -287,6 +287,9 @@ class WeightFormat:
 BF16 = WeightFormat()
 LM_HEADS = ("same", "bf16")  # the LM head's weights: the projections' format, or kept bf16
 LM_HEAD = "lm_head.weight"
+# The projections' GEMV task kinds (kernels/taskgraph.py GEMV_OPS less the LM head's, "lmhead"): the granularity
+# at which `--precision auto` (superopt/precision.py) chooses a format, the same in every layer.
+PROJECTION_KINDS = ("qkv", "oproj", "gateup", "down")
 
 
 @dataclass(frozen=True)
@@ -305,14 +308,20 @@ class Model:
     config: ModelConfig
     weights: dict[str, torch.Tensor]  # HF names -> bf16 tensors (a quantized weight: its dequantized value)
     max_seq: int = 256  # KV-cache length
-    fmt: WeightFormat = BF16  # the projections' storage
+    fmt: WeightFormat = BF16  # the projections' storage, where `mixed` names none
     quant: dict[str, QuantizedWeight] = field(default_factory=dict)  # HF names -> as stored, where quantized
+    # A format per projection kind (PROJECTION_KINDS and "lmhead"), where they differ (quantize_mixed)
+    mixed: dict[str, WeightFormat] = field(default_factory=dict)
+
+    def format_of(self, kind: str) -> WeightFormat:
+        """How a projection kind's weights are stored (PROJECTION_KINDS; "lmhead": see head_fmt)."""
+        return self.head_fmt if kind == "lmhead" else self.mixed.get(kind, self.fmt)
 
     @property
     def head_fmt(self) -> WeightFormat:
-        """The LM head's storage: the projections' format where it is stored quantized (`quant` holds it), else
-        bf16."""
-        return self.fmt if LM_HEAD in self.quant else BF16
+        """The LM head's storage: the projections' format (or its own, `mixed`) where it is stored quantized
+        (`quant` holds it), else bf16."""
+        return self.mixed.get("lmhead", self.fmt) if LM_HEAD in self.quant else BF16
 
     def w(self, name: str) -> torch.Tensor:
         """A weight by its HF name; a tied LM head is the embedding table, unless the head was quantized (then
@@ -347,6 +356,12 @@ def quantize_model(model: Model, fmt: WeightFormat, lm_head: str = "same") -> Mo
     weights."""
     if lm_head not in LM_HEADS:
         raise SuperoptError(f"lm_head must be one of {', '.join(LM_HEADS)}, got {brief(lm_head)}")
+    if model.mixed and fmt.quantized:
+        raise SuperoptError(
+            f"{model.name}: its weights are stored in mixed precisions; {fmt.precision} would requantize"
+        )
+    if model.mixed:
+        return Model(model.name, model.config, model.weights, model.max_seq)
     if fmt == model.fmt or not fmt.quantized:
         if fmt != model.fmt:
             return Model(model.name, model.config, model.weights, model.max_seq)
@@ -359,16 +374,48 @@ def quantize_model(model: Model, fmt: WeightFormat, lm_head: str = "same") -> Mo
             f"{model.name}: its weights are stored {model.fmt.describe()}; {fmt.precision} would requantize them "
             f"(use --precision {model.fmt.precision} or a bf16 checkpoint)"
         )
-    weights, quant = dict(model.weights), {}
-    for name in projection_names(model.config) + [LM_HEAD] * (lm_head == "same"):
-        w = model.w(name)
-        if w.shape[-1] % fmt.group:
-            raise SuperoptError(
-                f"{model.name}: '{name}' has {w.shape[-1]} input features, not a multiple of the group {fmt.group}"
-            )
-        quant[name] = QuantizedWeight(*quantize(w, fmt.bits, fmt.group, symmetric=not fmt.zero))
-        weights[name] = dequantized_weight(quant[name], fmt)
+    names = projection_names(model.config) + [LM_HEAD] * (lm_head == "same")
+    weights, quant = _quantized(model, {name: fmt for name in names})
     return Model(model.name, model.config, weights, model.max_seq, fmt, quant)
+
+
+def quantize_mixed(model: Model, formats: dict[str, WeightFormat]) -> Model:
+    """The bf16 `model` with each projection kind's weights (PROJECTION_KINDS and "lmhead", by `formats`; a kind
+    it leaves out stays bf16) quantized as quantize_model does, `mixed` recording the formats."""
+    if model.fmt.quantized or model.mixed:
+        raise SuperoptError(f"{model.name}: its weights are stored quantized; a mixed precision would requantize them")
+    names = projection_names(model.config) + [LM_HEAD]
+    weights, quant = _quantized(model, {n: formats.get(projection_kind(n), BF16) for n in names})
+    return Model(model.name, model.config, weights, model.max_seq, BF16, quant, dict(formats))
+
+
+def projection_kind(name: str) -> str:
+    """The projection kind (PROJECTION_KINDS, or "lmhead") of a projection's HF weight name."""
+    if name == LM_HEAD:
+        return "lmhead"
+    proj = name.removeprefix("model.layers.").split(".", 1)[1].removesuffix(".weight")
+    return next(WEIGHT_KIND[w] for w, projs in PROGRAM_WEIGHTS.items() if proj in projs)
+
+
+def quantized_weight(w: torch.Tensor, fmt: WeightFormat, what: str) -> QuantizedWeight:
+    """A bf16 weight [out, in] quantized to `fmt`, round to nearest; SuperoptError naming `what` where its input
+    features are not whole groups."""
+    if w.shape[-1] % fmt.group:
+        raise SuperoptError(f"{what} has {w.shape[-1]} input features, not a multiple of the group {fmt.group}")
+    return QuantizedWeight(*quantize(w, fmt.bits, fmt.group, symmetric=not fmt.zero))
+
+
+def _quantized(
+    model: Model, formats: dict[str, WeightFormat]
+) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedWeight]]:
+    """The model's weights with those `formats` quantizes (by HF name) replaced by their dequantized values, and
+    those as stored."""
+    weights, quant = dict(model.weights), {}
+    for name, fmt in formats.items():
+        if fmt.quantized:
+            quant[name] = quantized_weight(model.w(name), fmt, f"{model.name}: '{name}'")
+            weights[name] = dequantized_weight(quant[name], fmt)
+    return weights, quant
 
 
 NATIVE = TorchEval("native")
@@ -592,12 +639,17 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
 
 
 def layer_programs(
-    cfg: ModelConfig, context: int = 16, fmt: WeightFormat = BF16, head: WeightFormat | None = None
+    cfg: ModelConfig,
+    context: int = 16,
+    fmt: WeightFormat = BF16,
+    head: WeightFormat | None = None,
+    mixed: dict[str, WeightFormat] | None = None,
 ) -> dict[str, KernelGraph]:
     """One decode step as KernelGraphs (batch 1, bf16), named by the part of the step they compute; identical
     layers share them. Linear weights are [in, out] (x @ w, the transpose of HF's layout). A quantized `fmt`
     (`linear`) makes each projection's weight the dequant of its stored inputs, and the LM head's where `head`
     (the LM head's format; None: `fmt`) is quantized: its inputs w, w_scale (and w_zero) as quantized_linear's.
+    `mixed`: a format per projection kind (PROJECTION_KINDS, "lmhead") overriding `fmt` and `head`.
 
     embed_scale (Gemma): the embedded token times sqrt(hidden). attn_in: the input norm, weighted, and the fused
     QKV projection (with its bias, Qwen2). qk_rope: the rotary embedding of q's and k's heads (q/k norm first
@@ -615,12 +667,14 @@ def layer_programs(
     def norm(graph: KernelGraph, x: Any, gamma: Any) -> Any:
         return graph.mul(graph.rms_norm(x, eps=cfg.eps), graph.add_scalar(gamma, c=1.0) if cfg.gemma else gamma)
 
-    head = fmt if head is None else head
+    formats = dict.fromkeys(PROJECTION_KINDS, fmt) | {"lmhead": fmt if head is None else head} | (mixed or {})
+    head = formats["lmhead"]
 
     def linear(graph: KernelGraph, x: Any, name: str, k: int, n: int) -> Any:
+        wf = formats[WEIGHT_KIND[name]]
         return (
-            quantized_linear(graph, x, name, k, n, fmt)
-            if fmt.quantized
+            quantized_linear(graph, x, name, k, n, wf)
+            if wf.quantized
             else graph.matmul(x, graph.input(name, (k, n), bf))
         )
 
@@ -858,6 +912,7 @@ PROGRAM_WEIGHTS = {
     "wu": ("mlp.up_proj",),
     "wd": ("mlp.down_proj",),
 }
+WEIGHT_KIND = {"wqkv": "qkv", "wo": "oproj", "wg": "gateup", "wu": "gateup", "wd": "down"}  # -> PROJECTION_KINDS
 
 
 def linear_rows(model: Model, layer: int, name: str) -> torch.Tensor:
@@ -878,7 +933,7 @@ def stored_rows(model: Model, layer: int, name: str) -> QuantizedWeight:
 def program_weight(model: Model, layer: int, name: str) -> dict[str, torch.Tensor]:
     """The layer program's inputs for weight `name` of a layer: bf16 [in, out] (the transpose of HF's rows), or a
     quantized model's stored tensors (`quantized_linear`'s inputs, [1, n, ...])."""
-    if not model.fmt.quantized:
+    if not model.format_of(WEIGHT_KIND[name]).quantized:
         return {name: linear_rows(model, layer, name).T}
     qw = stored_rows(model, layer, name)
     out = {name: qw.q[None], f"{name}_scale": qw.scale[None]}
@@ -907,7 +962,8 @@ class ProgramDecoder(DecodeLoop):
         self, model: Model, programs: dict[str, KernelGraph] | None = None, precision: str = "float64"
     ) -> None:
         cfg = self.cfg = model.config
-        self.programs = dict(layer_programs(cfg, model.max_seq, model.fmt, model.head_fmt)) | (programs or {})
+        progs = layer_programs(cfg, model.max_seq, model.fmt, model.head_fmt, model.mixed)
+        self.programs = dict(progs) | (programs or {})
         self.precision, self.max_seq, self.device = precision, model.max_seq, torch.device("cpu")
         self.positions = torch.arange(self.max_seq)
         nh, nkv, d = cfg.heads, cfg.kv_heads, cfg.head_dim

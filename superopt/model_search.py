@@ -171,17 +171,19 @@ def search_model(
     say: Callable[[str], None] = lambda line: None,
     fmt: WeightFormat = BF16,
     head: WeightFormat | None = None,
+    mixed: dict[str, WeightFormat] | None = None,
 ) -> ModelOutcome:
     """The plan of `spec`'s decode step: from the cache, or each layer program through the pipeline (searched
     where it misses) and the plan stored. mode as for optimize_program; the settings apply to every program, a
     preset chosen per program (`preset_for`) where they name none. `fmt`: the projections' weight format (the
     layer programs of a quantized model dequantize their weights: a plan of their own), `head` the LM head's (None:
-    `fmt`). The winners' lowering to the megakernel's task bodies is validated each time (`validate_lowering`), for
-    a plan read back as for a new one."""
-    outcome = _plan(spec, settings, cache, mode, n_sms, progress, say, fmt, head)
+    `fmt`), `mixed` a format per projection kind overriding both (`--precision auto`). The winners' lowering to the
+    megakernel's task bodies is validated each time (`validate_lowering`), for a plan read back as for a new one."""
+    programs = layer_programs(spec.config, spec.max_seq, fmt, head, mixed)
+    outcome = _plan(spec, settings, cache, mode, n_sms, progress, say, programs)
     if outcome.programs:
         try:
-            tg = taskgraph.build(spec.config, n_sms, fmt=fmt, head=head)
+            tg = taskgraph.build(spec.config, n_sms, fmt=fmt, head=head, mixed=mixed)
             outcome.lowering = validate_lowering(tg, outcome.winners())
         except SuperoptError as e:
             outcome.lowering = f"no megakernel: {brief(str(e))}"
@@ -196,12 +198,10 @@ def _plan(
     n_sms: int,
     progress: str,
     say: Callable[[str], None],
-    fmt: WeightFormat,
-    head: WeightFormat | None,
+    programs: dict[str, KernelGraph],
 ) -> ModelOutcome:
     if mode not in MODES:
         raise SuperoptError(f"unknown mode '{mode}' (known: {', '.join(MODES)})")
-    programs = layer_programs(spec.config, spec.max_seq, fmt, head)
     device = device_spec(settings.device)
     per_program = {name: program_settings(g, settings) for name, g in programs.items()}
     keys = {name: cache_key(g, dataclasses.asdict(per_program[name]), device.name) for name, g in programs.items()}

@@ -457,7 +457,7 @@ def step_weight_bytes(tg: TaskGraph) -> int:
     head's, or the bf16 LM head where it is kept wide) and the norm weights and the token's embedding row (a tied
     model's quantized LM head is streamed beside the bf16 table it gathers that row from)."""
     c = tg.config
-    if not tg.fmt.quantized and not tg.head_fmt.quantized:
+    if not any(g.fmt.quantized for g in tg.gemv.values()):
         return c.weight_bytes()
     norms = 2 * (2 * c.layers + 1) * c.hidden + (4 * c.layers * c.head_dim if c.qk_norm else 0)
     return sum(t.weight_bytes for t in tg.tasks) + 2 * c.hidden + norms + 2 * c.qkv_rows * c.layers * c.qkv_bias
@@ -512,7 +512,7 @@ def benchmark(
         mk = state["mk"] = GpuMegakernel(model, programs=programs)
         res["resources"] = mk.resources
         res["tasks"] = len(mk.tg.tasks)
-        res["weights"] = mk.tg.fmt.describe()
+        res["weights"] = mk.tg.weights_summary() if mk.tg.mixed else mk.tg.fmt.describe()
         res["lm_head_weights"] = mk.tg.head_fmt.describe()
         res["weight_bytes"] = step_weight_bytes(mk.tg)
         res["build_report"] = build_report(mk.tg, programs=programs)

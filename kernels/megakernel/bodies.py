@@ -58,7 +58,7 @@ def _bodies(tg: TaskGraph, progs: dict[str, KernelGraph]) -> dict[str, Body | st
 def lower(tg: TaskGraph, programs: dict[str, KernelGraph] | None = None) -> Lowering:
     """The task bodies of `tg`'s kinds lowered from `programs` (the plan's winners by layer program name; default:
     the layer programs themselves), a winner that does not lower replaced by its layer program."""
-    layer = layer_programs(tg.config, fmt=tg.fmt, head=tg.head_fmt)
+    layer = layer_programs(tg.config, fmt=tg.fmt, head=tg.head_fmt, mixed=tg.mixed)
     sources = layer | (programs or {})
     fallbacks: dict[str, str] = {}
     bodies = _bodies(tg, sources)

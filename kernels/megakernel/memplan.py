@@ -40,7 +40,7 @@ from superopt.errors import SuperoptError
 from superopt.kernels.device import DEVICES
 from superopt.kernels.megakernel.layout import workspace_layout
 from superopt.kernels.taskgraph import TaskGraph
-from superopt.model import ModelConfig, WeightFormat, projection_names
+from superopt.model import ModelConfig, WeightFormat, projection_kind, projection_names
 
 # Pinned host-to-device copies over PCIe 5.0 x16 (64 GB/s raw a direction) typically reach about 50 GB/s. An
 # assumption, not a measurement: --h2d-gbps gives the rate measured on the machine that will run the plan.
@@ -207,15 +207,19 @@ def size(n: int) -> str:
     return f"{n} B"
 
 
-def weight_bytes(cfg: ModelConfig, fmt: WeightFormat, head: WeightFormat) -> tuple[list[int], int, int, int]:
-    """Bytes of each layer's projections in `fmt` (packed values with their scales and zeros), of the LM head in
-    `head`, of the embedding table (bf16; 0 where a bf16 head is tied to it: the head is the table, and a
-    quantized head tied to it is a copy of its own) and of the norm weights and biases."""
+def weight_bytes(
+    cfg: ModelConfig, fmt: WeightFormat, head: WeightFormat, mixed: dict[str, WeightFormat] | None = None
+) -> tuple[list[int], int, int, int]:
+    """Bytes of each layer's projections in `fmt` (packed values with their scales and zeros; `mixed`: a format
+    per projection kind overriding it), of the LM head in `head`, of the embedding table (bf16; 0 where a bf16 head
+    is tied to it: the head is the table, and a quantized head tied to it is a copy of its own) and of the norm
+    weights and biases."""
     projections = set(projection_names(cfg))
     layers, small = [0] * cfg.layers, 0
     for name, shape in cfg.param_shapes().items():
         if name in projections:
-            layers[int(name.split(".")[2])] += shape[0] * fmt.row_bytes(shape[1])
+            wf = (mixed or {}).get(projection_kind(name), fmt)
+            layers[int(name.split(".")[2])] += shape[0] * wf.row_bytes(shape[1])
         elif len(shape) == 1:
             small += 2 * shape[0]
     table = 2 * cfg.vocab * cfg.hidden
@@ -248,14 +252,16 @@ def plan_memory(
     dram_gbps: float = DRAM_GBPS,
     hop_us: float = HOP_US,
     kv_block: int = KV_BLOCK,
+    mixed: dict[str, WeightFormat] | None = None,
 ) -> MemoryPlan:
-    """The plan for `cfg`'s weights (projections in `fmt`, the LM head in `head`), a KV cache of `max_seq`
-    positions for each of `batch` sequences and the megakernel's `workspace` bytes (workspace_bytes) within
-    `budget_bytes` of device memory (the module's docstring says how). SuperoptError, one line, where the budget
-    is below the smallest working set: the workspace, the ring and the KV cache's minimum."""
+    """The plan for `cfg`'s weights (projections in `fmt`, the LM head in `head`, `mixed` a format per projection
+    kind overriding them), a KV cache of `max_seq` positions for each of `batch` sequences and the megakernel's
+    `workspace` bytes (workspace_bytes) within `budget_bytes` of device memory (the module's docstring says how).
+    SuperoptError, one line, where the budget is below the smallest working set: the workspace, the ring and the KV
+    cache's minimum."""
     if min(budget_bytes, max_seq, batch, kv_block, h2d_gbps, dram_gbps) <= 0 or hop_us < 0:
         raise SuperoptError("memory plan: the budget, max_seq, batch, KV block and bandwidths must be > 0")
-    layer_bytes, head_bytes, table, small = weight_bytes(cfg, fmt, head)
+    layer_bytes, head_bytes, table, small = weight_bytes(cfg, fmt, head, mixed)
     per_position = batch * 2 * cfg.kv_heads * cfg.head_dim * 2  # k and v, bf16, of one layer
     kv = KvPlacement(cfg.layers * max_seq * per_position, max_seq, kv_block, 0, cfg.layers, per_position)
     row = 2 * cfg.hidden  # the embedding row a step gathers

@@ -60,15 +60,13 @@ def replay(
     steps_total = len(prompt) + new_tokens - 1
     if steps_total > model.max_seq:
         raise SuperoptError(f"megakernel: {steps_total} positions exceed the KV cache ({model.max_seq})")
-    if tg.fmt.quantized and tg.fmt != model.fmt:  # bf16 tasks run on a quantized model's dequantized weights
-        raise SuperoptError(
-            f"replay: the task graph packs {tg.fmt.describe()}, the model stores {model.fmt.describe()}"
-        )
-    if tg.head_fmt.quantized and tg.head_fmt != model.head_fmt:
-        raise SuperoptError(
-            f"replay: the task graph packs the LM head {tg.head_fmt.describe()}, the model stores it "
-            f"{model.head_fmt.describe()}"
-        )
+    for op, plan in tg.gemv.items():  # bf16 tasks run on a quantized model's dequantized weights
+        if plan.fmt.quantized and plan.fmt != model.format_of(op):
+            what = "the LM head" if op == "lmhead" else f"the {op} projections"
+            raise SuperoptError(
+                f"replay: the task graph packs {what} {plan.fmt.describe()}, the model stores them "
+                f"{model.format_of(op).describe()}"
+            )
     packed = packed_weights(model, tg)
     weights = {k: v if tg.gemv[k[0]].fmt.quantized else v.float() for k, v in packed.items()}
     small = {k: v.float() for k, v in small_params(model).items()}

@@ -52,7 +52,8 @@ class GpuMegakernel:
         self.cupy, self.np = cupy, np
         props = torch.cuda.get_device_properties(0)
         self.model = model
-        self.tg = taskgraph.build(model.config, props.multi_processor_count, kv_splits, model.fmt, model.head_fmt)
+        sms = props.multi_processor_count
+        self.tg = taskgraph.build(model.config, sms, kv_splits, model.fmt, model.head_fmt, model.mixed)
         self.logit_slots = logit_slots or model.max_seq
         self.src = source(self.tg, model.name, model.max_seq, self.logit_slots, trace, kv_cap, programs)
         self.plan = smem_plan(self.tg, model.max_seq, kv_cap)
